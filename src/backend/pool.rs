@@ -1,0 +1,272 @@
+//! Server connection pools: one deadpool pool per (shard, role, database,
+//! user), created on first use. deadpool supplies the wait queue, sizing
+//! and checkout timeouts; [`ServerManager`] supplies our connection type and
+//! the checks a connection passes before it is handed to a client.
+//! A maintenance task enforces idle timeout, lifetime and `min_size`.
+
+use super::conn::{ConnectError, ConnectParams, ServerConn};
+use crate::config::PoolConfig;
+use crate::metrics::PoolMetrics;
+use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult, Timeouts};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+/// Which pool: the server (by shard, role and address, so a topology change
+/// that moves a role to another server gets a fresh pool) and the login.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub shard: usize,
+    pub role: Role,
+    pub addr: Arc<str>,
+    pub database: String,
+    pub user: String,
+}
+
+impl PoolKey {
+    /// A short label for logs and metrics.
+    pub fn label(&self) -> String {
+        format!("{}/{}@{}", self.user, self.database, self.addr)
+    }
+}
+
+/// How deadpool makes and checks our connections.
+pub struct ServerManager {
+    params: ConnectParams,
+    connect_timeout: Duration,
+    /// Connections idle longer than this get a liveness probe at checkout.
+    liveness_check_after: Duration,
+    /// Connections older than this are not handed out again.
+    lifetime: Duration,
+    metrics: PoolMetrics,
+}
+
+impl managed::Manager for ServerManager {
+    type Type = ServerConn;
+    type Error = ConnectError;
+
+    async fn create(&self) -> Result<ServerConn, ConnectError> {
+        let r = ServerConn::connect(&self.params, self.connect_timeout).await;
+        match &r {
+            Ok(_) => self.metrics.connects.inc(),
+            Err(e) => {
+                self.metrics.connect_errors.inc();
+                tracing::warn!(server = %self.params.addr, error = %e, "server connect failed");
+            }
+        }
+        r
+    }
+
+    async fn recycle(&self, conn: &mut ServerConn, m: &Metrics) -> RecycleResult<ConnectError> {
+        if conn.broken || conn.tx_status != b'I' {
+            return Err(RecycleError::message("connection not idle"));
+        }
+        if m.age() > self.lifetime {
+            return Err(RecycleError::message("connection lifetime reached"));
+        }
+        if conn.last_released.elapsed() > self.liveness_check_after && !conn.looks_alive() {
+            tracing::debug!(server = %conn.addr, "idle server connection was closed by the server");
+            return Err(RecycleError::message("connection closed by server"));
+        }
+        Ok(())
+    }
+}
+
+pub type ServerPool = managed::Pool<ServerManager>;
+pub type PooledConn = Object<ServerManager>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("no server connection available within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Connect(ConnectError),
+    #[error("the pool is closed")]
+    Closed,
+}
+
+impl CheckoutError {
+    /// SQLSTATE and message for the client.
+    pub fn client_error(&self) -> (String, String) {
+        match self {
+            CheckoutError::Timeout(d) => (
+                "53300".into(),
+                format!(
+                    "shardgate: all server connections are busy; no connection became free within {} ms",
+                    d.as_millis()
+                ),
+            ),
+            CheckoutError::Connect(e) => e.client_error(),
+            CheckoutError::Closed => (
+                "57P01".into(),
+                "shardgate: the server pool is shutting down".into(),
+            ),
+        }
+    }
+}
+
+/// One pool and its cached metric handles.
+pub struct PoolEntry {
+    pub key: PoolKey,
+    pub pool: ServerPool,
+    pub metrics: PoolMetrics,
+}
+
+impl PoolEntry {
+    pub async fn checkout(&self, wait: Duration) -> Result<PooledConn, CheckoutError> {
+        let timeouts = Timeouts {
+            wait: Some(wait),
+            create: None,
+            recycle: Some(wait),
+        };
+        self.metrics.waiting.inc();
+        let r = self.pool.timeout_get(&timeouts).await;
+        self.metrics.waiting.dec();
+        r.map_err(|e| match e {
+            PoolError::Timeout(_) => {
+                self.metrics.checkout_timeouts.inc();
+                CheckoutError::Timeout(wait)
+            }
+            PoolError::Backend(e) => CheckoutError::Connect(e),
+            PoolError::PostCreateHook(_) | PoolError::NoRuntimeSpecified | PoolError::Closed => {
+                CheckoutError::Closed
+            }
+        })
+    }
+}
+
+/// All pools, keyed by [`PoolKey`].
+pub struct Pools {
+    pools: RwLock<HashMap<PoolKey, Arc<PoolEntry>>>,
+    settings: RwLock<PoolConfig>,
+}
+
+impl Pools {
+    pub fn new(settings: PoolConfig) -> Pools {
+        Pools {
+            pools: RwLock::new(HashMap::new()),
+            settings: RwLock::new(settings),
+        }
+    }
+
+    /// The pool for `key`, created on first use.
+    pub fn get_or_create(
+        &self,
+        key: &PoolKey,
+        password: Option<&str>,
+        max_size: Option<usize>,
+    ) -> Arc<PoolEntry> {
+        if let Some(p) = self.pools.read().expect("pools lock").get(key) {
+            return p.clone();
+        }
+        let mut pools = self.pools.write().expect("pools lock");
+        if let Some(p) = pools.get(key) {
+            return p.clone();
+        }
+        let s = self.settings.read().expect("settings lock").clone();
+        let metrics = PoolMetrics::new(&key.label());
+        let manager = ServerManager {
+            params: ConnectParams {
+                addr: key.addr.to_string(),
+                database: key.database.clone(),
+                user: key.user.clone(),
+                password: password.map(str::to_owned),
+            },
+            connect_timeout: s.connect_timeout,
+            liveness_check_after: s.liveness_check_after,
+            lifetime: s.server_lifetime,
+            metrics: metrics.clone(),
+        };
+        let pool = managed::Pool::builder(manager)
+            .max_size(max_size.unwrap_or(s.max_size))
+            .queue_mode(managed::QueueMode::Lifo)
+            .create_timeout(Some(s.connect_timeout))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .expect("a runtime is set, so building cannot fail");
+        let entry = Arc::new(PoolEntry {
+            key: key.clone(),
+            pool,
+            metrics,
+        });
+        pools.insert(key.clone(), entry.clone());
+        entry
+    }
+
+    pub fn all(&self) -> Vec<Arc<PoolEntry>> {
+        self.pools.read().expect("pools lock").values().cloned().collect()
+    }
+
+    /// Applies reloaded sizes: the default size to every pool unless a
+    /// per-user size is given by `user_size`.
+    pub fn apply_settings(&self, settings: PoolConfig, user_size: impl Fn(&str) -> Option<usize>) {
+        for p in self.all() {
+            let size = user_size(&p.key.user).unwrap_or(settings.max_size);
+            if p.pool.status().max_size != size {
+                tracing::info!(pool = %p.key.label(), size, "resizing pool");
+                p.pool.resize(size);
+            }
+        }
+        *self.settings.write().expect("settings lock") = settings;
+    }
+
+    /// One maintenance pass: close connections idle past the idle timeout
+    /// (keeping `min_size`) or past their lifetime, then open connections up
+    /// to `min_size`.
+    pub async fn maintain(&self) {
+        let s = self.settings.read().expect("settings lock").clone();
+        for p in self.all() {
+            let status = p.pool.status();
+            let mut removable = status.size.saturating_sub(s.min_size);
+            let removed = p.pool.retain(|conn, m| {
+                let expired = m.age() > s.server_lifetime
+                    || conn.last_released.elapsed() > s.idle_timeout;
+                if expired && removable > 0 {
+                    removable -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+            if !removed.removed.is_empty() {
+                tracing::debug!(pool = %p.key.label(), closed = removed.removed.len(), "closed idle server connections");
+            }
+            let status = p.pool.status();
+            let missing = s.min_size.min(status.max_size).saturating_sub(status.size);
+            if missing > 0 {
+                let mut held = Vec::with_capacity(missing);
+                for _ in 0..missing {
+                    match p.checkout(s.connect_timeout).await {
+                        Ok(c) => held.push(c),
+                        Err(e) => {
+                            tracing::warn!(pool = %p.key.label(), error = %e, "could not open min_size connections");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes every pool (shutdown).
+    pub fn close_all(&self) {
+        for p in self.all() {
+            p.pool.close();
+        }
+    }
+}

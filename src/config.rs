@@ -1,0 +1,354 @@
+//! Configuration: the TOML file `shardgate serve --config` reads.
+//!
+//! Parsed with serde into [`Config`], then checked by [`Config::validate`],
+//! which names the offending key in every error. The parsed config is an
+//! immutable snapshot; SIGHUP builds a new one and swaps it in.
+//! docs/configuration.md documents every key.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: `{key}`: {problem}")]
+    Invalid {
+        path: String,
+        key: String,
+        problem: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub shards: Vec<ShardConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection is held only while a transaction runs.
+    Transaction,
+    /// A server connection is held for the whole client connection.
+    Session,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Address clients connect to.
+    pub listen: SocketAddr,
+    /// HTTP address for /metrics and /healthz; unset disables it.
+    pub metrics_listen: Option<SocketAddr>,
+    pub pool_mode: PoolMode,
+    /// Largest client message accepted; bigger ones are a protocol error
+    /// (protects memory from a hostile or broken client).
+    pub max_message_size: usize,
+    /// Client connections beyond this are refused with 53300.
+    pub max_client_connections: usize,
+    /// Time a client gets to finish startup and authentication.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Time in-flight transactions get to finish after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: "127.0.0.1:6432".parse().expect("static address"),
+            metrics_listen: None,
+            pool_mode: PoolMode::Transaction,
+            max_message_size: 64 * 1024 * 1024,
+            max_client_connections: 20_000,
+            handshake_timeout: Duration::from_secs(15),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Server connections kept open per pool even when idle.
+    pub min_size: usize,
+    /// Most server connections per pool (database, user, server).
+    pub max_size: usize,
+    /// How long a client waits for a free server connection before 53300.
+    #[serde(with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+    /// How long opening a server connection (TCP + auth) may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Idle server connections above min_size are closed after this.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Server connections are closed (when idle) after this age, so server
+    /// memory bloat and configuration changes do not live forever.
+    #[serde(with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// A connection idle for longer than this is checked for liveness
+    /// before it is handed to a client.
+    #[serde(with = "humantime_serde")]
+    pub liveness_check_after: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            min_size: 0,
+            max_size: 20,
+            checkout_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+            liveness_check_after: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plain text, an `md5...` hash or a `SCRAM-SHA-256$...` secret.
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default = "default_auth")]
+    pub auth: AuthMethod,
+    /// Role used on the servers; defaults to `name`.
+    #[serde(default)]
+    pub server_user: Option<String>,
+    /// Password for the servers; defaults to `password` when that is plain.
+    #[serde(default)]
+    pub server_password: Option<String>,
+    /// Overrides `pool.max_size` for this user's pools.
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+}
+
+fn default_auth() -> AuthMethod {
+    AuthMethod::ScramSha256
+}
+
+impl UserConfig {
+    pub fn server_user(&self) -> &str {
+        self.server_user.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The password shardgate presents to servers.
+    pub fn server_password(&self) -> Option<&str> {
+        self.server_password.as_deref().or_else(|| {
+            self.password
+                .as_deref()
+                .filter(|p| !is_md5_hash(p) && !p.starts_with("SCRAM-SHA-256$"))
+        })
+    }
+}
+
+pub fn is_md5_hash(p: &str) -> bool {
+    p.len() == 35 && p.starts_with("md5") && p[3..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    pub name: String,
+    /// `host:port` of the shard's primary.
+    pub primary: String,
+    /// `host:port` of each streaming replica (used from the read/write
+    /// splitting issue on; listed now so the topology is complete).
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Config::parse(&text, &shown)
+    }
+
+    pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let invalid = |key: String, problem: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            problem: problem.to_owned(),
+        };
+        if self.pool.max_size == 0 {
+            return Err(invalid("pool.max_size".into(), "must be at least 1"));
+        }
+        if self.pool.min_size > self.pool.max_size {
+            return Err(invalid(
+                "pool.min_size".into(),
+                "must not exceed pool.max_size",
+            ));
+        }
+        if self.proxy.max_message_size < 1024 {
+            return Err(invalid(
+                "proxy.max_message_size".into(),
+                "must be at least 1024 bytes",
+            ));
+        }
+        if self.users.is_empty() {
+            return Err(invalid("users".into(), "at least one [[users]] entry is needed"));
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            let key = |k: &str| format!("users[{i}].{k}");
+            if u.name.is_empty() {
+                return Err(invalid(key("name"), "must not be empty"));
+            }
+            if self.users[..i].iter().any(|o| o.name == u.name) {
+                return Err(invalid(key("name"), &format!("user {:?} is listed twice", u.name)));
+            }
+            match (u.auth, u.password.as_deref()) {
+                (AuthMethod::Trust, _) => {}
+                (_, None) => {
+                    return Err(invalid(key("password"), "required unless auth = \"trust\""))
+                }
+                (AuthMethod::Md5, Some(p)) if p.starts_with("SCRAM-SHA-256$") => {
+                    return Err(invalid(
+                        key("password"),
+                        "a SCRAM secret cannot check md5 logins; give the plain password or an md5 hash",
+                    ))
+                }
+                (AuthMethod::ScramSha256, Some(p)) if is_md5_hash(p) => {
+                    return Err(invalid(
+                        key("password"),
+                        "an md5 hash cannot check SCRAM logins; give the plain password or a SCRAM secret",
+                    ))
+                }
+                (AuthMethod::ScramSha256, Some(p)) if p.starts_with("SCRAM-SHA-256$") => {
+                    if crate::auth::scram::ScramSecret::parse(p).is_none() {
+                        return Err(invalid(key("password"), "malformed SCRAM-SHA-256 secret"));
+                    }
+                }
+                _ => {}
+            }
+            if u.pool_size == Some(0) {
+                return Err(invalid(key("pool_size"), "must be at least 1"));
+            }
+        }
+        if self.shards.is_empty() {
+            return Err(invalid("shards".into(), "at least one [[shards]] entry is needed"));
+        }
+        for (i, s) in self.shards.iter().enumerate() {
+            if self.shards[..i].iter().any(|o| o.name == s.name) {
+                return Err(invalid(
+                    format!("shards[{i}].name"),
+                    &format!("shard {:?} is listed twice", s.name),
+                ));
+            }
+            check_host_port(&s.primary)
+                .map_err(|p| invalid(format!("shards[{i}].primary"), &p))?;
+            for (j, r) in s.replicas.iter().enumerate() {
+                check_host_port(r).map_err(|p| invalid(format!("shards[{i}].replicas[{j}]"), &p))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+fn check_host_port(s: &str) -> Result<(), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("{s:?} has an invalid port"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [proxy]
+        listen = "127.0.0.1:7000"
+        [pool]
+        max_size = 4
+        checkout_timeout = "2s"
+        [[users]]
+        name = "app"
+        password = "secret"
+        [[shards]]
+        name = "s0"
+        primary = "127.0.0.1:5432"
+    "#;
+
+    #[test]
+    fn parses_good_config() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.pool.max_size, 4);
+        assert_eq!(c.pool.checkout_timeout, Duration::from_secs(2));
+        assert_eq!(c.proxy.pool_mode, PoolMode::Transaction);
+        assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
+        assert_eq!(c.users[0].server_password(), Some("secret"));
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err(&GOOD.replace("max_size = 4", "max_size = 0"));
+        assert!(e.contains("pool.max_size"), "{e}");
+        let e = err(&GOOD.replace("primary = \"127.0.0.1:5432\"", "primary = \"nowhere\""));
+        assert!(e.contains("shards[0].primary"), "{e}");
+        let e = err(&GOOD.replace("checkout_timeout = \"2s\"", "checkout_timeout = \"soon\""));
+        assert!(e.contains("checkout_timeout"), "{e}");
+        let e = err(&GOOD.replace("max_size = 4", "max_size = 4\nbogus = 1"));
+        assert!(e.contains("bogus"), "{e}");
+        let e = err(&GOOD.replace("password = \"secret\"", ""));
+        assert!(e.contains("users[0].password"), "{e}");
+        let e = err(&GOOD.replace("[proxy]", "[proxy]\npool_mode = \"statement\""));
+        assert!(e.contains("pool_mode"), "{e}");
+    }
+}

@@ -1,0 +1,327 @@
+//! Messages from the client: decide per message whether it is forwarded
+//! raw, rewritten (prepared statement names), answered by the proxy, or
+//! refused, and record what response the server now owes.
+
+use super::pipeline::Expect;
+use super::session::{Session, SessionError};
+use crate::config::PoolMode;
+use crate::protocol::backend as be;
+use crate::protocol::frame::{decode_frame, Frame};
+use crate::protocol::frontend as fe;
+use std::sync::Arc;
+use std::time::Instant;
+
+impl Session {
+    /// Handles every complete message in the client buffer.
+    pub(super) async fn handle_client_messages(&mut self) -> Result<(), SessionError> {
+        loop {
+            let frame = match decode_frame(&mut self.client_buf, self.max_message_size) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(SessionError::Fatal {
+                        code: "08P01".into(),
+                        message: format!("invalid message from client: {e}"),
+                    })
+                }
+            };
+            self.handle_client_message(frame).await?;
+        }
+        self.emit_ready_synthetics();
+        Ok(())
+    }
+
+    async fn handle_client_message(&mut self, frame: Frame) -> Result<(), SessionError> {
+        match frame.tag {
+            fe::QUERY => {
+                if self.skipping {
+                    return Ok(());
+                }
+                if !self.ensure_server(true).await {
+                    return Ok(());
+                }
+                self.start_request();
+                self.pool.metrics.queries.inc();
+                frame.encode(&mut self.to_server);
+                self.pipeline.push_back(Expect::Query {
+                    sql: frame.body,
+                    completed: 0,
+                });
+            }
+            fe::PARSE => self.on_parse(frame).await?,
+            fe::BIND => self.on_bind(frame).await?,
+            fe::DESCRIBE => self.on_describe(frame).await?,
+            fe::EXECUTE => {
+                if self.skipping || !self.ensure_server(false).await {
+                    return Ok(());
+                }
+                self.start_request();
+                self.pool.metrics.queries.inc();
+                frame.encode(&mut self.to_server);
+                self.pipeline.push_back(Expect::Execute {
+                    set_stmt: self.last_bound_set.take(),
+                });
+            }
+            fe::CLOSE => self.on_close(frame).await?,
+            fe::SYNC => {
+                if self.copy_in {
+                    // Ignored by a server in COPY FROM STDIN; no answer owed.
+                    self.forward_if_attached(&frame);
+                } else if self.server.is_some() {
+                    self.skipping = false;
+                    frame.encode(&mut self.to_server);
+                    self.pipeline.push_back(Expect::Sync);
+                } else {
+                    // Nothing reached a server since the last Sync: the
+                    // proxy answered everything itself and is idle.
+                    self.skipping = false;
+                    self.emit_ready_synthetics();
+                    be::ready_for_query(b'I').encode(&mut self.to_client);
+                }
+            }
+            fe::FLUSH => self.forward_if_attached(&frame),
+            fe::COPY_DATA => self.forward_if_attached(&frame),
+            fe::COPY_DONE | fe::COPY_FAIL => {
+                self.forward_if_attached(&frame);
+                self.copy_in = false;
+            }
+            fe::FUNCTION_CALL => {
+                if self.skipping || !self.ensure_server(true).await {
+                    return Ok(());
+                }
+                self.start_request();
+                frame.encode(&mut self.to_server);
+                self.pipeline.push_back(Expect::FunctionCall);
+            }
+            fe::TERMINATE => return Err(SessionError::Terminate),
+            other => {
+                return Err(SessionError::Fatal {
+                    code: "08P01".into(),
+                    message: format!("invalid frontend message type {other}"),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_if_attached(&mut self, frame: &Frame) {
+        if self.server.is_some() {
+            frame.encode(&mut self.to_server);
+        }
+    }
+
+    fn start_request(&mut self) {
+        if self.request_started.is_none() {
+            self.request_started = Some(Instant::now());
+        }
+    }
+
+    fn renames(&self) -> bool {
+        self.mode == PoolMode::Transaction
+    }
+
+    fn malformed(what: &str) -> SessionError {
+        SessionError::Fatal {
+            code: "08P01".into(),
+            message: format!("invalid {what} message"),
+        }
+    }
+
+    /// Checks out a server connection if none is held. On failure the
+    /// client gets the error (and, for a simple query, ReadyForQuery;
+    /// for the extended protocol, the rest is skipped up to Sync).
+    async fn ensure_server(&mut self, simple: bool) -> bool {
+        if self.server.is_some() {
+            return true;
+        }
+        match self.checkout().await {
+            Ok(()) => true,
+            Err((code, message)) => {
+                tracing::warn!(%code, %message, "no server connection for client");
+                self.emit_ready_synthetics();
+                self.queue_error(&code, &message);
+                if simple {
+                    be::ready_for_query(b'I').encode(&mut self.to_client);
+                } else {
+                    self.skipping = true;
+                }
+                false
+            }
+        }
+    }
+
+    async fn on_parse(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if self.skipping {
+            return Ok(());
+        }
+        let parse = fe::parse_parse(&frame.body).map_err(|_| Self::malformed("Parse"))?;
+        if parse.name.is_empty() || !self.renames() {
+            let is_set = crate::sql::starts_with_set_or_reset(parse.query);
+            let set = is_set.then(|| Arc::<str>::from(parse.query));
+            if !self.ensure_server(false).await {
+                return Ok(());
+            }
+            if parse.name.is_empty() {
+                self.unnamed_set = set;
+                self.unnamed_parse = Some(frame.clone());
+                self.unnamed_on_server = true;
+            }
+            frame.encode(&mut self.to_server);
+            self.pipeline.push_back(Expect::Parse {
+                stmt: None,
+                client_name: None,
+                injected: false,
+            });
+            return Ok(());
+        }
+        if !self.ensure_server(false).await {
+            return Ok(());
+        }
+        let name = parse.name.to_owned();
+        if self.statements.contains_key(&name) {
+            // Make the server fail too, so its transaction state matches
+            // what Postgres does for a duplicate name; the client sees the
+            // Postgres error for its own statement name.
+            let probe = fe::build_bind(b"", "shardgate_duplicate_statement", &[0, 0, 0, 0, 0, 0]);
+            probe.encode(&mut self.to_server);
+            let error = be::error_response(
+                "ERROR",
+                "42P05",
+                &format!("prepared statement \"{name}\" already exists"),
+            );
+            self.pipeline.push_back(Expect::ErrorInstead { error });
+            return Ok(());
+        }
+        let key = &frame.body[name.len() + 1..];
+        let stmt = self.proxy.statements.intern(&parse, key);
+        self.statements.insert(name.clone(), stmt.clone());
+        let server = self.server.as_mut().expect("ensured");
+        if server.prepared.contains(&stmt.id) {
+            self.pipeline.push_back(Expect::Synthetic {
+                frame: be::empty(be::PARSE_COMPLETE),
+                client_name: Some(name),
+            });
+        } else {
+            server.prepared.insert(stmt.id);
+            stmt.parse.encode(&mut self.to_server);
+            self.pipeline.push_back(Expect::Parse {
+                stmt: Some(stmt),
+                client_name: Some(name),
+                injected: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes sure the server has `stmt`, injecting a Parse if not.
+    fn ensure_prepared(&mut self, stmt: &Arc<super::statements::Statement>) {
+        let server = self.server.as_mut().expect("ensured");
+        if server.prepared.insert(stmt.id) {
+            stmt.parse.encode(&mut self.to_server);
+            self.pipeline.push_back(Expect::Parse {
+                stmt: Some(stmt.clone()),
+                client_name: None,
+                injected: true,
+            });
+        }
+    }
+
+    /// Re-sends the client's last unnamed Parse on a server that lacks it.
+    fn ensure_unnamed(&mut self) {
+        if self.unnamed_on_server {
+            return;
+        }
+        if let Some(parse) = &self.unnamed_parse {
+            parse.encode(&mut self.to_server);
+            self.unnamed_on_server = true;
+            self.pipeline.push_back(Expect::Parse {
+                stmt: None,
+                client_name: None,
+                injected: true,
+            });
+        }
+    }
+
+    async fn on_bind(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if self.skipping || !self.ensure_server(false).await {
+            return Ok(());
+        }
+        let bind = fe::parse_bind(&frame.body).map_err(|_| Self::malformed("Bind"))?;
+        if bind.statement.is_empty() {
+            self.ensure_unnamed();
+            self.last_bound_set = self.unnamed_set.clone();
+            frame.encode(&mut self.to_server);
+        } else if let Some(stmt) = self
+            .renames()
+            .then(|| self.statements.get(bind.statement).cloned())
+            .flatten()
+        {
+            self.ensure_prepared(&stmt);
+            self.last_bound_set = stmt.is_set.then(|| Arc::from(stmt.query.as_str()));
+            fe::build_bind(bind.portal, &stmt.name, bind.rest).encode(&mut self.to_server);
+        } else {
+            // Unknown to the proxy: the server answers (e.g. 26000).
+            self.last_bound_set = None;
+            frame.encode(&mut self.to_server);
+        }
+        self.pipeline.push_back(Expect::Bind);
+        Ok(())
+    }
+
+    async fn on_describe(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if self.skipping || !self.ensure_server(false).await {
+            return Ok(());
+        }
+        let target = fe::parse_target(&frame.body, "Describe").map_err(|_| Self::malformed("Describe"))?;
+        let managed = (target.kind == b'S' && self.renames())
+            .then(|| self.statements.get(target.name).cloned())
+            .flatten();
+        if let Some(stmt) = managed {
+            self.ensure_prepared(&stmt);
+            fe::build_target(fe::DESCRIBE, b'S', &stmt.name).encode(&mut self.to_server);
+        } else {
+            if target.kind == b'S' && target.name.is_empty() {
+                self.ensure_unnamed();
+            }
+            frame.encode(&mut self.to_server);
+        }
+        self.pipeline.push_back(Expect::Describe);
+        Ok(())
+    }
+
+    async fn on_close(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if self.skipping {
+            return Ok(());
+        }
+        let target = fe::parse_target(&frame.body, "Close").map_err(|_| Self::malformed("Close"))?;
+        if target.kind == b'S' && !target.name.is_empty() && self.renames() {
+            // The server keeps the shared statement for other clients;
+            // closing an unknown name is not an error in Postgres either.
+            self.statements.remove(target.name);
+            self.pipeline.push_back(Expect::Synthetic {
+                frame: be::empty(be::CLOSE_COMPLETE),
+                client_name: None,
+            });
+            return Ok(());
+        }
+        if target.kind == b'S' && target.name.is_empty() {
+            self.unnamed_parse = None;
+            self.unnamed_set = None;
+        }
+        if !self.ensure_server(false).await {
+            return Ok(());
+        }
+        frame.encode(&mut self.to_server);
+        self.pipeline.push_back(Expect::Close);
+        Ok(())
+    }
+
+    /// Sends the proxy's own answers that have reached the front.
+    pub(super) fn emit_ready_synthetics(&mut self) {
+        while matches!(self.pipeline.front(), Some(Expect::Synthetic { .. })) {
+            if let Some(Expect::Synthetic { frame, .. }) = self.pipeline.pop_front() {
+                frame.encode(&mut self.to_client);
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! The responses a server connection still owes the client, in order.
+//!
+//! Every message forwarded to the server that the server answers pushes an
+//! [`Expect`]; server messages pop them. This is what lets the proxy answer
+//! some messages itself (a Parse the server already has, a Close of a
+//! statement the proxy manages) at exactly the right position in the
+//! response stream, drop the answers to messages it injected, and know when
+//! the server connection is idle and free to return to the pool.
+
+use super::statements::Statement;
+use crate::protocol::Frame;
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub enum Expect {
+    /// A Parse forwarded to the server. `client_name` is set for a client's
+    /// named statement; `injected` when the client never sent this Parse
+    /// and must not see its ParseComplete.
+    Parse {
+        stmt: Option<Arc<Statement>>,
+        client_name: Option<String>,
+        injected: bool,
+    },
+    Bind,
+    Describe,
+    /// `set_stmt`: the statement text when it is a SET/RESET, so the
+    /// session state can record it when the server confirms it.
+    Execute {
+        set_stmt: Option<Arc<str>>,
+    },
+    Close,
+    Sync,
+    /// A simple Query; `completed` counts the statements finished so far.
+    Query {
+        sql: Bytes,
+        completed: usize,
+    },
+    FunctionCall,
+    /// A response the proxy produces itself when it reaches the front. The
+    /// ParseComplete of an already-prepared statement carries the client's
+    /// name so it can be undone if the server skips it after an error.
+    Synthetic {
+        frame: Frame,
+        client_name: Option<String>,
+    },
+    /// The server will fail this message (the proxy sent it something that
+    /// errors on purpose, so the server's transaction state matches what
+    /// Postgres would do); the client gets `error` instead.
+    ErrorInstead {
+        error: Frame,
+    },
+}
+
+impl Expect {
+    /// Entries that end at ReadyForQuery.
+    pub fn is_sync_point(&self) -> bool {
+        matches!(
+            self,
+            Expect::Sync | Expect::Query { .. } | Expect::FunctionCall
+        )
+    }
+}
+
+pub type Pipeline = VecDeque<Expect>;

@@ -1,0 +1,312 @@
+//! Messages from the server: forwarded as raw bytes in the order they
+//! arrive, while the few that matter are inspected to pop the pipeline,
+//! drop answers to injected messages, slot in the proxy's own answers,
+//! and learn transaction status, parameters and session changes.
+//!
+//! Large messages (DataRow, CopyData) are forwarded as they stream in,
+//! without waiting for the whole message.
+
+use super::pipeline::Expect;
+use super::session::{Session, SessionError};
+use crate::metrics::count_error;
+use crate::protocol::backend as be;
+use crate::protocol::frame::peek_header;
+use bytes::{Buf, BytesMut};
+
+/// What happens to one server message.
+enum Action {
+    Forward,
+    Drop,
+    Replace(crate::protocol::Frame),
+}
+
+/// Messages that never change session or pipeline state.
+fn passes_through(tag: u8) -> bool {
+    matches!(
+        tag,
+        be::DATA_ROW
+            | be::COPY_DATA
+            | be::COPY_DONE
+            | be::NOTICE_RESPONSE
+            | be::NOTIFICATION
+            | be::PARAMETER_DESCRIPTION
+    )
+}
+
+impl Session {
+    pub(super) fn handle_server_bytes(&mut self) -> Result<(), SessionError> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let mut buf = std::mem::take(&mut server.read_buf);
+        let result = self.scan_server_bytes(&mut buf);
+        if let Some(server) = self.server.as_mut() {
+            server.read_buf = buf;
+        }
+        result
+    }
+
+    fn scan_server_bytes(&mut self, buf: &mut BytesMut) -> Result<(), SessionError> {
+        let mut pos = self.pass_through.min(buf.len());
+        self.pass_through -= pos;
+        let mut start = 0;
+        while pos < buf.len() {
+            let header = peek_header(&buf[pos..], usize::MAX).map_err(|e| self.desync(&e.to_string()))?;
+            let Some((tag, total)) = header else { break };
+            if passes_through(tag) {
+                if pos + total <= buf.len() {
+                    pos += total;
+                } else {
+                    self.pass_through = pos + total - buf.len();
+                    pos = buf.len();
+                }
+                continue;
+            }
+            if pos + total > buf.len() {
+                buf.reserve(pos + total - buf.len());
+                break;
+            }
+            let action = self.on_server_message(tag, &buf[pos + 5..pos + total])?;
+            match action {
+                Action::Forward => pos += total,
+                Action::Drop | Action::Replace(_) => {
+                    self.to_client.extend_from_slice(&buf[start..pos]);
+                    if let Action::Replace(f) = action {
+                        f.encode(&mut self.to_client);
+                    }
+                    pos += total;
+                    start = pos;
+                }
+            }
+            if matches!(self.pipeline.front(), Some(Expect::Synthetic { .. })) {
+                self.to_client.extend_from_slice(&buf[start..pos]);
+                start = pos;
+                self.emit_ready_synthetics();
+            }
+        }
+        self.to_client.extend_from_slice(&buf[start..pos]);
+        buf.advance(pos);
+        Ok(())
+    }
+
+    fn desync(&mut self, what: &str) -> SessionError {
+        if let Some(s) = self.server.as_mut() {
+            s.broken = true;
+        }
+        tracing::error!(what, "server protocol out of step; closing the session");
+        SessionError::Fatal {
+            code: "08P01".into(),
+            message: format!("shardgate: server protocol out of step ({what})"),
+        }
+    }
+
+    fn on_server_message(&mut self, tag: u8, body: &[u8]) -> Result<Action, SessionError> {
+        match tag {
+            be::READY_FOR_QUERY => {
+                let status = body.first().copied().unwrap_or(b'I');
+                while let Some(e) = self.pipeline.pop_front() {
+                    if e.is_sync_point() {
+                        break;
+                    }
+                    self.undo(e);
+                }
+                self.copy_in = false;
+                let server = self.server.as_mut().expect("attached");
+                server.tx_status = status;
+                if let Some(t) = self.request_started.take() {
+                    self.pool.metrics.query_duration.observe(t.elapsed().as_secs_f64());
+                }
+                if status == b'I' {
+                    let rolled_back = match self.last_end_tag {
+                        Some(committed) => !committed,
+                        None => self.txn_error,
+                    };
+                    if self.vars.end_of_request(status, rolled_back) {
+                        server.session_fingerprint = self.vars.fingerprint();
+                    }
+                    self.txn_error = false;
+                    self.last_end_tag = None;
+                }
+                if !self.pipeline.is_empty() {
+                    self.request_started = Some(std::time::Instant::now());
+                }
+                Ok(Action::Forward)
+            }
+            be::ERROR_RESPONSE => {
+                self.txn_error = true;
+                self.copy_in = false;
+                let code = be::error_code(body);
+                if code.is_some_and(|c| c.starts_with(b"57P") || c.starts_with(b"08")) {
+                    // Admin shutdown, crash, connection failure: the server
+                    // will close; never reuse it.
+                    if let Some(s) = self.server.as_mut() {
+                        s.broken = true;
+                    }
+                }
+                match self.pipeline.front() {
+                    Some(Expect::Query { .. } | Expect::FunctionCall) | None => {
+                        count_error(&code.unwrap_or(*b"XX000"));
+                        Ok(Action::Forward)
+                    }
+                    Some(_) => {
+                        let first = self.pipeline.pop_front().expect("front exists");
+                        let action = match first {
+                            Expect::ErrorInstead { error } => {
+                                count_error(b"42P05");
+                                Action::Replace(error)
+                            }
+                            other => {
+                                count_error(&code.unwrap_or(*b"XX000"));
+                                self.undo(other);
+                                Action::Forward
+                            }
+                        };
+                        // The server skips everything up to the next Sync.
+                        while let Some(e) = self.pipeline.front() {
+                            if matches!(e, Expect::Sync) {
+                                break;
+                            }
+                            let e = self.pipeline.pop_front().expect("front exists");
+                            self.undo(e);
+                        }
+                        if self.pipeline.is_empty() {
+                            self.skipping = true;
+                        }
+                        Ok(action)
+                    }
+                }
+            }
+            be::PARAMETER_STATUS => {
+                if let Some(s) = self.server.as_mut() {
+                    s.note_parameter(body);
+                }
+                Ok(Action::Forward)
+            }
+            be::PARSE_COMPLETE => match self.pipeline.pop_front() {
+                Some(Expect::Parse { injected: true, .. }) => Ok(Action::Drop),
+                Some(Expect::Parse { .. }) => Ok(Action::Forward),
+                _ => Err(self.desync("unexpected ParseComplete")),
+            },
+            be::BIND_COMPLETE => self.expect_pop(|e| matches!(e, Expect::Bind), "BindComplete"),
+            be::CLOSE_COMPLETE => self.expect_pop(|e| matches!(e, Expect::Close), "CloseComplete"),
+            be::ROW_DESCRIPTION | be::NO_DATA => {
+                if matches!(self.pipeline.front(), Some(Expect::Describe)) {
+                    self.pipeline.pop_front();
+                }
+                Ok(Action::Forward)
+            }
+            be::COMMAND_COMPLETE | be::EMPTY_QUERY | be::PORTAL_SUSPENDED => {
+                let cmd = if tag == be::COMMAND_COMPLETE {
+                    be::command_tag(body)
+                } else {
+                    &[][..]
+                };
+                let statement: Option<String> = match self.pipeline.front_mut() {
+                    Some(Expect::Query { sql, completed }) => {
+                        *completed += 1;
+                        if is_session_tag(cmd) {
+                            let index = *completed - 1;
+                            std::str::from_utf8(sql.strip_suffix(&[0]).unwrap_or(sql))
+                                .ok()
+                                .and_then(|text| {
+                                    crate::sql::split_statements(text)
+                                        .get(index)
+                                        .map(|s| s.to_string())
+                                })
+                        } else {
+                            None
+                        }
+                    }
+                    Some(Expect::Execute { set_stmt }) => {
+                        let s = set_stmt.as_deref().map(str::to_owned);
+                        self.pipeline.pop_front();
+                        s
+                    }
+                    _ => return Err(self.desync("unexpected command completion")),
+                };
+                self.note_command_tag(cmd, statement.as_deref());
+                Ok(Action::Forward)
+            }
+            be::COPY_IN_RESPONSE => {
+                self.copy_in = true;
+                // Syncs the client pipelined behind the COPY are ignored by
+                // a server in copy-in mode: no ReadyForQuery comes for them.
+                let mut i = 1;
+                while i < self.pipeline.len() {
+                    if matches!(self.pipeline[i], Expect::Sync) {
+                        self.pipeline.remove(i);
+                    } else {
+                        i += 1;
+                    }
+                }
+                Ok(Action::Forward)
+            }
+            _ => Ok(Action::Forward),
+        }
+    }
+
+    fn expect_pop(&mut self, ok: impl Fn(&Expect) -> bool, what: &str) -> Result<Action, SessionError> {
+        match self.pipeline.front() {
+            Some(e) if ok(e) => {
+                self.pipeline.pop_front();
+                Ok(Action::Forward)
+            }
+            _ => Err(self.desync(&format!("unexpected {what}"))),
+        }
+    }
+
+    fn note_command_tag(&mut self, tag: &[u8], statement: Option<&str>) {
+        match tag {
+            b"COMMIT" => self.last_end_tag = Some(true),
+            b"ROLLBACK" => self.last_end_tag = Some(false),
+            b"SET" | b"RESET" => self.vars.note_command(tag, statement),
+            b"DISCARD ALL" => {
+                self.vars.note_command(tag, statement);
+                self.statements.clear();
+                if let Some(s) = self.server.as_mut() {
+                    s.prepared.clear();
+                }
+            }
+            b"DEALLOCATE ALL" => {
+                self.statements.clear();
+                if let Some(s) = self.server.as_mut() {
+                    s.prepared.clear();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Reverts what the proxy assumed when it sent a message the server
+    /// then failed or skipped.
+    fn undo(&mut self, e: Expect) {
+        match e {
+            Expect::Parse {
+                stmt, client_name, ..
+            } => {
+                if let (Some(stmt), Some(server)) = (&stmt, self.server.as_mut()) {
+                    server.prepared.remove(&stmt.id);
+                }
+                if let Some(name) = client_name {
+                    self.statements.remove(&name);
+                }
+                if stmt.is_none() {
+                    // A failed unnamed Parse leaves no unnamed statement.
+                    self.unnamed_on_server = false;
+                    self.unnamed_parse = None;
+                }
+            }
+            Expect::Synthetic {
+                client_name: Some(name),
+                ..
+            } => {
+                self.statements.remove(&name);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn is_session_tag(tag: &[u8]) -> bool {
+    matches!(tag, b"SET" | b"RESET")
+}

@@ -1,0 +1,31 @@
+//! shardgate: a Postgres-wire-compatible sharding proxy.
+//!
+//! A client connects as to Postgres; shardgate authenticates it, then
+//! forwards its messages to pooled connections to real Postgres servers.
+//!
+//! - [`protocol`]: message framing and the few parsers/builders needed; no I/O.
+//! - [`auth`]: the server side of SCRAM-SHA-256 and MD5 for clients.
+//! - [`frontend`]: client startup and the per-client session loop.
+//! - [`router`]: decides which shard and role a transaction goes to.
+//! - [`topology`]: the versioned snapshot of shards and servers.
+//! - [`backend`]: server connections and their pools.
+//! - [`cancel`]: CancelRequest forwarding.
+//! - [`metrics`]: Prometheus metrics and the /metrics, /healthz endpoint.
+//! - [`proxy`]: shared state, listener, signals, shutdown.
+//! - [`config`]: the TOML configuration.
+//! - [`sql`]: lexical SQL helpers (statement splitting, keywords).
+//! - [`local`]: starts a local topology of real Postgres servers
+//!   (`shardgate up` / `down`, and the test harness).
+
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod config;
+pub mod frontend;
+pub mod local;
+pub mod metrics;
+pub mod protocol;
+pub mod proxy;
+pub mod router;
+pub mod sql;
+pub mod topology;

@@ -1,0 +1,138 @@
+//! The `shardgate` command: `serve` runs the proxy; `up` and `down` start
+//! and stop the local quick-start topology (real Postgres servers plus a
+//! proxy in the background).
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use shardgate::config::Config;
+use shardgate::local::{LocalTopology, ServerOptions, APP_PASSWORD, APP_USER};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "shardgate", version, about = "A Postgres-wire-compatible sharding proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy with a configuration file.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start the local topology (3 shards; s0 has 2 streaming replicas) and
+    /// a proxy on it in the background. Harmless to run twice.
+    Up {
+        #[arg(long, env = "SHARDGATE_HOME", default_value = "/tmp/shardgate")]
+        home: PathBuf,
+        /// s0 primary port; replicas take the next ports, s1 base+10, s2 base+20.
+        #[arg(long, default_value_t = 16000)]
+        base_port: u16,
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: String,
+        #[arg(long, default_value = "127.0.0.1:9930")]
+        metrics_listen: String,
+    },
+    /// Stop the proxy and every server started by `up`.
+    Down {
+        #[arg(long, env = "SHARDGATE_HOME", default_value = "/tmp/shardgate")]
+        home: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Cmd::Serve { config } => {
+            let c = Config::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(shardgate::proxy::serve(c, Some(config)))
+        }
+        Cmd::Up {
+            home,
+            base_port,
+            listen,
+            metrics_listen,
+        } => up(&home, base_port, &listen, &metrics_listen),
+        Cmd::Down { home } => down(&home),
+    }
+}
+
+fn pid_file(home: &Path) -> PathBuf {
+    home.join("shardgate.pid")
+}
+
+fn running_pid(home: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file(home)).ok()?.trim().parse().ok()?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+        .ok()
+        .map(|_| pid)
+}
+
+fn up(home: &Path, base_port: u16, listen: &str, metrics_listen: &str) -> Result<()> {
+    let topo = LocalTopology::up(home, base_port, &ServerOptions::default())?;
+    let config_path = home.join("shardgate.toml");
+    std::fs::write(&config_path, topo.config_toml(listen, metrics_listen))?;
+    Config::load(&config_path)?;
+    if running_pid(home).is_none() {
+        let log = std::fs::File::create(home.join("shardgate.log"))?;
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting the proxy")?;
+        std::fs::write(pid_file(home), child.id().to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(listen).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "the proxy did not start listening on {listen}; see {}",
+                    home.join("shardgate.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let (host, port) = listen.rsplit_once(':').unwrap_or((listen, "6432"));
+    println!("shardgate is running on {listen} (config {}, log {})", config_path.display(), home.join("shardgate.log").display());
+    for (name, primary, reps) in &topo.shards {
+        let reps: Vec<String> = reps.iter().map(|r| r.addr()).collect();
+        println!("  shard {name}: primary {} replicas [{}]", primary.addr(), reps.join(", "));
+    }
+    println!("metrics: http://{metrics_listen}/metrics");
+    println!("connect: psql \"postgres://{APP_USER}:{APP_PASSWORD}@{host}:{port}/{APP_USER}\"");
+    println!("stop:    cargo run --release -- down");
+    Ok(())
+}
+
+fn down(home: &Path) -> Result<()> {
+    if let Some(pid) = running_pid(home) {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(35);
+        while nix::sys::signal::kill(pid, None).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!("proxy stopped");
+    }
+    let _ = std::fs::remove_file(pid_file(home));
+    LocalTopology::down(home)?;
+    println!("servers under {} stopped", home.display());
+    Ok(())
+}
+
+use std::os::unix::process::CommandExt;

@@ -1,0 +1,197 @@
+//! Prometheus metrics and the HTTP endpoint that serves them.
+//!
+//! The registry is the one piece of global mutable state (STYLE.md rule 5).
+//! Hot-path counters are cached handles (`PoolMetrics`), so counting costs
+//! an atomic add, never a label lookup. Gauges that describe pools are
+//! computed when /metrics is scraped.
+
+use crate::backend::Pools;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::sync::{Arc, LazyLock};
+
+pub struct Global {
+    pub registry: Registry,
+    pub clients_active: IntGauge,
+    pub client_connections: IntCounter,
+    pub client_rejected: IntCounterVec,
+    pub errors: IntCounterVec,
+    waiting: IntGaugeVec,
+    checkout_timeouts: IntCounterVec,
+    connects: IntCounterVec,
+    connect_errors: IntCounterVec,
+    transactions: IntCounterVec,
+    queries: IntCounterVec,
+    tx_duration: HistogramVec,
+    query_duration: HistogramVec,
+    server_conns: IntGaugeVec,
+}
+
+/// Latency buckets from 50 µs to 10 s.
+const BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+
+fn build() -> Global {
+    let registry = Registry::new_custom(Some("shardgate".into()), None).expect("valid prefix");
+    let pool_labels = &["pool"];
+    macro_rules! reg {
+        ($m:expr) => {{
+            let m = $m.expect("valid metric definition");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("metric registered once");
+            m
+        }};
+    }
+    Global {
+        clients_active: reg!(IntGauge::new("clients_active", "Client connections open now")),
+        client_connections: reg!(IntCounter::new(
+            "client_connections_total",
+            "Client connections accepted"
+        )),
+        client_rejected: reg!(IntCounterVec::new(
+            Opts::new("client_rejected_total", "Client connections refused, by reason"),
+            &["reason"]
+        )),
+        errors: reg!(IntCounterVec::new(
+            Opts::new(
+                "errors_total",
+                "ErrorResponses sent to clients, by SQLSTATE class (first two characters)"
+            ),
+            &["class"]
+        )),
+        waiting: reg!(IntGaugeVec::new(
+            Opts::new("clients_waiting", "Clients waiting for a server connection"),
+            pool_labels
+        )),
+        checkout_timeouts: reg!(IntCounterVec::new(
+            Opts::new("checkout_timeouts_total", "Checkouts that timed out (53300)"),
+            pool_labels
+        )),
+        connects: reg!(IntCounterVec::new(
+            Opts::new("server_connects_total", "Server connections opened"),
+            pool_labels
+        )),
+        connect_errors: reg!(IntCounterVec::new(
+            Opts::new("server_connect_errors_total", "Server connections that failed to open"),
+            pool_labels
+        )),
+        transactions: reg!(IntCounterVec::new(
+            Opts::new("transactions_total", "Transactions (server checkouts) completed"),
+            pool_labels
+        )),
+        queries: reg!(IntCounterVec::new(
+            Opts::new("queries_total", "Queries (simple Query and Execute messages) run"),
+            pool_labels
+        )),
+        tx_duration: reg!(HistogramVec::new(
+            HistogramOpts::new(
+                "transaction_duration_seconds",
+                "Time a server connection was held per transaction"
+            )
+            .buckets(BUCKETS.to_vec()),
+            pool_labels
+        )),
+        query_duration: reg!(HistogramVec::new(
+            HistogramOpts::new(
+                "query_duration_seconds",
+                "Time from a client request (Query or first message before Sync) to ReadyForQuery"
+            )
+            .buckets(BUCKETS.to_vec()),
+            pool_labels
+        )),
+        server_conns: reg!(IntGaugeVec::new(
+            Opts::new("server_connections", "Server connections by pool and state"),
+            &["pool", "state"]
+        )),
+        registry,
+    }
+}
+
+pub static GLOBAL: LazyLock<Global> = LazyLock::new(build);
+
+/// Cached per-pool metric handles.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    pub waiting: IntGauge,
+    pub checkout_timeouts: IntCounter,
+    pub connects: IntCounter,
+    pub connect_errors: IntCounter,
+    pub transactions: IntCounter,
+    pub queries: IntCounter,
+    pub tx_duration: Histogram,
+    pub query_duration: Histogram,
+}
+
+impl PoolMetrics {
+    pub fn new(pool: &str) -> PoolMetrics {
+        let g = &*GLOBAL;
+        let l = &[pool];
+        PoolMetrics {
+            waiting: g.waiting.with_label_values(l),
+            checkout_timeouts: g.checkout_timeouts.with_label_values(l),
+            connects: g.connects.with_label_values(l),
+            connect_errors: g.connect_errors.with_label_values(l),
+            transactions: g.transactions.with_label_values(l),
+            queries: g.queries.with_label_values(l),
+            tx_duration: g.tx_duration.with_label_values(l),
+            query_duration: g.query_duration.with_label_values(l),
+        }
+    }
+}
+
+/// Counts an ErrorResponse sent to a client.
+pub fn count_error(sqlstate: &[u8]) {
+    let class = std::str::from_utf8(sqlstate.get(..2).unwrap_or(b"??")).unwrap_or("??");
+    GLOBAL.errors.with_label_values(&[class]).inc();
+}
+
+/// Renders every metric in the Prometheus text format.
+pub fn render(pools: &Pools) -> String {
+    let g = &*GLOBAL;
+    for p in pools.all() {
+        let s = p.pool.status();
+        let label = p.key.label();
+        g.server_conns
+            .with_label_values(&[&label, "active"])
+            .set((s.size - s.available) as i64);
+        g.server_conns
+            .with_label_values(&[&label, "idle"])
+            .set(s.available as i64);
+    }
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&g.registry.gather(), &mut out)
+        .expect("text encoding into a Vec cannot fail");
+    String::from_utf8(out).expect("Prometheus text is UTF-8")
+}
+
+/// Serves /metrics and /healthz until `shutdown` fires.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    pools: Arc<Pools>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::{routing::get, Router};
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let pools = pools.clone();
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4")],
+                        render(&pools),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,207 @@
+//! The running proxy: shared state ([`Proxy`]), the accept loop, signal
+//! handling (SIGTERM drains, SIGHUP reloads) and the maintenance task.
+//!
+//! Clients enter through [`Listener::run`]; each gets a task running
+//! `frontend::handle_client`. Shutdown is a `CancellationToken` plus a
+//! `TaskTracker`: the listener stops, idle clients are told and closed,
+//! clients inside a transaction get `shutdown_timeout` to finish.
+
+use crate::auth::AuthTable;
+use crate::backend::Pools;
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::frontend::statements::StatementCache;
+use crate::metrics::GLOBAL;
+use crate::topology::{Topology, TopologyHandle};
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub struct Proxy {
+    pub config: ArcSwap<Config>,
+    pub auth: ArcSwap<AuthTable>,
+    pub topology: TopologyHandle,
+    pub pools: Arc<Pools>,
+    pub statements: StatementCache,
+    pub cancels: CancelRegistry,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+impl Proxy {
+    pub fn new(config: Config) -> Arc<Proxy> {
+        Arc::new(Proxy {
+            auth: ArcSwap::from_pointee(AuthTable::build(&config.users)),
+            topology: TopologyHandle::new(Topology::from_config(&config, 1)),
+            pools: Arc::new(Pools::new(config.pool.clone())),
+            statements: StatementCache::default(),
+            cancels: CancelRegistry::default(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            config: ArcSwap::from_pointee(config),
+        })
+    }
+
+    /// Applies a reloaded config: users, passwords and pool sizes change in
+    /// place; connected clients stay.
+    pub fn reload(&self, config: Config) {
+        self.auth.store(Arc::new(AuthTable::build(&config.users)));
+        let users = config.users.clone();
+        self.pools.apply_settings(config.pool.clone(), |u| {
+            users.iter().find(|c| c.name == u).and_then(|c| c.pool_size)
+        });
+        let epoch = self.topology.publish(Topology::from_config(&config, 0));
+        self.config.store(Arc::new(config));
+        tracing::info!(topology_epoch = epoch, "configuration reloaded");
+    }
+}
+
+/// Accepts clients until shutdown.
+pub struct Listener {
+    pub listener: TcpListener,
+    pub proxy: Arc<Proxy>,
+}
+
+impl Listener {
+    pub async fn run(self) {
+        let limit = self.proxy.config.load().proxy.max_client_connections;
+        let permits = Arc::new(Semaphore::new(limit));
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                r = self.listener.accept() => r,
+                _ = self.proxy.shutdown.cancelled() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(s) => {
+                    backoff = Duration::from_millis(5);
+                    s
+                }
+                Err(e) => {
+                    // EMFILE and friends: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            GLOBAL.client_connections.inc();
+            let proxy = self.proxy.clone();
+            match permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    self.proxy.tasks.spawn(async move {
+                        crate::frontend::handle_client(stream, peer, proxy).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    GLOBAL
+                        .client_rejected
+                        .with_label_values(&["too_many_clients"])
+                        .inc();
+                    self.proxy.tasks.spawn(crate::frontend::reject_client(
+                        stream,
+                        "53300",
+                        "sorry, too many clients already",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Runs the proxy until SIGTERM/SIGINT (or `proxy.shutdown`).
+pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let listen = config.proxy.listen;
+    let metrics_listen = config.proxy.metrics_listen;
+    let proxy = Proxy::new(config);
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(%listen, "shardgate listening");
+    start(proxy.clone(), listener, metrics_listen).await?;
+    wait_for_signals(&proxy, config_path).await;
+    drain(&proxy).await;
+    Ok(())
+}
+
+/// Starts the listener, the metrics endpoint and maintenance as tasks.
+pub async fn start(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    if let Some(addr) = metrics_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+        tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        let (pools, token) = (proxy.pools.clone(), proxy.shutdown.clone());
+        proxy.tasks.spawn(async move {
+            if let Err(e) = crate::metrics::serve_http(l, pools, token).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    let p = proxy.clone();
+    proxy.tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => p.pools.maintain().await,
+                _ = p.shutdown.cancelled() => return,
+            }
+        }
+    });
+    proxy.tasks.spawn(
+        Listener {
+            listener,
+            proxy: proxy.clone(),
+        }
+        .run(),
+    );
+    Ok(())
+}
+
+async fn wait_for_signals(proxy: &Arc<Proxy>, config_path: Option<PathBuf>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; running until the shutdown token fires");
+        proxy.shutdown.cancelled().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
+            _ = hup.recv() => match &config_path {
+                Some(path) => match Config::load(path) {
+                    Ok(c) => proxy.reload(c),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the old configuration"),
+                },
+                None => tracing::warn!("SIGHUP: no configuration file to reload"),
+            },
+            _ = proxy.shutdown.cancelled() => break,
+        }
+    }
+}
+
+/// Stops accepting, lets transactions finish (bounded), closes pools.
+pub async fn drain(proxy: &Arc<Proxy>) {
+    proxy.shutdown.cancel();
+    proxy.tasks.close();
+    let timeout = proxy.config.load().proxy.shutdown_timeout;
+    if tokio::time::timeout(timeout, proxy.tasks.wait()).await.is_err() {
+        tracing::warn!(?timeout, "shutdown timeout: closing remaining connections");
+    }
+    proxy.pools.close_all();
+}
