@@ -230,7 +230,10 @@ impl Config {
             ));
         }
         if self.users.is_empty() {
-            return Err(invalid("users".into(), "at least one [[users]] entry is needed"));
+            return Err(invalid(
+                "users".into(),
+                "at least one [[users]] entry is needed",
+            ));
         }
         for (i, u) in self.users.iter().enumerate() {
             let key = |k: &str| format!("users[{i}].{k}");
@@ -238,7 +241,10 @@ impl Config {
                 return Err(invalid(key("name"), "must not be empty"));
             }
             if self.users[..i].iter().any(|o| o.name == u.name) {
-                return Err(invalid(key("name"), &format!("user {:?} is listed twice", u.name)));
+                return Err(invalid(
+                    key("name"),
+                    &format!("user {:?} is listed twice", u.name),
+                ));
             }
             match (u.auth, u.password.as_deref()) {
                 (AuthMethod::Trust, _) => {}
@@ -269,7 +275,10 @@ impl Config {
             }
         }
         if self.shards.is_empty() {
-            return Err(invalid("shards".into(), "at least one [[shards]] entry is needed"));
+            return Err(invalid(
+                "shards".into(),
+                "at least one [[shards]] entry is needed",
+            ));
         }
         for (i, s) in self.shards.iter().enumerate() {
             if self.shards[..i].iter().any(|o| o.name == s.name) {
@@ -278,10 +287,10 @@ impl Config {
                     &format!("shard {:?} is listed twice", s.name),
                 ));
             }
-            check_host_port(&s.primary)
-                .map_err(|p| invalid(format!("shards[{i}].primary"), &p))?;
+            check_host_port(&s.primary).map_err(|p| invalid(format!("shards[{i}].primary"), &p))?;
             for (j, r) in s.replicas.iter().enumerate() {
-                check_host_port(r).map_err(|p| invalid(format!("shards[{i}].replicas[{j}]"), &p))?;
+                check_host_port(r)
+                    .map_err(|p| invalid(format!("shards[{i}].replicas[{j}]"), &p))?;
             }
         }
         Ok(())

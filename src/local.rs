@@ -35,7 +35,8 @@ impl PgBin {
         run(Command::new("apt-get")
             .args(["install", "-y", "-q", "postgresql", "postgresql-contrib"])
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
-        Self::find().ok_or_else(|| anyhow!("apt-get installed postgresql, but initdb is still missing"))
+        Self::find()
+            .ok_or_else(|| anyhow!("apt-get installed postgresql, but initdb is still missing"))
     }
 
     pub fn find() -> Option<PgBin> {
@@ -141,7 +142,12 @@ impl PgServer {
     }
 
     /// Creates a primary's data directory (if it has none) and starts it.
-    pub fn init_primary(bin: &PgBin, data_dir: &Path, port: u16, opts: &ServerOptions) -> Result<PgServer> {
+    pub fn init_primary(
+        bin: &PgBin,
+        data_dir: &Path,
+        port: u16,
+        opts: &ServerOptions,
+    ) -> Result<PgServer> {
         let s = PgServer {
             bin: bin.clone(),
             data_dir: data_dir.to_path_buf(),
@@ -155,7 +161,14 @@ impl PgServer {
             let r = run(as_postgres(&bin.tool("initdb"))
                 .arg("-D")
                 .arg(data_dir)
-                .args(["-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions"])
+                .args([
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                    "--no-instructions",
+                ])
                 .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
                 .arg(format!("--pwfile={}", pwfile.display())));
             let _ = std::fs::remove_file(&pwfile);
@@ -168,8 +181,16 @@ impl PgServer {
                 "wal_keep_size = '256MB'".into(),
                 format!("max_connections = {}", opts.max_connections),
                 "shared_buffers = '128MB'".into(),
-                if opts.fast_unsafe { "fsync = off".into() } else { "fsync = on".into() },
-                if opts.fast_unsafe { "full_page_writes = off".into() } else { String::new() },
+                if opts.fast_unsafe {
+                    "fsync = off".into()
+                } else {
+                    "fsync = on".into()
+                },
+                if opts.fast_unsafe {
+                    "full_page_writes = off".into()
+                } else {
+                    String::new()
+                },
             ])?;
             s.set_port_conf()?;
         }
@@ -178,7 +199,12 @@ impl PgServer {
     }
 
     /// Makes a streaming replica of `primary` with `pg_basebackup -R`.
-    pub fn init_replica(primary: &PgServer, data_dir: &Path, port: u16, opts: &ServerOptions) -> Result<PgServer> {
+    pub fn init_replica(
+        primary: &PgServer,
+        data_dir: &Path,
+        port: u16,
+        opts: &ServerOptions,
+    ) -> Result<PgServer> {
         let s = PgServer {
             bin: primary.bin.clone(),
             data_dir: data_dir.to_path_buf(),
@@ -189,7 +215,14 @@ impl PgServer {
             run(as_postgres(&Path::new("/usr/bin/env").to_path_buf())
                 .arg(format!("PGPASSWORD={}", opts.superuser_password))
                 .arg(primary.bin.tool("pg_basebackup"))
-                .args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &primary.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
                 .arg("-D")
                 .arg(data_dir)
                 .args(["-R", "-X", "stream", "-c", "fast"]))?;
@@ -242,7 +275,13 @@ impl PgServer {
             .arg("-l")
             .arg(&log)
             .args(["-w", "-t", "120"]))
-        .with_context(|| format!("starting Postgres on port {} (log: {})", self.port, log.display()))?;
+        .with_context(|| {
+            format!(
+                "starting Postgres on port {} (log: {})",
+                self.port,
+                log.display()
+            )
+        })?;
         Ok(())
     }
 
@@ -264,7 +303,16 @@ impl PgServer {
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
             .arg("-h")
             .arg(&self.data_dir)
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", database, "-c", sql]))
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-c",
+                sql,
+            ]))
     }
 
     /// Waits until the server accepts SQL (a replica, after start).
@@ -311,7 +359,8 @@ impl LocalTopology {
         for (i, replicas) in [(0u16, 2u16), (1, 0), (2, 0)] {
             let name = format!("s{i}");
             let port = base_port + 10 * i;
-            let primary = PgServer::init_primary(&bin, &home.join(format!("{name}-primary")), port, opts)?;
+            let primary =
+                PgServer::init_primary(&bin, &home.join(format!("{name}-primary")), port, opts)?;
             let mut reps = Vec::new();
             for r in 1..=replicas {
                 reps.push(PgServer::init_replica(
@@ -334,7 +383,10 @@ impl LocalTopology {
                     "postgres",
                     &format!("create role {APP_USER} login createdb password '{APP_PASSWORD}'"),
                 )?;
-                primary.psql("postgres", &format!("create database {APP_USER} owner {APP_USER}"))?;
+                primary.psql(
+                    "postgres",
+                    &format!("create database {APP_USER} owner {APP_USER}"),
+                )?;
             }
             for r in reps {
                 r.wait_ready(Duration::from_secs(60))?;

@@ -10,7 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "shardgate", version, about = "A Postgres-wire-compatible sharding proxy")]
+#[command(
+    name = "shardgate",
+    version,
+    about = "A Postgres-wire-compatible sharding proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -46,8 +50,7 @@ enum Cmd {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     match Cli::parse().command {
@@ -73,7 +76,11 @@ fn pid_file(home: &Path) -> PathBuf {
 }
 
 fn running_pid(home: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_file(home)).ok()?.trim().parse().ok()?;
+    let pid: i32 = std::fs::read_to_string(pid_file(home))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
         .ok()
         .map(|_| pid)
@@ -108,10 +115,18 @@ fn up(home: &Path, base_port: u16, listen: &str, metrics_listen: &str) -> Result
         }
     }
     let (host, port) = listen.rsplit_once(':').unwrap_or((listen, "6432"));
-    println!("shardgate is running on {listen} (config {}, log {})", config_path.display(), home.join("shardgate.log").display());
+    println!(
+        "shardgate is running on {listen} (config {}, log {})",
+        config_path.display(),
+        home.join("shardgate.log").display()
+    );
     for (name, primary, reps) in &topo.shards {
         let reps: Vec<String> = reps.iter().map(|r| r.addr()).collect();
-        println!("  shard {name}: primary {} replicas [{}]", primary.addr(), reps.join(", "));
+        println!(
+            "  shard {name}: primary {} replicas [{}]",
+            primary.addr(),
+            reps.join(", ")
+        );
     }
     println!("metrics: http://{metrics_listen}/metrics");
     println!("connect: psql \"postgres://{APP_USER}:{APP_PASSWORD}@{host}:{port}/{APP_USER}\"");

@@ -31,8 +31,8 @@ pub struct Global {
 
 /// Latency buckets from 50 µs to 10 s.
 const BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 10.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
 ];
 
 fn build() -> Global {
@@ -48,13 +48,19 @@ fn build() -> Global {
         }};
     }
     Global {
-        clients_active: reg!(IntGauge::new("clients_active", "Client connections open now")),
+        clients_active: reg!(IntGauge::new(
+            "clients_active",
+            "Client connections open now"
+        )),
         client_connections: reg!(IntCounter::new(
             "client_connections_total",
             "Client connections accepted"
         )),
         client_rejected: reg!(IntCounterVec::new(
-            Opts::new("client_rejected_total", "Client connections refused, by reason"),
+            Opts::new(
+                "client_rejected_total",
+                "Client connections refused, by reason"
+            ),
             &["reason"]
         )),
         errors: reg!(IntCounterVec::new(
@@ -69,7 +75,10 @@ fn build() -> Global {
             pool_labels
         )),
         checkout_timeouts: reg!(IntCounterVec::new(
-            Opts::new("checkout_timeouts_total", "Checkouts that timed out (53300)"),
+            Opts::new(
+                "checkout_timeouts_total",
+                "Checkouts that timed out (53300)"
+            ),
             pool_labels
         )),
         connects: reg!(IntCounterVec::new(
@@ -77,15 +86,24 @@ fn build() -> Global {
             pool_labels
         )),
         connect_errors: reg!(IntCounterVec::new(
-            Opts::new("server_connect_errors_total", "Server connections that failed to open"),
+            Opts::new(
+                "server_connect_errors_total",
+                "Server connections that failed to open"
+            ),
             pool_labels
         )),
         transactions: reg!(IntCounterVec::new(
-            Opts::new("transactions_total", "Transactions (server checkouts) completed"),
+            Opts::new(
+                "transactions_total",
+                "Transactions (server checkouts) completed"
+            ),
             pool_labels
         )),
         queries: reg!(IntCounterVec::new(
-            Opts::new("queries_total", "Queries (simple Query and Execute messages) run"),
+            Opts::new(
+                "queries_total",
+                "Queries (simple Query and Execute messages) run"
+            ),
             pool_labels
         )),
         tx_duration: reg!(HistogramVec::new(

@@ -200,7 +200,10 @@ pub async fn drain(proxy: &Arc<Proxy>) {
     proxy.shutdown.cancel();
     proxy.tasks.close();
     let timeout = proxy.config.load().proxy.shutdown_timeout;
-    if tokio::time::timeout(timeout, proxy.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(timeout, proxy.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(?timeout, "shutdown timeout: closing remaining connections");
     }
     proxy.pools.close_all();

@@ -18,7 +18,10 @@ pub struct Target {
 
 /// Picks the server for the next transaction of a session.
 pub fn route_transaction(topology: &Topology) -> Target {
-    debug_assert!(!topology.shards.is_empty(), "config validation requires a shard");
+    debug_assert!(
+        !topology.shards.is_empty(),
+        "config validation requires a shard"
+    );
     Target {
         shard: 0,
         role: Role::Primary,

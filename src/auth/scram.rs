@@ -236,7 +236,13 @@ mod tests {
     #[test]
     fn garbage_is_rejected_not_panicking() {
         let secret = ScramSecret::mock("u");
-        for msg in [&b""[..], b"n", b"x,,n=,r=a", b"p=tls-server-end-point,,n=,r=a", b"\xff\xfe"] {
+        for msg in [
+            &b""[..],
+            b"n",
+            b"x,,n=,r=a",
+            b"p=tls-server-end-point,,n=,r=a",
+            b"\xff\xfe",
+        ] {
             assert!(ServerFirst::start(msg, &secret).is_err());
         }
         let st = ServerFirst::start(b"n,,n=,r=abc", &secret).unwrap();

@@ -134,7 +134,9 @@ impl ServerConn {
                 be::READY_FOR_QUERY => return Ok(conn),
                 be::ERROR_RESPONSE => return Err(ConnectError::Server(be::parse_error(&f.body))),
                 be::NOTICE_RESPONSE | be::NEGOTIATE_PROTOCOL_VERSION => {}
-                other => return Err(conn.protocol(format!("unexpected message {:?}", other as char))),
+                other => {
+                    return Err(conn.protocol(format!("unexpected message {:?}", other as char)))
+                }
             }
         }
     }
@@ -148,10 +150,12 @@ impl ServerConn {
 
     async fn authenticate(&mut self, p: &ConnectParams) -> Result<(), ConnectError> {
         let password = || {
-            p.password.as_deref().ok_or_else(|| ConnectError::NoPassword {
-                addr: p.addr.clone(),
-                user: p.user.clone(),
-            })
+            p.password
+                .as_deref()
+                .ok_or_else(|| ConnectError::NoPassword {
+                    addr: p.addr.clone(),
+                    user: p.user.clone(),
+                })
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -160,7 +164,9 @@ impl ServerConn {
                 return Err(ConnectError::Server(be::parse_error(&f.body)));
             }
             if f.tag != be::AUTHENTICATION || f.body.len() < 4 {
-                return Err(self.protocol(format!("expected authentication, got {:?}", f.tag as char)));
+                return Err(
+                    self.protocol(format!("expected authentication, got {:?}", f.tag as char))
+                );
             }
             let code = i32::from_be_bytes(f.body[..4].try_into().expect("4 bytes"));
             let data = &f.body[4..];
@@ -278,7 +284,10 @@ impl ServerConn {
     /// Runs `sql` (simple protocol) and discards its results, remembering
     /// ParameterStatus changes. Used to apply or reset session state between
     /// clients. Returns the first error the server reported.
-    pub async fn run_internal(&mut self, sql: &str) -> Result<Option<be::ErrorFields>, ConnectError> {
+    pub async fn run_internal(
+        &mut self,
+        sql: &str,
+    ) -> Result<Option<be::ErrorFields>, ConnectError> {
         let mut out = BytesMut::new();
         crate::protocol::frontend::build_query(sql).encode(&mut out);
         if let Err(source) = self.stream.write_all(&out).await {

@@ -209,7 +209,12 @@ impl Pools {
     }
 
     pub fn all(&self) -> Vec<Arc<PoolEntry>> {
-        self.pools.read().expect("pools lock").values().cloned().collect()
+        self.pools
+            .read()
+            .expect("pools lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Applies reloaded sizes: the default size to every pool unless a
@@ -234,8 +239,8 @@ impl Pools {
             let status = p.pool.status();
             let mut removable = status.size.saturating_sub(s.min_size);
             let removed = p.pool.retain(|conn, m| {
-                let expired = m.age() > s.server_lifetime
-                    || conn.last_released.elapsed() > s.idle_timeout;
+                let expired =
+                    m.age() > s.server_lifetime || conn.last_released.elapsed() > s.idle_timeout;
                 if expired && removable > 0 {
                     removable -= 1;
                     false

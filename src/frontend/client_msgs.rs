@@ -174,26 +174,44 @@ impl Session {
             });
             return Ok(());
         }
-        if !self.ensure_server(false).await {
-            return Ok(());
-        }
         let name = parse.name.to_owned();
         if self.statements.contains_key(&name) {
-            // Make the server fail too, so its transaction state matches
-            // what Postgres does for a duplicate name; the client sees the
-            // Postgres error for its own statement name.
-            let probe = fe::build_bind(b"", "shardgate_duplicate_statement", &[0, 0, 0, 0, 0, 0]);
-            probe.encode(&mut self.to_server);
             let error = be::error_response(
                 "ERROR",
                 "42P05",
                 &format!("prepared statement \"{name}\" already exists"),
             );
+            if self.server.is_none() {
+                // No transaction to abort: answer and skip to Sync.
+                self.pipeline.push_back(Expect::Synthetic {
+                    frame: error,
+                    client_name: None,
+                });
+                self.skipping = true;
+                return Ok(());
+            }
+            // Make the server fail too, so its transaction state matches
+            // what Postgres does for a duplicate name; the client sees the
+            // Postgres error for its own statement name.
+            let probe = fe::build_bind(b"", "shardgate_duplicate_statement", &[0, 0, 0, 0, 0, 0]);
+            probe.encode(&mut self.to_server);
             self.pipeline.push_back(Expect::ErrorInstead { error });
             return Ok(());
         }
         let key = &frame.body[name.len() + 1..];
         let stmt = self.proxy.statements.intern(&parse, key);
+        let known_good = stmt.validated.load(std::sync::atomic::Ordering::Relaxed);
+        if self.server.is_none() && known_good {
+            self.statements.insert(name.clone(), stmt);
+            self.pipeline.push_back(Expect::Synthetic {
+                frame: be::empty(be::PARSE_COMPLETE),
+                client_name: Some(name),
+            });
+            return Ok(());
+        }
+        if !self.ensure_server(false).await {
+            return Ok(());
+        }
         self.statements.insert(name.clone(), stmt.clone());
         let server = self.server.as_mut().expect("ensured");
         if server.prepared.contains(&stmt.id) {
@@ -272,7 +290,8 @@ impl Session {
         if self.skipping || !self.ensure_server(false).await {
             return Ok(());
         }
-        let target = fe::parse_target(&frame.body, "Describe").map_err(|_| Self::malformed("Describe"))?;
+        let target =
+            fe::parse_target(&frame.body, "Describe").map_err(|_| Self::malformed("Describe"))?;
         let managed = (target.kind == b'S' && self.renames())
             .then(|| self.statements.get(target.name).cloned())
             .flatten();
@@ -293,7 +312,8 @@ impl Session {
         if self.skipping {
             return Ok(());
         }
-        let target = fe::parse_target(&frame.body, "Close").map_err(|_| Self::malformed("Close"))?;
+        let target =
+            fe::parse_target(&frame.body, "Close").map_err(|_| Self::malformed("Close"))?;
         if target.kind == b'S' && !target.name.is_empty() && self.renames() {
             // The server keeps the shared statement for other clients;
             // closing an unknown name is not an error in Postgres either.

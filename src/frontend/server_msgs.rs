@@ -51,7 +51,8 @@ impl Session {
         self.pass_through -= pos;
         let mut start = 0;
         while pos < buf.len() {
-            let header = peek_header(&buf[pos..], usize::MAX).map_err(|e| self.desync(&e.to_string()))?;
+            let header =
+                peek_header(&buf[pos..], usize::MAX).map_err(|e| self.desync(&e.to_string()))?;
             let Some((tag, total)) = header else { break };
             if passes_through(tag) {
                 if pos + total <= buf.len() {
@@ -114,7 +115,10 @@ impl Session {
                 let server = self.server.as_mut().expect("attached");
                 server.tx_status = status;
                 if let Some(t) = self.request_started.take() {
-                    self.pool.metrics.query_duration.observe(t.elapsed().as_secs_f64());
+                    self.pool
+                        .metrics
+                        .query_duration
+                        .observe(t.elapsed().as_secs_f64());
                 }
                 if status == b'I' {
                     let rolled_back = match self.last_end_tag {
@@ -183,8 +187,17 @@ impl Session {
                 Ok(Action::Forward)
             }
             be::PARSE_COMPLETE => match self.pipeline.pop_front() {
-                Some(Expect::Parse { injected: true, .. }) => Ok(Action::Drop),
-                Some(Expect::Parse { .. }) => Ok(Action::Forward),
+                Some(Expect::Parse { stmt, injected, .. }) => {
+                    if let Some(stmt) = stmt {
+                        stmt.validated
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(if injected {
+                        Action::Drop
+                    } else {
+                        Action::Forward
+                    })
+                }
                 _ => Err(self.desync("unexpected ParseComplete")),
             },
             be::BIND_COMPLETE => self.expect_pop(|e| matches!(e, Expect::Bind), "BindComplete"),
@@ -245,7 +258,11 @@ impl Session {
         }
     }
 
-    fn expect_pop(&mut self, ok: impl Fn(&Expect) -> bool, what: &str) -> Result<Action, SessionError> {
+    fn expect_pop(
+        &mut self,
+        ok: impl Fn(&Expect) -> bool,
+        what: &str,
+    ) -> Result<Action, SessionError> {
         match self.pipeline.front() {
             Some(e) if ok(e) => {
                 self.pipeline.pop_front();

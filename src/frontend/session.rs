@@ -137,7 +137,9 @@ impl Session {
     /// apply the client's startup settings, and report parameters.
     async fn start(&mut self) -> Result<(), SessionError> {
         let settings = std::mem::take(&mut self.login.settings);
-        self.checkout_raw().await.map_err(|(code, message)| SessionError::Fatal { code, message })?;
+        self.checkout_raw()
+            .await
+            .map_err(|(code, message)| SessionError::Fatal { code, message })?;
         let server = self.server.as_ref().expect("checked out");
         // Keep only settings that differ from what the server reports, so a
         // client that asks for the defaults costs nothing per transaction.
@@ -152,7 +154,9 @@ impl Session {
             })
             .collect();
         self.vars = SessionVars::new(settings);
-        self.sync_session_state().await.map_err(|(code, message)| SessionError::Fatal { code, message })?;
+        self.sync_session_state()
+            .await
+            .map_err(|(code, message)| SessionError::Fatal { code, message })?;
         let server = self.server.as_ref().expect("checked out");
         let mut params: Vec<(&String, &String)> = server.params.iter().collect();
         params.sort();
@@ -273,7 +277,11 @@ impl Session {
             self.pool_epoch = topology.epoch;
         }
         let wait = self.proxy.config.load().pool.checkout_timeout;
-        let conn = self.pool.checkout(wait).await.map_err(|e| e.client_error())?;
+        let conn = self
+            .pool
+            .checkout(wait)
+            .await
+            .map_err(|e| e.client_error())?;
         *self.cancel_slot.lock().expect("cancel slot lock") = Some(CancelTarget {
             addr: conn.addr.clone(),
             pid: conn.pid,
@@ -314,7 +322,9 @@ impl Session {
         if self.mode != PoolMode::Transaction {
             return;
         }
-        let Some(server) = self.server.as_mut() else { return };
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
         if server.tx_status != b'I'
             || !self.pipeline.is_empty()
             || self.copy_in
@@ -346,7 +356,9 @@ impl Session {
     /// otherwise close it (a client that vanished mid-transaction must
     /// never hand its transaction to someone else).
     async fn finish(&mut self) {
-        let Some(server) = self.server.as_mut() else { return };
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
         let idle = server.tx_status == b'I'
             && !server.broken
             && self.pipeline.is_empty()

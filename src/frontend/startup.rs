@@ -86,9 +86,12 @@ pub async fn negotiate(
         }
     };
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let user = get("user")
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| fatal("28000", "no PostgreSQL user name specified in startup packet"))?;
+    let user = get("user").filter(|u| !u.is_empty()).ok_or_else(|| {
+        fatal(
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+    })?;
     let database = get("database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
@@ -144,10 +147,7 @@ async fn read_password_message(
             if f.tag != fe::PASSWORD {
                 return Err(fatal(
                     "08P01",
-                    format!(
-                        "expected password response, got message type {}",
-                        f.tag
-                    ),
+                    format!("expected password response, got message type {}", f.tag),
                 ));
             }
             return Ok(f);

@@ -10,7 +10,7 @@
 use crate::protocol::frontend::{build_parse, Parse};
 use crate::protocol::Frame;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug)]
@@ -23,6 +23,13 @@ pub struct Statement {
     pub parse: Frame,
     /// The statement is a SET/RESET, so its CommandComplete needs its text.
     pub is_set: bool,
+    /// A server accepted this Parse once. A client's Parse of a validated
+    /// statement is answered without a server connection: drivers that
+    /// prepare synchronously (pgbench -M prepared, one thread for many
+    /// connections) would otherwise wait for a connection that another of
+    /// their own connections holds. A statement that stopped being valid
+    /// (schema change) fails at Bind instead of Parse.
+    pub validated: AtomicBool,
 }
 
 /// Proxy-wide registry of statements by (query, parameter types).
@@ -48,6 +55,7 @@ impl StatementCache {
             name,
             query: parse.query.to_owned(),
             is_set: crate::sql::starts_with_set_or_reset(parse.query),
+            validated: AtomicBool::new(false),
         });
         map.insert(key.to_vec(), stmt.clone());
         stmt

@@ -64,7 +64,11 @@ impl SessionVars {
     pub fn apply_sql(&self) -> String {
         let mut sql = String::from("SET SESSION AUTHORIZATION DEFAULT; RESET ALL;");
         for (name, value) in &self.startup {
-            sql.push_str(&format!(" SET {} TO {};", quote_name(name), quote_literal(value)));
+            sql.push_str(&format!(
+                " SET {} TO {};",
+                quote_name(name),
+                quote_literal(value)
+            ));
         }
         for (_, stmt) in &self.sets {
             sql.push(' ');
@@ -131,7 +135,10 @@ impl SessionVars {
                     .skip_while(|w| w.as_str() == "SESSION")
                     .take_while(|w| w.as_str() != "TO")
                     .collect();
-                (false, rest.first().map(|s| s.to_string()).unwrap_or_default())
+                (
+                    false,
+                    rest.first().map(|s| s.to_string()).unwrap_or_default(),
+                )
             }
         };
         self.sets.retain(|(n, _)| *n != name);

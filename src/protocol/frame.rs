@@ -98,7 +98,10 @@ pub fn decode_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>,
 pub enum Startup {
     Ssl,
     GssEnc,
-    Cancel { pid: i32, secret: i32 },
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
     /// Protocol 3.x startup with its parameters (user, database, ...).
     Startup {
         minor: u16,

@@ -1,0 +1,344 @@
+#!/usr/bin/env bash
+# pgbench matrix: Postgres direct vs shardgate vs PgBouncer, on one machine.
+#
+# Run as root on Debian from anywhere in the repository:
+#
+#   bench/pgbench.sh                                   # full matrix, 10 s per run
+#   DURATION=2 WORKLOADS=select-only CLIENTS=16 bench/pgbench.sh   # a quick subset
+#
+# What it does:
+#   1. `shardgate up` (idempotent): 3 local Postgres shards + the proxy on
+#      127.0.0.1:6432 (user/password/database app/app/app). Builds the
+#      binary with `cargo build --release` only if it is missing.
+#   2. Installs pgbouncer with apt-get if missing, writes its own config to
+#      a temporary directory and runs it as the postgres OS user on
+#      127.0.0.1:6433 in transaction mode, in front of shard s0's primary,
+#      with the same pool size as shardgate. Stopped on exit.
+#   3. `pgbench -i -s $SCALE` directly on s0's primary, once (FORCE_INIT=1
+#      to redo it).
+#   4. For each (workload, protocol, clients) cell, runs direct, shardgate
+#      and pgbouncer back to back (so noise hits them alike), then a
+#      connect-per-transaction (-C) row. Before every run the pgbench
+#      tables are vacuumed and pgbench_history truncated directly on the
+#      server (pgbench itself runs with -n), so every run starts alike.
+#   5. Prints a markdown table and writes it to $OUT. A failed run is a
+#      "failed" row with pgbench's first error line; the script goes on.
+#
+# Environment (defaults in brackets):
+#   SHARDGATE       proxy binary [target/release/shardgate]
+#   SHARDGATE_HOME  topology home passed to `shardgate up --home` [/tmp/shardgate]
+#   BASE_PORT       s0 primary port (`up --base-port`) [16000]
+#   SG_PORT         shardgate listen port (`up --listen`) [6432]
+#   METRICS_PORT    shardgate metrics port (`up --metrics-listen`) [9930]
+#   PGB_PORT        pgbouncer listen port [6433]
+#   DURATION        seconds per run; "10" or "10s" [10]
+#   SCALE           pgbench scale factor [10]
+#   FORCE_INIT      1 = re-run pgbench -i even if the tables exist [0]
+#   WORKLOADS       space-separated subset of: select-only tpcb-like
+#   PROTOCOLS       space-separated subset of: simple extended prepared
+#   CLIENTS         space-separated client counts [1 16 64]
+#   TARGETS         space-separated subset of: direct shardgate pgbouncer
+#   CONNECT_CLIENTS clients of the -C (new connection per transaction) row;
+#                   0 skips that row [32]
+#   THREADS         pgbench -j (capped at the client count) [2]
+#   WARMUP          seconds of unreported select-only load per target
+#                   before the matrix, to fill the pools; 0 skips [3]
+#   OUT             results file [bench/results-<date>.md]; raw pgbench
+#                   logs go to a directory next to it (<OUT without .md>.logs)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+SHARDGATE=${SHARDGATE:-target/release/shardgate}
+SHARDGATE_HOME=${SHARDGATE_HOME:-/tmp/shardgate}
+BASE_PORT=${BASE_PORT:-16000}
+SG_PORT=${SG_PORT:-6432}
+METRICS_PORT=${METRICS_PORT:-9930}
+PGB_PORT=${PGB_PORT:-6433}
+DURATION=${DURATION:-10}
+DURATION=${DURATION%s}
+SCALE=${SCALE:-10}
+FORCE_INIT=${FORCE_INIT:-0}
+WORKLOADS=${WORKLOADS:-select-only tpcb-like}
+PROTOCOLS=${PROTOCOLS:-simple extended prepared}
+CLIENTS=${CLIENTS:-1 16 64}
+TARGETS=${TARGETS:-direct shardgate pgbouncer}
+CONNECT_CLIENTS=${CONNECT_CLIENTS:-32}
+THREADS=${THREADS:-2}
+WARMUP=${WARMUP:-3}
+STAMP=$(date +%Y-%m-%d-%H%M%S)
+OUT=${OUT:-bench/results-$STAMP.md}
+LOGDIR=${OUT%.md}.logs
+
+DB=app
+DB_USER=app
+export PGPASSWORD=app
+# No TLS anywhere: every target is plain TCP on loopback, and an
+# SSLRequest round trip would only skew the -C row.
+export PGSSLMODE=disable PGGSSENCMODE=disable
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "pgbench.sh: $*"; exit 1; }
+
+[[ $DURATION =~ ^[0-9]+$ && $DURATION -gt 0 ]] || die "DURATION must be a positive number of seconds, got '$DURATION'"
+for w in $WORKLOADS; do [[ $w == select-only || $w == tpcb-like ]] || die "unknown workload '$w' (select-only, tpcb-like)"; done
+for p in $PROTOCOLS; do [[ $p == simple || $p == extended || $p == prepared ]] || die "unknown protocol '$p' (simple, extended, prepared)"; done
+for t in $TARGETS; do [[ $t == direct || $t == shardgate || $t == pgbouncer ]] || die "unknown target '$t' (direct, shardgate, pgbouncer)"; done
+for c in $CLIENTS $CONNECT_CLIENTS; do [[ $c =~ ^[0-9]+$ ]] || die "client counts must be numbers, got '$c'"; done
+[[ $(id -u) -eq 0 ]] || die "run as root (it installs packages and runs servers as the postgres user)"
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wants() { [[ " $TARGETS " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------------- topology
+if [[ ! -x $SHARDGATE ]]; then
+    [[ $SHARDGATE == target/release/shardgate ]] || die "SHARDGATE=$SHARDGATE is not an executable"
+    log "== $SHARDGATE missing: cargo build --release"
+    cargo build --release
+fi
+# A different topology on our ports would make `up` fail obscurely.
+if port_open "$BASE_PORT" && [[ ! -e $SHARDGATE_HOME/s0-primary/postmaster.pid ]]; then
+    die "something already listens on 127.0.0.1:$BASE_PORT but $SHARDGATE_HOME/s0-primary is not running: if that is a topology started with another --home, set SHARDGATE_HOME to it (or stop it)"
+fi
+if port_open "$SG_PORT" && ! { [[ -r $SHARDGATE_HOME/shardgate.pid ]] && kill -0 "$(cat "$SHARDGATE_HOME/shardgate.pid")" 2>/dev/null; }; then
+    die "something already listens on 127.0.0.1:$SG_PORT but no proxy of $SHARDGATE_HOME is running: set SHARDGATE_HOME to the topology it belongs to (or stop it)"
+fi
+log "== $SHARDGATE up --home $SHARDGATE_HOME"
+"$SHARDGATE" up --home "$SHARDGATE_HOME" --base-port "$BASE_PORT" \
+    --listen "127.0.0.1:$SG_PORT" --metrics-listen "127.0.0.1:$METRICS_PORT" >&2
+
+# pgbench and psql of the newest installed server (`up` installed it).
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+PGBENCH=$PGBIN/pgbench
+PSQL=$PGBIN/psql
+if [[ ! -x $PGBENCH ]]; then PGBENCH=$(command -v pgbench || true); fi
+if [[ ! -x $PSQL ]]; then PSQL=$(command -v psql || true); fi
+[[ -n $PGBENCH && -n $PSQL ]] || die "pgbench/psql not found (apt-get install postgresql)"
+
+sql() { "$PSQL" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$BASE_PORT" -U "$DB_USER" -d "$DB" "$@"; }
+
+# The pool size to give PgBouncer: shardgate's [pool] max_size.
+POOL_SIZE=$(awk -F= '/^\[/{p=($0=="[pool]")} p && $1~/^ *max_size *$/{gsub(/[ "]/,"",$2); print $2; exit}' \
+    "$SHARDGATE_HOME/shardgate.toml" 2>/dev/null || true)
+POOL_SIZE=${POOL_SIZE:-20}
+
+# --------------------------------------------------------------- pgbouncer
+PGB_DIR=
+cleanup() {
+    local rc=$?
+    if [[ -n $PGB_DIR && -d $PGB_DIR ]]; then
+        if [[ -r $PGB_DIR/pgbouncer.pid ]]; then
+            local pid
+            pid=$(cat "$PGB_DIR/pgbouncer.pid")
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        fi
+        if [[ -d $LOGDIR && -f $PGB_DIR/pgbouncer.log ]]; then cp "$PGB_DIR/pgbouncer.log" "$LOGDIR/" || true; fi
+        rm -rf "$PGB_DIR"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if wants pgbouncer; then
+    if ! command -v pgbouncer >/dev/null; then
+        log "== installing pgbouncer (apt-get)"
+        # Keep the package's own service from starting (on Debian it would
+        # listen on 6432, shardgate's port): the usual policy-rc.d switch.
+        made_policy=
+        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+            printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+            chmod 755 /usr/sbin/policy-rc.d
+            made_policy=1
+        fi
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q pgbouncer >&2 || { apt-get update -q >&2 && apt-get install -y -q pgbouncer >&2; }
+        if [[ -n $made_policy ]]; then rm -f /usr/sbin/policy-rc.d; fi
+        command -v pgbouncer >/dev/null || die "pgbouncer still missing after apt-get install"
+    fi
+    if port_open "$PGB_PORT"; then
+        die "127.0.0.1:$PGB_PORT is already in use (another pgbouncer?); set PGB_PORT"
+    fi
+    PGB_DIR=$(mktemp -d /tmp/sg-bench-pgbouncer.XXXXXX)
+    cat >"$PGB_DIR/pgbouncer.ini" <<EOF
+; written by bench/pgbench.sh
+[databases]
+$DB = host=127.0.0.1 port=$BASE_PORT dbname=$DB
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $PGB_DIR/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL_SIZE
+max_client_conn = 20000
+logfile = $PGB_DIR/pgbouncer.log
+pidfile = $PGB_DIR/pgbouncer.pid
+ignore_startup_parameters = extra_float_digits
+EOF
+    printf '"%s" "%s"\n' "$DB_USER" "$PGPASSWORD" >"$PGB_DIR/userlist.txt"
+    chmod 600 "$PGB_DIR/userlist.txt"
+    chown -R postgres:postgres "$PGB_DIR"
+    # PgBouncer refuses to run as root.
+    runuser -u postgres -- pgbouncer -d -q "$PGB_DIR/pgbouncer.ini"
+    for _ in $(seq 100); do port_open "$PGB_PORT" && break; sleep 0.1; done
+    if ! port_open "$PGB_PORT"; then
+        tail -20 "$PGB_DIR/pgbouncer.log" >&2 || true
+        die "pgbouncer did not start listening on 127.0.0.1:$PGB_PORT"
+    fi
+    log "== pgbouncer running on 127.0.0.1:$PGB_PORT (pool_mode=transaction, default_pool_size=$POOL_SIZE)"
+fi
+
+# -------------------------------------------------------------- pgbench -i
+branches=$(sql -c 'select count(*) from pgbench_branches' 2>/dev/null || true)
+if [[ $FORCE_INIT == 1 || $branches != "$SCALE" ]]; then
+    log "== pgbench -i -s $SCALE on 127.0.0.1:$BASE_PORT"
+    "$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$BASE_PORT" -U "$DB_USER" "$DB" >&2
+else
+    log "== pgbench tables already initialized at scale $SCALE (FORCE_INIT=1 to redo)"
+fi
+
+# ------------------------------------------------------------------ runner
+mkdir -p "$(dirname "$OUT")" "$LOGDIR"
+
+port_of() {
+    case $1 in
+        direct) echo "$BASE_PORT" ;;
+        shardgate) echo "$SG_PORT" ;;
+        pgbouncer) echo "$PGB_PORT" ;;
+    esac
+}
+
+# Same starting state for every run, done on the server, not through the
+# target (what pgbench's own pre-run vacuum does; pgbench runs with -n).
+reset_tables() {
+    sql -c 'vacuum pgbench_branches' -c 'vacuum pgbench_tellers' -c 'truncate pgbench_history' >/dev/null
+}
+
+# run_pgbench LOGFILE TARGET ARGS... -> sets TPS, LAT, ERR (ERR empty on success)
+run_pgbench() {
+    local logf=$1 target=$2
+    shift 2
+    local port rc=0
+    port=$(port_of "$target")
+    reset_tables
+    timeout --kill-after=10 $((DURATION + 120)) \
+        "$PGBENCH" -h 127.0.0.1 -p "$port" -U "$DB_USER" -n -T "$DURATION" "$@" "$DB" >"$logf" 2>&1 || rc=$?
+    TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$logf" | head -1)
+    LAT=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$logf" | head -1)
+    ERR=
+    if [[ $rc -ne 0 || -z $TPS ]]; then
+        ERR=$(grep -m1 -E 'error|ERROR|FATAL|aborted|failed|could not' "$logf" || true)
+        [[ -n $ERR ]] || ERR=$(grep -v '^$' "$logf" | tail -1 || true)
+        [[ $rc -eq 124 || $rc -eq 137 ]] && ERR="timed out after $((DURATION + 120)) s; $ERR"
+        [[ -n $ERR ]] || ERR="pgbench exited with $rc"
+    else
+        local failed
+        failed=$(sed -n 's/^number of failed transactions: \([1-9][0-9]*\).*/\1/p' "$logf" | head -1)
+        [[ -z $failed ]] || ERR="completed with $failed failed transactions"
+        # A run with failed transactions still has a TPS; keep it.
+        [[ -z $ERR ]] || ERR="(partial) $ERR"
+    fi
+}
+
+md_escape() { local s=${1//|/\\|}; s=${s//$'\r'/}; printf '%s' "${s:0:200}"; }
+
+HEADER='| workload | protocol | clients | target | TPS | avg latency ms | ratio to direct TPS | notes |'
+SEP='|---|---|---:|---|---:|---:|---:|---|'
+
+versions() {
+    local pgv pgbv sgv rev
+    pgv=$(sql -c 'show server_version' 2>/dev/null || echo '?')
+    pgbv=$(command -v pgbouncer >/dev/null && pgbouncer --version 2>/dev/null | head -1 || echo 'not installed')
+    sgv=$("$SHARDGATE" --version 2>/dev/null || echo '?')
+    rev=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
+    if [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]]; then rev="$rev (dirty)"; fi
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "- machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), $(free -g | awk '/^Mem:/{print $2}') GiB RAM"
+    echo "- PostgreSQL $pgv; $pgbv; $sgv at $rev"
+    echo "- pgbench scale $SCALE, $DURATION s per run, -j min($THREADS, clients); pools: $POOL_SIZE server connections (shardgate max_size, pgbouncer default_pool_size), transaction mode"
+}
+
+{
+    echo "# pgbench: direct vs shardgate vs pgbouncer"
+    echo
+    versions
+    echo
+    echo "$HEADER"
+    echo "$SEP"
+} >"$OUT"
+
+ROWS=()
+declare -A DIRECT_TPS=()
+n_cells=0
+for _w in $WORKLOADS; do for _p in $PROTOCOLS; do for _c in $CLIENTS; do for _t in $TARGETS; do n_cells=$((n_cells + 1)); done; done; done; done
+if [[ $CONNECT_CLIENTS -gt 0 ]]; then for _t in $TARGETS; do n_cells=$((n_cells + 1)); done; fi
+i=0
+
+# cell WORKLOAD-LABEL PROTOCOL CLIENTS TARGET EXTRA-PGBENCH-ARGS...
+cell() {
+    local wl=$1 proto=$2 clients=$3 target=$4
+    shift 4
+    local j=$THREADS key="$wl/$proto/$clients" logf ratio tps_s lat_s notes
+    ((clients < j)) && j=$clients
+    ((j < 1)) && j=1
+    i=$((i + 1))
+    logf="$LOGDIR/$(echo "$wl-$proto-c$clients-$target" | tr ' ' '_').log"
+    printf '[%d/%d] %-22s %-9s %3s clients  %-9s ... ' "$i" "$n_cells" "$wl" "$proto" "$clients" "$target" >&2
+    run_pgbench "$logf" "$target" -c "$clients" -j "$j" -M "$proto" "$@"
+    if [[ -n $TPS && ( -z $ERR || $ERR == "(partial)"* ) ]]; then
+        tps_s=$(printf '%.0f' "$TPS")
+        lat_s=$(printf '%.3f' "$LAT")
+        [[ $target == direct ]] && DIRECT_TPS[$key]=$TPS
+        if [[ -n ${DIRECT_TPS[$key]:-} ]]; then
+            ratio=$(awk -v a="$TPS" -v b="${DIRECT_TPS[$key]}" 'BEGIN{printf "%.2f", a/b}')
+        else
+            ratio='n/a'
+        fi
+        notes=$(md_escape "$ERR")
+        log "$tps_s tps, $lat_s ms${ERR:+ ($ERR)}"
+    else
+        tps_s=failed lat_s=- ratio=-
+        notes=$(md_escape "$ERR")
+        log "FAILED: $ERR (log: $logf)"
+    fi
+    local row="| $wl | $proto | $clients | $target | $tps_s | $lat_s | $ratio | $notes |"
+    ROWS+=("$row")
+    echo "$row" >>"$OUT"
+}
+
+if [[ $WARMUP -gt 0 ]]; then
+    for t in $TARGETS; do
+        log "== warmup $t (${WARMUP}s)"
+        "$PGBENCH" -h 127.0.0.1 -p "$(port_of "$t")" -U "$DB_USER" -n -S -T "$WARMUP" -c 16 -j "$THREADS" "$DB" \
+            >"$LOGDIR/warmup-$t.log" 2>&1 || log "   warmup on $t failed: $(grep -m1 -E 'error|FATAL' "$LOGDIR/warmup-$t.log" || true)"
+    done
+fi
+
+for w in $WORKLOADS; do
+    wargs=()
+    [[ $w == select-only ]] && wargs=(-S)
+    for p in $PROTOCOLS; do
+        for c in $CLIENTS; do
+            for t in $TARGETS; do
+                cell "$w" "$p" "$c" "$t" ${wargs[@]+"${wargs[@]}"}
+            done
+        done
+    done
+done
+if [[ $CONNECT_CLIENTS -gt 0 ]]; then
+    for t in $TARGETS; do
+        cell "select-only -C" simple "$CONNECT_CLIENTS" "$t" -S -C
+    done
+fi
+
+echo
+echo "$HEADER"
+echo "$SEP"
+printf '%s\n' "${ROWS[@]}"
+echo
+log "results: $OUT (pgbench logs: $LOGDIR)"
