@@ -263,10 +263,11 @@ impl Config {
                         "an md5 hash cannot check SCRAM logins; give the plain password or a SCRAM secret",
                     ))
                 }
-                (AuthMethod::ScramSha256, Some(p)) if p.starts_with("SCRAM-SHA-256$") => {
-                    if crate::auth::scram::ScramSecret::parse(p).is_none() {
-                        return Err(invalid(key("password"), "malformed SCRAM-SHA-256 secret"));
-                    }
+                (AuthMethod::ScramSha256, Some(p))
+                    if p.starts_with("SCRAM-SHA-256$")
+                        && crate::auth::scram::ScramSecret::parse(p).is_none() =>
+                {
+                    return Err(invalid(key("password"), "malformed SCRAM-SHA-256 secret"));
                 }
                 _ => {}
             }
@@ -359,5 +360,15 @@ mod tests {
         assert!(e.contains("users[0].password"), "{e}");
         let e = err(&GOOD.replace("[proxy]", "[proxy]\npool_mode = \"statement\""));
         assert!(e.contains("pool_mode"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../examples/shardgate.toml");
+        let c = super::Config::parse(text, "examples/shardgate.toml").unwrap();
+        assert_eq!(c.users.len(), 2);
     }
 }

@@ -212,7 +212,7 @@ impl PgServer {
         };
         if !s.initialized() {
             make_postgres_dir(data_dir, 0o700)?;
-            run(as_postgres(&Path::new("/usr/bin/env").to_path_buf())
+            run(as_postgres(Path::new("/usr/bin/env"))
                 .arg(format!("PGPASSWORD={}", opts.superuser_password))
                 .arg(primary.bin.tool("pg_basebackup"))
                 .args([

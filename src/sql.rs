@@ -149,7 +149,7 @@ pub fn starts_with_set_or_reset(sql: &str) -> bool {
         s.len() >= w.len()
             && s[..w.len()].eq_ignore_ascii_case(w)
             && s.get(w.len())
-                .map_or(true, |b| !b.is_ascii_alphanumeric() && *b != b'_')
+                .is_none_or(|b| !b.is_ascii_alphanumeric() && *b != b'_')
     };
     word(b"SET") || word(b"RESET")
 }

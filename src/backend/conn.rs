@@ -322,10 +322,7 @@ impl ServerConn {
     /// the socket (restart, idle kill) shows EOF or a pending FATAL.
     pub fn looks_alive(&self) -> bool {
         let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-            _ => false,
-        }
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
