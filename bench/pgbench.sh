@@ -104,6 +104,8 @@ fi
 if port_open "$SG_PORT" && ! { [[ -r $SHARDGATE_HOME/shardgate.pid ]] && kill -0 "$(cat "$SHARDGATE_HOME/shardgate.pid")" 2>/dev/null; }; then
     die "something already listens on 127.0.0.1:$SG_PORT but no proxy of $SHARDGATE_HOME is running: set SHARDGATE_HOME to the topology it belongs to (or stop it)"
 fi
+# A proxy started here inherits this; raise it like any production setup.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 log "== $SHARDGATE up --home $SHARDGATE_HOME"
 "$SHARDGATE" up --home "$SHARDGATE_HOME" --base-port "$BASE_PORT" \
     --listen "127.0.0.1:$SG_PORT" --metrics-listen "127.0.0.1:$METRICS_PORT" >&2
@@ -122,6 +124,16 @@ sql() { "$PSQL" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$BASE_PORT" -U "
 POOL_SIZE=$(awk -F= '/^\[/{p=($0=="[pool]")} p && $1~/^ *max_size *$/{gsub(/[ "]/,"",$2); print $2; exit}' \
     "$SHARDGATE_HOME/shardgate.toml" 2>/dev/null || true)
 POOL_SIZE=${POOL_SIZE:-20}
+# ... and its checkout_timeout, as PgBouncer's query_wait_timeout: a client
+# that cannot get a server connection fails after the same wait on both
+# (PgBouncer's default, 120 s, turns a stuck run into a two-minute hang).
+WAIT_TIMEOUT=$(awk -F= '/^\[/{p=($0=="[pool]")} p && $1~/^ *checkout_timeout *$/{gsub(/[ "]/,"",$2); print $2; exit}' \
+    "$SHARDGATE_HOME/shardgate.toml" 2>/dev/null || true)
+case $WAIT_TIMEOUT in
+    *ms) WAIT_TIMEOUT=$(( (${WAIT_TIMEOUT%ms} + 999) / 1000 )) ;;
+    *s) WAIT_TIMEOUT=${WAIT_TIMEOUT%s} ;;
+esac
+[[ $WAIT_TIMEOUT =~ ^[0-9]+$ ]] || WAIT_TIMEOUT=5
 
 # --------------------------------------------------------------- pgbouncer
 PGB_DIR=
@@ -176,6 +188,7 @@ auth_file = $PGB_DIR/userlist.txt
 pool_mode = transaction
 default_pool_size = $POOL_SIZE
 max_client_conn = 20000
+query_wait_timeout = $WAIT_TIMEOUT
 logfile = $PGB_DIR/pgbouncer.log
 pidfile = $PGB_DIR/pgbouncer.pid
 ignore_startup_parameters = extra_float_digits
@@ -184,13 +197,14 @@ EOF
     chmod 600 "$PGB_DIR/userlist.txt"
     chown -R postgres:postgres "$PGB_DIR"
     # PgBouncer refuses to run as root.
-    runuser -u postgres -- pgbouncer -d -q "$PGB_DIR/pgbouncer.ini"
+    # runuser's PAM session resets the open-file limit to 1024: raise it.
+    runuser -u postgres -- bash -c 'ulimit -n "$(ulimit -Hn)"; exec pgbouncer -d -q "$1"' _ "$PGB_DIR/pgbouncer.ini"
     for _ in $(seq 100); do port_open "$PGB_PORT" && break; sleep 0.1; done
     if ! port_open "$PGB_PORT"; then
         tail -20 "$PGB_DIR/pgbouncer.log" >&2 || true
         die "pgbouncer did not start listening on 127.0.0.1:$PGB_PORT"
     fi
-    log "== pgbouncer running on 127.0.0.1:$PGB_PORT (pool_mode=transaction, default_pool_size=$POOL_SIZE)"
+    log "== pgbouncer running on 127.0.0.1:$PGB_PORT (pool_mode=transaction, default_pool_size=$POOL_SIZE, query_wait_timeout=$WAIT_TIMEOUT)"
 fi
 
 # -------------------------------------------------------------- pgbench -i
@@ -251,7 +265,7 @@ HEADER='| workload | protocol | clients | target | TPS | avg latency ms | ratio 
 SEP='|---|---|---:|---|---:|---:|---:|---|'
 
 versions() {
-    local pgv pgbv sgv rev
+    local pgv pgbv sgv rev exe
     pgv=$(sql -c 'show server_version' 2>/dev/null || echo '?')
     pgbv=$(command -v pgbouncer >/dev/null && pgbouncer --version 2>/dev/null | head -1 || echo 'not installed')
     sgv=$("$SHARDGATE" --version 2>/dev/null || echo '?')
@@ -259,8 +273,10 @@ versions() {
     if [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]]; then rev="$rev (dirty)"; fi
     echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "- machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), $(free -g | awk '/^Mem:/{print $2}') GiB RAM"
+    exe=$(readlink "/proc/$(cat "$SHARDGATE_HOME/shardgate.pid" 2>/dev/null || echo 0)/exe" 2>/dev/null || echo '?')
     echo "- PostgreSQL $pgv; $pgbv; $sgv at $rev"
-    echo "- pgbench scale $SCALE, $DURATION s per run, -j min($THREADS, clients); pools: $POOL_SIZE server connections (shardgate max_size, pgbouncer default_pool_size), transaction mode"
+    echo "- proxy process: $exe (binary modified $(date -u -r "$exe" '+%Y-%m-%d %H:%M:%S UTC' 2>/dev/null || echo '?'))"
+    echo "- pgbench scale $SCALE, $DURATION s per run, -j min($THREADS, clients); pools: $POOL_SIZE server connections (shardgate max_size, pgbouncer default_pool_size), transaction mode, ${WAIT_TIMEOUT}s wait for a server connection"
 }
 
 {

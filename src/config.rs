@@ -68,6 +68,10 @@ pub struct ProxyConfig {
     /// Time in-flight transactions get to finish after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Threads running client sessions. 1 (a single-threaded event loop,
+    /// like PgBouncer) leaves the most CPU to Postgres on small machines;
+    /// 0 means one per core.
+    pub worker_threads: usize,
 }
 
 impl Default for ProxyConfig {
@@ -80,6 +84,7 @@ impl Default for ProxyConfig {
             max_client_connections: 20_000,
             handshake_timeout: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(30),
+            worker_threads: 1,
         }
     }
 }

@@ -56,10 +56,16 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Serve { config } => {
             let c = Config::load(&config)?;
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(shardgate::proxy::serve(c, Some(config)))
+            let runtime = match c.proxy.worker_threads {
+                1 => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?,
+                n => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(if n == 0 { num_cpus() } else { n })
+                    .enable_all()
+                    .build()?,
+            };
+            runtime.block_on(shardgate::proxy::serve(c, Some(config)))
         }
         Cmd::Up {
             home,
@@ -69,6 +75,10 @@ fn main() -> Result<()> {
         } => up(&home, base_port, &listen, &metrics_listen),
         Cmd::Down { home } => down(&home),
     }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn pid_file(home: &Path) -> PathBuf {

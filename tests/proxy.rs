@@ -527,3 +527,44 @@ async fn psql_and_pgbench_work_through_the_proxy() {
         assert!(out.contains("number of failed transactions: 0"), "{out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_cleans_connections_between_clients() {
+    let p = start_proxy("max_size = 1", "pool_mode = \"session\"");
+    {
+        let a = p.connect().await;
+        a.batch_execute("set search_path = 'nowhere'; prepare q as select 1")
+            .await
+            .unwrap();
+        let stmt = a.prepare("select $1::int").await.unwrap();
+        let v: i32 = a.query_one(&stmt, &[&5i32]).await.unwrap().get(0);
+        assert_eq!(v, 5);
+        assert_eq!(scalar(&a, "execute q").await, "1");
+    }
+    let b = p.connect().await;
+    assert_eq!(show(&b, "search_path").await, "\"$user\", public");
+    let e = b.batch_execute("execute q").await.unwrap_err();
+    assert_eq!(
+        code(&e),
+        "26000",
+        "prepared statements of the previous client are gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_queries_and_errors() {
+    let p = start_proxy("max_size = 1", "");
+    let c = p.connect().await;
+    c.simple_query("select 1").await.unwrap();
+    let _ = c.simple_query("select 1/0").await;
+    let text = shardgate::metrics::render(&p.proxy.pools);
+    assert!(text.contains("shardgate_queries_total"), "{text}");
+    assert!(
+        text.contains("shardgate_errors_total{class=\"22\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shardgate_server_connections{pool="),
+        "{text}"
+    );
+}
