@@ -166,8 +166,13 @@ if wants pgbouncer; then
             made_policy=1
         fi
         export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q pgbouncer >&2 || { apt-get update -q >&2 && apt-get install -y -q pgbouncer >&2; }
+        installed=1
+        apt-get install -y -q pgbouncer >&2 ||
+            { apt-get update -q >&2 && apt-get install -y -q pgbouncer >&2; } || installed=
         if [[ -n $made_policy ]]; then rm -f /usr/sbin/policy-rc.d; fi
+        [[ -n $installed ]] || die "apt-get install pgbouncer failed"
+        # ... nor at the next boot.
+        if command -v systemctl >/dev/null; then systemctl disable pgbouncer >/dev/null 2>&1 || true; fi
         command -v pgbouncer >/dev/null || die "pgbouncer still missing after apt-get install"
     fi
     if port_open "$PGB_PORT"; then

@@ -77,6 +77,17 @@ fn main() -> Result<()> {
     }
 }
 
+/// `up`/`down` print for people and pipes (`| head`): die quietly on a
+/// closed pipe like other command-line tools. `serve` keeps Rust's default
+/// (SIGPIPE ignored), so a vanished client is an error, not a crash.
+fn restore_sigpipe() {
+    // SAFETY: resetting a signal disposition to its default has no
+    // preconditions; no handler code is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -97,6 +108,7 @@ fn running_pid(home: &Path) -> Option<i32> {
 }
 
 fn up(home: &Path, base_port: u16, listen: &str, metrics_listen: &str) -> Result<()> {
+    restore_sigpipe();
     let topo = LocalTopology::up(home, base_port, &ServerOptions::default())?;
     let config_path = home.join("shardgate.toml");
     std::fs::write(&config_path, topo.config_toml(listen, metrics_listen))?;
@@ -145,6 +157,7 @@ fn up(home: &Path, base_port: u16, listen: &str, metrics_listen: &str) -> Result
 }
 
 fn down(home: &Path) -> Result<()> {
+    restore_sigpipe();
     if let Some(pid) = running_pid(home) {
         let pid = nix::unistd::Pid::from_raw(pid);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 /// Serves one client connection from accept to close.
 pub async fn handle_client(mut stream: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
     GLOBAL.clients_active.inc();
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = BytesMut::new();
     let timeout = proxy.config.load().proxy.handshake_timeout;
     let login = tokio::select! {
         r = tokio::time::timeout(timeout, startup::negotiate(&mut stream, &mut buf, &proxy)) => match r {
