@@ -66,6 +66,8 @@ pub struct ServerConn {
     pub secret: i32,
     /// Latest value of every ParameterStatus the server reported.
     pub params: HashMap<String, String>,
+    /// The values reported right after connecting (no client state).
+    pub initial_params: std::sync::Arc<HashMap<String, String>>,
     /// Proxy-named prepared statements that exist on this connection.
     pub prepared: HashSet<u64>,
     /// Which client session state (SETs) is applied; 0 is the pristine
@@ -101,6 +103,7 @@ impl ServerConn {
             pid: 0,
             secret: 0,
             params: HashMap::new(),
+            initial_params: Default::default(),
             prepared: HashSet::new(),
             session_fingerprint: 0,
             tx_status: b'I',
@@ -131,7 +134,10 @@ impl ServerConn {
                     conn.pid = i32::from_be_bytes(f.body[..4].try_into().expect("4 bytes"));
                     conn.secret = i32::from_be_bytes(f.body[4..].try_into().expect("4 bytes"));
                 }
-                be::READY_FOR_QUERY => return Ok(conn),
+                be::READY_FOR_QUERY => {
+                    conn.initial_params = std::sync::Arc::new(conn.params.clone());
+                    return Ok(conn);
+                }
                 be::ERROR_RESPONSE => return Err(ConnectError::Server(be::parse_error(&f.body))),
                 be::NOTICE_RESPONSE | be::NEGOTIATE_PROTOCOL_VERSION => {}
                 other => {

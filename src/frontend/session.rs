@@ -141,13 +141,15 @@ impl Session {
             .await
             .map_err(|(code, message)| SessionError::Fatal { code, message })?;
         let server = self.server.as_ref().expect("checked out");
-        // Keep only settings that differ from what the server reports, so a
-        // client that asks for the defaults costs nothing per transaction.
+        // Keep only settings that differ from what a fresh server connection
+        // reports, so a client that asks for the defaults costs nothing per
+        // transaction. (Not the connection's current values: another
+        // client's settings may be applied to it right now.)
         let settings: Vec<(String, String)> = settings
             .into_iter()
             .filter(|(k, v)| {
                 server
-                    .params
+                    .initial_params
                     .iter()
                     .find(|(n, _)| n.eq_ignore_ascii_case(k))
                     .is_none_or(|(_, cur)| cur != v)
@@ -181,18 +183,28 @@ impl Session {
                     r = self.client.readable() => r.map_err(SessionError::ClientIo)?,
                     _ = self.proxy.shutdown.cancelled() => return Err(shutdown_error()),
                 };
+                // A read through the AsyncRead path (not try_read) lets
+                // tokio see a short read and skip the EAGAIN read after it.
                 self.client_buf.reserve(READ_CHUNK);
-                match self.client.try_read_buf(&mut self.client_buf) {
-                    Ok(0) => return Err(SessionError::ClientGone),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(SessionError::ClientIo(e)),
+                let n = self
+                    .client
+                    .read_buf(&mut self.client_buf)
+                    .await
+                    .map_err(SessionError::ClientIo)?;
+                if n == 0 {
+                    return Err(SessionError::ClientGone);
                 }
                 self.on_client_data().await?;
             } else {
                 let server: &mut crate::backend::ServerConn =
                     self.server.as_mut().expect("checked");
                 let (stream, read_buf) = (&mut server.stream, &mut server.read_buf);
+                if self.client_buf.capacity() - self.client_buf.len() < 512 {
+                    self.client_buf.reserve(READ_CHUNK);
+                }
+                if read_buf.capacity() - read_buf.len() < 1024 {
+                    read_buf.reserve(SERVER_READ_CHUNK);
+                }
                 tokio::select! {
                     r = self.client.read_buf(&mut self.client_buf) => {
                         if r.map_err(SessionError::ClientIo)? == 0 {
@@ -416,6 +428,8 @@ impl Session {
 
 /// Bytes reserved for one read from a client.
 const READ_CHUNK: usize = 4096;
+/// Bytes reserved for one read from a server (result sets stream through).
+const SERVER_READ_CHUNK: usize = 16384;
 
 fn shutdown_error() -> SessionError {
     SessionError::Fatal {
