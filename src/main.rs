@@ -113,6 +113,15 @@ fn up(home: &Path, base_port: u16, listen: &str, metrics_listen: &str) -> Result
     let config_path = home.join("shardgate.toml");
     std::fs::write(&config_path, topo.config_toml(listen, metrics_listen))?;
     Config::load(&config_path)?;
+    if let Some(pid) = running_pid(home) {
+        if std::net::TcpStream::connect(listen).is_err() {
+            // A proxy that is still draining after `down` or a signal.
+            let deadline = Instant::now() + Duration::from_secs(35);
+            while running_pid(home) == Some(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
     if running_pid(home).is_none() {
         let log = std::fs::File::create(home.join("shardgate.log"))?;
         let child = std::process::Command::new(std::env::current_exe()?)

@@ -21,6 +21,7 @@ use crate::protocol::Frame;
 use crate::proxy::Proxy;
 use bytes::BytesMut;
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -183,14 +184,20 @@ impl Session {
                     r = self.client.readable() => r.map_err(SessionError::ClientIo)?,
                     _ = self.proxy.shutdown.cancelled() => return Err(shutdown_error()),
                 };
-                // A read through the AsyncRead path (not try_read) lets
-                // tokio see a short read and skip the EAGAIN read after it.
                 self.client_buf.reserve(READ_CHUNK);
-                let n = self
-                    .client
-                    .read_buf(&mut self.client_buf)
-                    .await
-                    .map_err(SessionError::ClientIo)?;
+                // One poll of an AsyncRead read (not try_read): tokio sees a
+                // short read and skips the EAGAIN read after it. Readiness
+                // can be stale; then the poll clears it and we wait again
+                // (still watching for shutdown).
+                let n = {
+                    let read = self.client.read_buf(&mut self.client_buf);
+                    let mut read = std::pin::pin!(read);
+                    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                    match read.as_mut().poll(&mut cx) {
+                        std::task::Poll::Ready(r) => r.map_err(SessionError::ClientIo)?,
+                        std::task::Poll::Pending => continue,
+                    }
+                };
                 if n == 0 {
                     return Err(SessionError::ClientGone);
                 }
