@@ -57,11 +57,16 @@ pub struct ServerManager {
 }
 
 impl managed::Manager for ServerManager {
-    type Type = ServerConn;
+    // Boxed: deadpool moves the object several times per checkout and
+    // return; moving a pointer instead of the whole connection state is
+    // measurably cheaper (callgrind: ~1000 instructions per transaction).
+    type Type = Box<ServerConn>;
     type Error = ConnectError;
 
-    async fn create(&self) -> Result<ServerConn, ConnectError> {
-        let r = ServerConn::connect(&self.params, self.connect_timeout).await;
+    async fn create(&self) -> Result<Box<ServerConn>, ConnectError> {
+        let r = ServerConn::connect(&self.params, self.connect_timeout)
+            .await
+            .map(Box::new);
         match &r {
             Ok(_) => self.metrics.connects.inc(),
             Err(e) => {
@@ -72,14 +77,21 @@ impl managed::Manager for ServerManager {
         r
     }
 
-    async fn recycle(&self, conn: &mut ServerConn, m: &Metrics) -> RecycleResult<ConnectError> {
+    async fn recycle(
+        &self,
+        conn: &mut Box<ServerConn>,
+        m: &Metrics,
+    ) -> RecycleResult<ConnectError> {
         if conn.broken || conn.tx_status != b'I' {
             return Err(RecycleError::message("connection not idle"));
         }
-        if m.age() > self.lifetime {
+        let now = std::time::Instant::now();
+        if now.saturating_duration_since(m.created) > self.lifetime {
             return Err(RecycleError::message("connection lifetime reached"));
         }
-        if conn.last_released.elapsed() > self.liveness_check_after && !conn.looks_alive() {
+        if now.saturating_duration_since(conn.last_released) > self.liveness_check_after
+            && !conn.looks_alive()
+        {
             tracing::debug!(server = %conn.addr, "idle server connection was closed by the server");
             return Err(RecycleError::message("connection closed by server"));
         }
@@ -129,15 +141,32 @@ pub struct PoolEntry {
 
 impl PoolEntry {
     pub async fn checkout(&self, wait: Duration) -> Result<PooledConn, CheckoutError> {
+        // Fast path: a free connection, no timer. Recycling an idle
+        // connection is a few flag checks (and a non-blocking socket probe
+        // for long-idle ones), so it needs no timeout either.
+        let immediate = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: None,
+            recycle: None,
+        };
+        match self.pool.timeout_get(&immediate).await {
+            Ok(conn) => return Ok(conn),
+            Err(PoolError::Timeout(_)) => {}
+            Err(e) => return Err(self.map_error(e, wait)),
+        }
         let timeouts = Timeouts {
             wait: Some(wait),
             create: None,
-            recycle: Some(wait),
+            recycle: None,
         };
         self.metrics.waiting.inc();
         let r = self.pool.timeout_get(&timeouts).await;
         self.metrics.waiting.dec();
-        r.map_err(|e| match e {
+        r.map_err(|e| self.map_error(e, wait))
+    }
+
+    fn map_error(&self, e: PoolError<ConnectError>, wait: Duration) -> CheckoutError {
+        match e {
             PoolError::Timeout(_) => {
                 self.metrics.checkout_timeouts.inc();
                 CheckoutError::Timeout(wait)
@@ -146,7 +175,7 @@ impl PoolEntry {
             PoolError::PostCreateHook(_) | PoolError::NoRuntimeSpecified | PoolError::Closed => {
                 CheckoutError::Closed
             }
-        })
+        }
     }
 }
 
