@@ -568,3 +568,21 @@ async fn metrics_count_queries_and_errors() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_for_unknown_databases_are_forgotten() {
+    let p = start_proxy("max_size = 1", "");
+    for i in 0..5 {
+        let e = p
+            .connect_as("app", "app", &format!("nope_{i}"))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "3D000");
+    }
+    let c = p.connect().await;
+    c.simple_query("select 1").await.unwrap();
+    eventually("unused pools are dropped by maintenance", || async {
+        p.proxy.pools.all().len() == 1
+    })
+    .await;
+}

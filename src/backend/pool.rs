@@ -261,9 +261,14 @@ impl Pools {
 
     /// One maintenance pass: close connections idle past the idle timeout
     /// (keeping `min_size`) or past their lifetime, then open connections up
-    /// to `min_size`.
+    /// to `min_size`; forget pools nobody uses (a client probing database
+    /// names, or servers a newer topology no longer lists).
     pub async fn maintain(&self) {
         let s = self.settings.read().expect("settings lock").clone();
+        self.pools.write().expect("pools lock").retain(|_, p| {
+            // Only the map holds it: no session uses it, and it is empty.
+            Arc::strong_count(p) > 1 || p.pool.status().size > 0
+        });
         for p in self.all() {
             let status = p.pool.status();
             let mut removable = status.size.saturating_sub(s.min_size);
