@@ -375,5 +375,7 @@ mod example_tests {
         let text = include_str!("../examples/shardgate.toml");
         let c = super::Config::parse(text, "examples/shardgate.toml").unwrap();
         assert_eq!(c.users.len(), 2);
+        let docker = include_str!("../docker/shardgate.toml");
+        super::Config::parse(docker, "docker/shardgate.toml").unwrap();
     }
 }
