@@ -586,3 +586,61 @@ async fn pools_for_unknown_databases_are_forgotten() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_and_gssenc_requests_are_declined_then_startup_works() {
+    let p = start_proxy("max_size = 1", "");
+    for code in [80877103i32, 80877104] {
+        let mut r = Raw::open(p.addr).await;
+        let mut req = 8i32.to_be_bytes().to_vec();
+        req.extend_from_slice(&code.to_be_bytes());
+        r.send_bytes(&req).await;
+        let mut answer = [0u8; 1];
+        use tokio::io::AsyncReadExt;
+        r.stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"N");
+        r.send_bytes(&raw::startup_packet(&[
+            ("user", "trustclient"),
+            ("database", "app"),
+        ]))
+        .await;
+        let msgs = r.read_until_ready().await;
+        assert_eq!(msgs.last().unwrap().tag, b'Z');
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notices_pass_through() {
+    let p = start_proxy("max_size = 1", "");
+    let (mut r, _) = Raw::login(p.addr, &[]).await;
+    r.send(&[raw::query(
+        "DO $$ BEGIN RAISE NOTICE 'hello from the server'; END $$",
+    )])
+    .await;
+    let msgs = r.read_until_ready().await;
+    let notice = msgs
+        .iter()
+        .find(|f| f.tag == b'N')
+        .expect("a NoticeResponse");
+    let n = shardgate::protocol::backend::parse_error(&notice.body);
+    assert_eq!(n.message, "hello from the server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_idle_server_connections_are_replaced() {
+    let p = start_proxy("max_size = 2\nliveness_check_after = \"0s\"", "");
+    let c = p.connect_as("liveuser", "livepw", "app").await.unwrap();
+    c.simple_query("select 1").await.unwrap();
+    let d = direct().await;
+    d.simple_query(
+        "select pg_terminate_backend(pid) from pg_stat_activity where usename = 'liveuser'",
+    )
+    .await
+    .unwrap();
+    eventually("the server has closed the pooled connection", || async {
+        server_backends("liveuser", "idle").await == 0
+    })
+    .await;
+    // The next transaction gets a fresh connection instead of an error.
+    assert_eq!(scalar(&c, "select 41 + 1").await, "42");
+}

@@ -21,20 +21,30 @@ impl Drop for Proc {
 }
 
 fn config_for(port: u16, app_password: &str) -> String {
-    config_text(&cluster().primary.addr(), "max_size = 2", "")
-        .replace(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{port}\""),
-        )
-        .replacen(
-            "name = \"app\"\npassword = \"app\"",
-            &format!("name = \"app\"\npassword = \"{app_password}\"\nserver_password = \"app\""),
-            1,
-        )
+    config_text(
+        &cluster().primary.addr(),
+        "max_size = 2",
+        &format!("metrics_listen = \"127.0.0.1:{}\"", port + 1),
+    )
+    .replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    )
+    .replacen(
+        "name = \"app\"\npassword = \"app\"",
+        &format!("name = \"app\"\npassword = \"{app_password}\"\nserver_password = \"app\""),
+        1,
+    )
 }
 
 fn spawn() -> Proc {
-    let port = shardgate::local::free_port().unwrap();
+    // Two adjacent free ports: the proxy and its metrics endpoint.
+    let port = loop {
+        let p = shardgate::local::free_port().unwrap();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
     let config = std::env::temp_dir().join(format!("shardgate-signals-{port}.toml"));
     std::fs::write(&config, config_for(port, "app")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
@@ -145,4 +155,40 @@ async fn sighup_reloads_users_without_dropping_clients() {
     connect(p.port, "rotated")
         .await
         .expect("old config kept after a bad reload");
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_healthz_over_http() {
+    cluster();
+    let p = spawn();
+    let c = connect(p.port, "app").await.unwrap();
+    c.simple_query("select 1").await.unwrap();
+    let health = http_get(p.port + 1, "/healthz").await;
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"),
+        "{health}"
+    );
+    let metrics = http_get(p.port + 1, "/metrics").await;
+    for name in [
+        "shardgate_clients_active 1",
+        "shardgate_queries_total{pool=\"app/app@",
+        "shardgate_server_connections{pool=\"app/app@",
+        "shardgate_query_duration_seconds_bucket",
+        "shardgate_transaction_duration_seconds_count",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in {metrics}");
+    }
 }

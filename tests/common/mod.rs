@@ -66,7 +66,8 @@ pub fn cluster() -> &'static Cluster {
             "set password_encryption = 'md5'; create role md5user login password 'md5pw'",
             "create role pwuser login password 'pwpw'",
             "create role trustuser login",
-            "grant all on database app to md5user, pwuser, trustuser",
+            "create role liveuser login password 'livepw'",
+            "grant all on database app to md5user, pwuser, trustuser, liveuser",
             "select pg_reload_conf()",
         ] {
             primary.psql("postgres", sql).expect("test roles created");
@@ -129,6 +130,10 @@ password = "pwpw"
 [[users]]
 name = "trustuser"
 auth = "trust"
+
+[[users]]
+name = "liveuser"
+password = "livepw"
 
 [[shards]]
 name = "s0"
