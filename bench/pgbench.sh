@@ -238,15 +238,35 @@ reset_tables() {
     sql -c 'vacuum pgbench_branches' -c 'vacuum pgbench_tellers' -c 'truncate pgbench_history' >/dev/null
 }
 
-# run_pgbench LOGFILE TARGET ARGS... -> sets TPS, LAT, ERR (ERR empty on success)
+# The proxy process of a target (empty for direct).
+proxy_pid() {
+    case $1 in
+        shardgate) cat "$SHARDGATE_HOME/shardgate.pid" 2>/dev/null || true ;;
+        pgbouncer) cat "$PGB_DIR/pgbouncer.pid" 2>/dev/null || true ;;
+    esac
+}
+
+# CPU time (user + system, in clock ticks) a process has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# run_pgbench LOGFILE TARGET ARGS... -> sets TPS, LAT, ERR (ERR empty on
+# success) and CPU_US (the proxy's CPU microseconds per transaction).
 run_pgbench() {
     local logf=$1 target=$2
     shift 2
-    local port rc=0
+    local port rc=0 pid t0=0 t1=0 txns
     port=$(port_of "$target")
     reset_tables
+    pid=$(proxy_pid "$target")
+    [[ -n $pid ]] && t0=$(cpu_ticks "$pid")
     timeout --kill-after=10 $((DURATION + 120)) \
         "$PGBENCH" -h 127.0.0.1 -p "$port" -U "$DB_USER" -n -T "$DURATION" "$@" "$DB" >"$logf" 2>&1 || rc=$?
+    [[ -n $pid ]] && t1=$(cpu_ticks "$pid")
+    txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$logf" | head -1)
+    CPU_US=-
+    if [[ -n $pid && -n $txns && $txns -gt 0 ]]; then
+        CPU_US=$(awk -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$txns" 'BEGIN{printf "%.1f", t * 1e6 / hz / n}')
+    fi
     TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$logf" | head -1)
     LAT=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$logf" | head -1)
     ERR=
@@ -266,8 +286,8 @@ run_pgbench() {
 
 md_escape() { local s=${1//|/\\|}; s=${s//$'\r'/}; printf '%s' "${s:0:200}"; }
 
-HEADER='| workload | protocol | clients | target | TPS | avg latency ms | ratio to direct TPS | notes |'
-SEP='|---|---|---:|---|---:|---:|---:|---|'
+HEADER='| workload | protocol | clients | target | TPS | avg latency ms | ratio to direct TPS | proxy CPU µs/txn | notes |'
+SEP='|---|---|---:|---|---:|---:|---:|---:|---|'
 
 versions() {
     local pgv pgbv sgv rev exe
@@ -327,7 +347,7 @@ cell() {
         notes=$(md_escape "$ERR")
         log "FAILED: $ERR (log: $logf)"
     fi
-    local row="| $wl | $proto | $clients | $target | $tps_s | $lat_s | $ratio | $notes |"
+    local row="| $wl | $proto | $clients | $target | $tps_s | $lat_s | $ratio | $CPU_US | $notes |"
     ROWS+=("$row")
     echo "$row" >>"$OUT"
 }
