@@ -113,6 +113,9 @@ pub struct PoolConfig {
     /// before it is handed to a client.
     #[serde(with = "humantime_serde")]
     pub liveness_check_after: Duration,
+    /// A server connection holding more proxy-prepared statements than this
+    /// is closed when released, so server memory stays bounded.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -125,6 +128,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             liveness_check_after: Duration::from_secs(10),
+            max_prepared_statements: 1000,
         }
     }
 }

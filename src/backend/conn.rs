@@ -77,6 +77,9 @@ pub struct ServerConn {
     pub tx_status: u8,
     /// Set when the connection must not be reused (protocol state unknown).
     pub broken: bool,
+    /// Set when the connection is healthy but should be closed instead of
+    /// reused (too many prepared statements, for example).
+    pub retire: bool,
     pub last_released: Instant,
     /// Reused read buffer: keeps its allocation across transactions.
     pub read_buf: BytesMut,
@@ -108,6 +111,7 @@ impl ServerConn {
             session_fingerprint: 0,
             tx_status: b'I',
             broken: false,
+            retire: false,
             last_released: Instant::now(),
             read_buf: BytesMut::with_capacity(8192),
         };
@@ -329,6 +333,17 @@ impl ServerConn {
     pub fn looks_alive(&self) -> bool {
         let mut probe = [0u8; 1];
         matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+impl Drop for ServerConn {
+    /// Says goodbye with Terminate when the protocol is in step, so the
+    /// server logs a clean disconnect (and rolls back anything open) rather
+    /// than a reset. A non-blocking write: a full socket just skips it.
+    fn drop(&mut self) {
+        if !self.broken {
+            let _ = self.stream.try_write(&[b'X', 0, 0, 0, 4]);
+        }
     }
 }
 

@@ -82,7 +82,7 @@ impl managed::Manager for ServerManager {
         conn: &mut Box<ServerConn>,
         m: &Metrics,
     ) -> RecycleResult<ConnectError> {
-        if conn.broken || conn.tx_status != b'I' {
+        if conn.broken || conn.retire || conn.tx_status != b'I' {
             return Err(RecycleError::message("connection not idle"));
         }
         let now = std::time::Instant::now();

@@ -50,6 +50,8 @@ pub struct Session {
     pub(super) login: Login,
     pub(super) mode: PoolMode,
     pub(super) max_message_size: usize,
+    /// `pool.max_prepared_statements`.
+    pub(super) max_prepared: usize,
     pub(super) pool: Arc<PoolEntry>,
     pub(super) pool_epoch: u64,
     pub(super) server: Option<PooledConn>,
@@ -90,6 +92,7 @@ impl Session {
         let mut s = Session {
             mode: config.proxy.pool_mode,
             max_message_size: config.proxy.max_message_size,
+            max_prepared: config.pool.max_prepared_statements,
             pool_epoch: topology.epoch,
             pool,
             client,
@@ -376,6 +379,9 @@ impl Session {
             || !server.read_buf.is_empty()
         {
             return;
+        }
+        if server.prepared.len() > self.max_prepared {
+            server.retire = true;
         }
         let now = Instant::now();
         server.last_released = now;

@@ -32,6 +32,10 @@ pub struct Statement {
     pub validated: AtomicBool,
 }
 
+/// Bound on the proxy-wide registry (a client that prepares endless
+/// distinct texts must not grow proxy memory without limit).
+const MAX_CACHED_STATEMENTS: usize = 100_000;
+
 /// Proxy-wide registry of statements by (query, parameter types).
 #[derive(Default)]
 pub struct StatementCache {
@@ -46,6 +50,11 @@ impl StatementCache {
         let mut map = self.by_text.lock().expect("statement cache lock");
         if let Some(s) = map.get(key) {
             return s.clone();
+        }
+        if map.len() >= MAX_CACHED_STATEMENTS {
+            // Forgetting is safe: sessions and servers keep what they hold;
+            // a statement seen again just gets a new server-side name.
+            map.clear();
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let name = format!("sg_{id}");
