@@ -644,3 +644,25 @@ async fn dead_idle_server_connections_are_replaced() {
     // The next transaction gets a fresh connection instead of an error.
     assert_eq!(scalar(&c, "select 41 + 1").await, "42");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_with_too_many_prepared_statements_are_retired() {
+    let p = start_proxy("max_size = 1\nmax_prepared_statements = 3", "");
+    let c = p.connect().await;
+    let mut pids = std::collections::BTreeSet::new();
+    for i in 0..8 {
+        let stmt = c
+            .prepare(&format!("select {i} + $1::int, pg_backend_pid()"))
+            .await
+            .unwrap();
+        let row = c.query_one(&stmt, &[&1i32]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), i + 1);
+        pids.insert(row.get::<_, i32>(1));
+    }
+    // One pooled connection at a time; it is replaced once it holds more
+    // than 3 proxy-prepared statements.
+    assert!(
+        pids.len() >= 2,
+        "server connection never replaced: {pids:?}"
+    );
+}
