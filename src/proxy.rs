@@ -10,7 +10,7 @@ use crate::auth::AuthTable;
 use crate::backend::Pools;
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
-use crate::frontend::statements::StatementCache;
+use crate::frontend::statements::StatementRegistry;
 use crate::metrics::GLOBAL;
 use crate::topology::{Topology, TopologyHandle};
 use arc_swap::ArcSwap;
@@ -27,7 +27,7 @@ pub struct Proxy {
     pub auth: ArcSwap<AuthTable>,
     pub topology: TopologyHandle,
     pub pools: Arc<Pools>,
-    pub statements: StatementCache,
+    pub statements: StatementRegistry,
     pub cancels: CancelRegistry,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
@@ -39,7 +39,7 @@ impl Proxy {
             auth: ArcSwap::from_pointee(AuthTable::build(&config.users)),
             topology: TopologyHandle::new(Topology::from_config(&config, 1)),
             pools: Arc::new(Pools::new(config.pool.clone())),
-            statements: StatementCache::default(),
+            statements: StatementRegistry::default(),
             cancels: CancelRegistry::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

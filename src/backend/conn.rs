@@ -328,12 +328,78 @@ impl ServerConn {
         }
     }
 
+    /// Runs `sql` (simple protocol) and returns its rows as text, or the
+    /// server's error. For the proxy's own small queries.
+    pub async fn query_rows(
+        &mut self,
+        sql: &str,
+    ) -> Result<Result<Vec<Vec<Option<String>>>, be::ErrorFields>, ConnectError> {
+        let mut out = BytesMut::new();
+        crate::protocol::frontend::build_query(sql).encode(&mut out);
+        if let Err(source) = self.stream.write_all(&out).await {
+            self.broken = true;
+            return Err(ConnectError::Io {
+                addr: self.addr.to_string(),
+                source,
+            });
+        }
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let f = match self.read_frame().await {
+                Ok(f) => f,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e);
+                }
+            };
+            match f.tag {
+                be::DATA_ROW => match parse_data_row(&f.body) {
+                    Some(r) => rows.push(r),
+                    None => {
+                        self.broken = true;
+                        return Err(self.protocol("malformed DataRow".into()));
+                    }
+                },
+                be::PARAMETER_STATUS => self.note_parameter(&f.body),
+                be::ERROR_RESPONSE if error.is_none() => error = Some(be::parse_error(&f.body)),
+                be::READY_FOR_QUERY => {
+                    self.tx_status = f.body.first().copied().unwrap_or(b'I');
+                    return Ok(match error {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Cheap liveness check for an idle connection: a server that closed
     /// the socket (restart, idle kill) shows EOF or a pending FATAL.
     pub fn looks_alive(&self) -> bool {
         let mut probe = [0u8; 1];
         matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
+}
+
+/// The text values of a DataRow (None for NULL).
+fn parse_data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let n = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    let mut rest = &body[2..];
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = &rest[4..];
+        if len < 0 {
+            out.push(None);
+        } else {
+            let v = rest.get(..len as usize)?;
+            out.push(Some(String::from_utf8_lossy(v).into_owned()));
+            rest = &rest[len as usize..];
+        }
+    }
+    Some(out)
 }
 
 impl Drop for ServerConn {

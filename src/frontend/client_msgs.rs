@@ -43,10 +43,7 @@ impl Session {
                 self.start_request();
                 self.pool.metrics.queries.inc();
                 frame.encode(&mut self.to_server);
-                self.pipeline.push_back(Expect::Query {
-                    sql: frame.body,
-                    completed: 0,
-                });
+                self.pipeline.push_back(Expect::Query);
             }
             fe::PARSE => self.on_parse(frame).await?,
             fe::BIND => self.on_bind(frame).await?,
@@ -58,9 +55,7 @@ impl Session {
                 self.start_request();
                 self.pool.metrics.queries.inc();
                 frame.encode(&mut self.to_server);
-                self.pipeline.push_back(Expect::Execute {
-                    set_stmt: self.last_bound_set.take(),
-                });
+                self.pipeline.push_back(Expect::Execute);
             }
             fe::CLOSE => self.on_close(frame).await?,
             fe::SYNC => {
@@ -156,13 +151,10 @@ impl Session {
         }
         let parse = fe::parse_parse(&frame.body).map_err(|_| Self::malformed("Parse"))?;
         if parse.name.is_empty() || !self.renames() {
-            let is_set = crate::sql::starts_with_set_or_reset(parse.query);
-            let set = is_set.then(|| Arc::<str>::from(parse.query));
             if !self.ensure_server(false).await {
                 return Ok(());
             }
             if parse.name.is_empty() {
-                self.unnamed_set = set;
                 self.unnamed_parse = Some(frame.clone());
                 self.unnamed_on_server = true;
             }
@@ -198,9 +190,9 @@ impl Session {
             self.pipeline.push_back(Expect::ErrorInstead { error });
             return Ok(());
         }
-        let key = &frame.body[name.len() + 1..];
-        let stmt = self.proxy.statements.intern(&parse, key);
-        let known_good = stmt.validated.load(std::sync::atomic::Ordering::Relaxed);
+        let key = frame.body.slice(name.len() + 1..);
+        let known_good = self.proxy.statements.is_validated(&key);
+        let stmt = Arc::new(self.proxy.statements.create(&parse, key));
         if self.server.is_none() && known_good {
             self.statements.insert(name.clone(), stmt);
             self.pipeline.push_back(Expect::Synthetic {
@@ -214,20 +206,13 @@ impl Session {
         }
         self.statements.insert(name.clone(), stmt.clone());
         let server = self.server.as_mut().expect("ensured");
-        if server.prepared.contains(&stmt.id) {
-            self.pipeline.push_back(Expect::Synthetic {
-                frame: be::empty(be::PARSE_COMPLETE),
-                client_name: Some(name),
-            });
-        } else {
-            server.prepared.insert(stmt.id);
-            stmt.parse.encode(&mut self.to_server);
-            self.pipeline.push_back(Expect::Parse {
-                stmt: Some(stmt),
-                client_name: Some(name),
-                injected: false,
-            });
-        }
+        server.prepared.insert(stmt.id);
+        stmt.parse.encode(&mut self.to_server);
+        self.pipeline.push_back(Expect::Parse {
+            stmt: Some(stmt),
+            client_name: Some(name),
+            injected: false,
+        });
         Ok(())
     }
 
@@ -267,7 +252,6 @@ impl Session {
         let bind = fe::parse_bind(&frame.body).map_err(|_| Self::malformed("Bind"))?;
         if bind.statement.is_empty() {
             self.ensure_unnamed();
-            self.last_bound_set = self.unnamed_set.clone();
             frame.encode(&mut self.to_server);
         } else if let Some(stmt) = self
             .renames()
@@ -275,11 +259,9 @@ impl Session {
             .flatten()
         {
             self.ensure_prepared(&stmt);
-            self.last_bound_set = stmt.is_set.then(|| Arc::from(stmt.query.as_str()));
             fe::build_bind(bind.portal, &stmt.name, bind.rest).encode(&mut self.to_server);
         } else {
             // Unknown to the proxy: the server answers (e.g. 26000).
-            self.last_bound_set = None;
             frame.encode(&mut self.to_server);
         }
         self.pipeline.push_back(Expect::Bind);
@@ -326,7 +308,6 @@ impl Session {
         }
         if target.kind == b'S' && target.name.is_empty() {
             self.unnamed_parse = None;
-            self.unnamed_set = None;
         }
         if !self.ensure_server(false).await {
             return Ok(());

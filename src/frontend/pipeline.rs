@@ -9,7 +9,6 @@
 
 use super::statements::Statement;
 use crate::protocol::Frame;
-use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -25,18 +24,11 @@ pub enum Expect {
     },
     Bind,
     Describe,
-    /// `set_stmt`: the statement text when it is a SET/RESET, so the
-    /// session state can record it when the server confirms it.
-    Execute {
-        set_stmt: Option<Arc<str>>,
-    },
+    Execute,
     Close,
     Sync,
-    /// A simple Query; `completed` counts the statements finished so far.
-    Query {
-        sql: Bytes,
-        completed: usize,
-    },
+    /// A simple Query (ends at ReadyForQuery).
+    Query,
     FunctionCall,
     /// A response the proxy produces itself when it reaches the front. The
     /// ParseComplete of an already-prepared statement carries the client's
@@ -56,10 +48,7 @@ pub enum Expect {
 impl Expect {
     /// Entries that end at ReadyForQuery.
     pub fn is_sync_point(&self) -> bool {
-        matches!(
-            self,
-            Expect::Sync | Expect::Query { .. } | Expect::FunctionCall
-        )
+        matches!(self, Expect::Sync | Expect::Query | Expect::FunctionCall)
     }
 }
 

@@ -120,24 +120,12 @@ impl Session {
                         .query_duration
                         .observe(t.elapsed().as_secs_f64());
                 }
-                if status == b'I' {
-                    let rolled_back = match self.last_end_tag {
-                        Some(committed) => !committed,
-                        None => self.txn_error,
-                    };
-                    if self.vars.end_of_request(status, rolled_back) {
-                        server.session_fingerprint = self.vars.fingerprint();
-                    }
-                    self.txn_error = false;
-                    self.last_end_tag = None;
-                }
                 if !self.pipeline.is_empty() {
                     self.request_started = Some(std::time::Instant::now());
                 }
                 Ok(Action::Forward)
             }
             be::ERROR_RESPONSE => {
-                self.txn_error = true;
                 self.copy_in = false;
                 let code = be::error_code(body);
                 if code.is_some_and(|c| c.starts_with(b"57P") || c.starts_with(b"08")) {
@@ -148,7 +136,7 @@ impl Session {
                     }
                 }
                 match self.pipeline.front() {
-                    Some(Expect::Query { .. } | Expect::FunctionCall) | None => {
+                    Some(Expect::Query | Expect::FunctionCall) | None => {
                         count_error(&code.unwrap_or(*b"XX000"));
                         Ok(Action::Forward)
                     }
@@ -189,8 +177,7 @@ impl Session {
             be::PARSE_COMPLETE => match self.pipeline.pop_front() {
                 Some(Expect::Parse { stmt, injected, .. }) => {
                     if let Some(stmt) = stmt {
-                        stmt.validated
-                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                        self.proxy.statements.mark_validated(&stmt.key);
                     }
                     Ok(if injected {
                         Action::Drop
@@ -209,35 +196,16 @@ impl Session {
                 Ok(Action::Forward)
             }
             be::COMMAND_COMPLETE | be::EMPTY_QUERY | be::PORTAL_SUSPENDED => {
-                let cmd = if tag == be::COMMAND_COMPLETE {
-                    be::command_tag(body)
-                } else {
-                    &[][..]
-                };
-                let statement: Option<String> = match self.pipeline.front_mut() {
-                    Some(Expect::Query { sql, completed }) => {
-                        *completed += 1;
-                        if is_session_tag(cmd) {
-                            let index = *completed - 1;
-                            std::str::from_utf8(sql.strip_suffix(&[0]).unwrap_or(sql))
-                                .ok()
-                                .and_then(|text| {
-                                    crate::sql::split_statements(text)
-                                        .get(index)
-                                        .map(|s| s.to_string())
-                                })
-                        } else {
-                            None
-                        }
-                    }
-                    Some(Expect::Execute { set_stmt }) => {
-                        let s = set_stmt.as_deref().map(str::to_owned);
+                match self.pipeline.front() {
+                    Some(Expect::Query) => {}
+                    Some(Expect::Execute) => {
                         self.pipeline.pop_front();
-                        s
                     }
                     _ => return Err(self.desync("unexpected command completion")),
-                };
-                self.note_command_tag(cmd, statement.as_deref());
+                }
+                if tag == be::COMMAND_COMPLETE {
+                    self.note_command_tag(be::command_tag(body));
+                }
                 Ok(Action::Forward)
             }
             be::COPY_IN_RESPONSE => {
@@ -272,25 +240,16 @@ impl Session {
         }
     }
 
-    fn note_command_tag(&mut self, tag: &[u8], statement: Option<&str>) {
-        match tag {
-            b"COMMIT" => self.last_end_tag = Some(true),
-            b"ROLLBACK" => self.last_end_tag = Some(false),
-            b"SET" | b"RESET" => self.vars.note_command(tag, statement),
-            b"DISCARD ALL" => {
-                self.vars.note_command(tag, statement);
-                self.statements.clear();
-                if let Some(s) = self.server.as_mut() {
-                    s.prepared.clear();
-                }
+    fn note_command_tag(&mut self, tag: &[u8]) {
+        self.vars.note_command(tag);
+        if matches!(tag, b"DISCARD ALL" | b"DEALLOCATE ALL") {
+            // The server dropped every prepared statement of the session,
+            // ours included; the client's are gone as Postgres says.
+            self.statements.clear();
+            self.unnamed_parse = None;
+            if let Some(s) = self.server.as_mut() {
+                s.prepared.clear();
             }
-            b"DEALLOCATE ALL" => {
-                self.statements.clear();
-                if let Some(s) = self.server.as_mut() {
-                    s.prepared.clear();
-                }
-            }
-            _ => {}
         }
     }
 
@@ -322,8 +281,4 @@ impl Session {
             _ => {}
         }
     }
-}
-
-fn is_session_tag(tag: &[u8]) -> bool {
-    matches!(tag, b"SET" | b"RESET")
 }

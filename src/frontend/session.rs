@@ -71,13 +71,7 @@ pub struct Session {
     /// server connection; and whether the current server has it.
     pub(super) unnamed_parse: Option<Frame>,
     pub(super) unnamed_on_server: bool,
-    pub(super) unnamed_set: Option<Arc<str>>,
-    pub(super) last_bound_set: Option<Arc<str>>,
     pub(super) vars: SessionVars,
-    /// An error was reported since the transaction began.
-    pub(super) txn_error: bool,
-    /// The last CommandComplete was ROLLBACK (or COMMIT).
-    pub(super) last_end_tag: Option<bool>,
     pub(super) request_started: Option<Instant>,
     pub(super) cancel_key: (i32, i32),
     pub(super) cancel_slot: CancelSlot,
@@ -109,11 +103,7 @@ impl Session {
             statements: HashMap::new(),
             unnamed_parse: None,
             unnamed_on_server: false,
-            unnamed_set: None,
-            last_bound_set: None,
             vars: SessionVars::default(),
-            txn_error: false,
-            last_end_tag: None,
             request_started: None,
             cancel_key,
             cancel_slot,
@@ -172,7 +162,7 @@ impl Session {
         be::backend_key_data(self.cancel_key.0, self.cancel_key.1).encode(&mut self.to_client);
         be::ready_for_query(b'I').encode(&mut self.to_client);
         self.flush_client().await?;
-        self.maybe_release();
+        self.maybe_release().await;
         Ok(())
     }
 
@@ -256,14 +246,14 @@ impl Session {
         self.handle_client_messages().await?;
         self.flush_server().await?;
         self.flush_client().await?;
-        self.maybe_release();
+        self.maybe_release().await;
         Ok(())
     }
 
     async fn on_server_data(&mut self) -> Result<(), SessionError> {
         self.handle_server_bytes()?;
         self.flush_client().await?;
-        self.maybe_release();
+        self.maybe_release().await;
         Ok(())
     }
 
@@ -363,8 +353,9 @@ impl Session {
         }
     }
 
-    /// Returns the server connection to the pool when nothing is pending.
-    pub(super) fn maybe_release(&mut self) {
+    /// Returns the server connection to the pool when nothing is pending
+    /// (first reading the session settings if the client changed them).
+    pub(super) async fn maybe_release(&mut self) {
         if self.mode != PoolMode::Transaction {
             return;
         }
@@ -379,6 +370,32 @@ impl Session {
             || !server.read_buf.is_empty()
         {
             return;
+        }
+        if self.vars.needs_capture() {
+            match server.query_rows(super::vars::CAPTURE_SQL).await {
+                Ok(Ok(rows)) => {
+                    let rows = rows
+                        .into_iter()
+                        .filter_map(|mut r| {
+                            let value = r.pop()??;
+                            let name = r.pop()??;
+                            Some((name, value))
+                        })
+                        .collect();
+                    server.session_fingerprint = if self.vars.capture(rows) {
+                        self.vars.fingerprint()
+                    } else {
+                        super::vars::DIRTY
+                    };
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(code = %e.code, message = %e.message, "reading session settings failed");
+                    server.retire = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading session settings failed");
+                }
+            }
         }
         if server.prepared.len() > self.max_prepared {
             server.retire = true;

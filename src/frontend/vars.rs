@@ -2,35 +2,38 @@
 //! connection to the next in transaction pooling, and must never reach
 //! another client.
 //!
-//! How: the client's state is its startup parameters (those that differ from
-//! the pool's defaults) plus the session-level SET/RESET statements it ran,
-//! learned from the server's own CommandComplete tags ("SET", "RESET",
-//! "DISCARD ALL"). The state has a fingerprint; every server connection
-//! records the fingerprint of the state applied to it (0: as connected).
-//! At checkout, when the two differ, the proxy runs
-//! `SET SESSION AUTHORIZATION DEFAULT; RESET ALL; <client's SETs>` first.
-//! A client with no state pays nothing; a connection another client dirtied
-//! is cleaned before anyone else sees it.
+//! How: the client's state starts as its startup parameters (those that
+//! differ from a fresh connection's). When the server reports a
+//! session-changing command (CommandComplete `SET`, `RESET`, `DISCARD ALL`),
+//! the proxy asks that server, once the transaction is over, which settings
+//! are session-level now (`pg_settings` where `source = 'session'`): that is
+//! exactly what Postgres kept, after savepoints, rollbacks, `SET LOCAL`
+//! and functions with SET clauses. The state has a fingerprint; every
+//! server connection records the fingerprint of the state applied to it
+//! (0: as connected). At checkout, when the two differ, the proxy runs
+//! `SET SESSION AUTHORIZATION DEFAULT; RESET ALL; SET ...` first. A client
+//! with no state pays nothing; a connection another client dirtied is
+//! cleaned before anyone else sees it.
 
-use crate::sql;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
-/// One session-level change, committed when its transaction commits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Change {
-    Set(String),
-    ResetAll,
-}
+/// The query that reads a connection's session-level settings.
+pub const CAPTURE_SQL: &str = "select name, setting from pg_settings where source = 'session'";
+
+/// Fingerprint of a connection whose state is not any client's (forces a
+/// reset at the next checkout). Client fingerprints are odd, pristine is 0.
+pub const DIRTY: u64 = 2;
 
 #[derive(Debug, Default)]
 pub struct SessionVars {
     /// (name, value) from the startup packet that differ from the pool.
     startup: Vec<(String, String)>,
-    /// Session SET statements, one per setting (the latest wins).
-    sets: Vec<(String, String)>,
-    /// Changes made inside the current transaction.
-    pending: Vec<Change>,
+    /// The settings in force, once captured from a server; until then the
+    /// startup list is the state.
+    current: Option<Vec<(String, String)>>,
+    /// A session-changing command completed since the last capture.
+    changed: bool,
     fingerprint: u64,
 }
 
@@ -48,121 +51,76 @@ impl SessionVars {
         self.fingerprint
     }
 
+    fn settings(&self) -> &[(String, String)] {
+        self.current.as_deref().unwrap_or(&self.startup)
+    }
+
     fn refresh_fingerprint(&mut self) {
-        self.fingerprint = if self.startup.is_empty() && self.sets.is_empty() {
+        self.fingerprint = if self.settings().is_empty() {
             0
         } else {
             let mut h = DefaultHasher::new();
-            self.startup.hash(&mut h);
-            self.sets.hash(&mut h);
-            // Never collide with the pristine state.
+            self.settings().hash(&mut h);
             h.finish() | 1
         };
     }
 
     /// SQL that turns any server connection into this client's state.
+    /// `set_config` takes a value as the configuration file would, so list
+    /// settings (search_path) round-trip from `pg_settings.setting`, which
+    /// `SET name TO 'value'` would take as one quoted item.
     pub fn apply_sql(&self) -> String {
         let mut sql = String::from("SET SESSION AUTHORIZATION DEFAULT; RESET ALL;");
-        for (name, value) in &self.startup {
-            sql.push_str(&format!(
-                " SET {} TO {};",
-                quote_name(name),
-                quote_literal(value)
-            ));
-        }
-        for (_, stmt) in &self.sets {
-            sql.push(' ');
-            sql.push_str(stmt);
+        let calls: Vec<String> = self
+            .settings()
+            .iter()
+            .map(|(name, value)| {
+                format!(
+                    "set_config({}, {}, false)",
+                    quote_literal(name),
+                    quote_literal(value)
+                )
+            })
+            .collect();
+        if !calls.is_empty() {
+            sql.push_str(" SELECT ");
+            sql.push_str(&calls.join(", "));
             sql.push(';');
         }
         sql
     }
 
-    /// A session-changing command completed (its CommandComplete tag was
-    /// SET, RESET or DISCARD ALL); `statement` is its text when known.
-    pub fn note_command(&mut self, tag: &[u8], statement: Option<&str>) {
-        match tag {
-            b"DISCARD ALL" => self.pending.push(Change::ResetAll),
-            b"SET" | b"RESET" => {
-                let Some(stmt) = statement else { return };
-                let words = sql::leading_keywords(stmt, 3);
-                let word = |i: usize| words.get(i).map(String::as_str);
-                match (word(0), word(1)) {
-                    // Transaction-scoped: gone at commit or rollback.
-                    (Some("SET"), Some("LOCAL")) | (Some("SET"), Some("TRANSACTION")) => {}
-                    (Some("RESET"), Some("ALL")) => self.pending.push(Change::ResetAll),
-                    _ => self.pending.push(Change::Set(stmt.trim().to_owned())),
-                }
-            }
-            _ => {}
+    /// A command completed with this CommandComplete tag.
+    pub fn note_command(&mut self, tag: &[u8]) {
+        if matches!(tag, b"SET" | b"RESET" | b"DISCARD ALL") {
+            self.changed = true;
         }
     }
 
-    /// Called at ReadyForQuery. `status` is its transaction status;
-    /// `rolled_back` tells whether the transaction that just ended was
-    /// rolled back (explicit ROLLBACK or an error in an implicit one).
-    /// Returns true when the committed state changed.
-    pub fn end_of_request(&mut self, status: u8, rolled_back: bool) -> bool {
-        if status != b'I' || self.pending.is_empty() {
-            return false;
-        }
-        let changes = std::mem::take(&mut self.pending);
-        if rolled_back {
-            return false;
-        }
-        for c in changes {
-            match c {
-                Change::ResetAll => {
-                    // RESET ALL returns to the session defaults, which for a
-                    // real Postgres session include the startup values.
-                    self.sets.clear();
-                }
-                Change::Set(stmt) => self.record(stmt),
+    /// The server's session settings must be read before the connection
+    /// goes back to the pool.
+    pub fn needs_capture(&self) -> bool {
+        self.changed
+    }
+
+    /// Takes the server's session-level settings as the new state. A
+    /// startup setting missing from them was RESET; Postgres returns it to
+    /// the startup value, so it stays in the state. Returns whether the
+    /// connection the rows came from now carries exactly this state.
+    pub fn capture(&mut self, mut rows: Vec<(String, String)>) -> bool {
+        self.changed = false;
+        let mut exact = true;
+        for (name, value) in &self.startup {
+            if !rows.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                rows.push((name.clone(), value.clone()));
+                exact = false;
             }
         }
+        rows.sort();
+        self.current = Some(rows);
         self.refresh_fingerprint();
-        true
+        exact
     }
-
-    fn record(&mut self, stmt: String) {
-        let words = sql::leading_keywords(&stmt, 4);
-        let (is_reset, name) = match words.first().map(String::as_str) {
-            Some("RESET") => (true, words[1..].join(" ")),
-            _ => {
-                // SET [SESSION] name ... : the setting's name keys the entry.
-                let rest: Vec<&String> = words[1..]
-                    .iter()
-                    .skip_while(|w| w.as_str() == "SESSION")
-                    .take_while(|w| w.as_str() != "TO")
-                    .collect();
-                (
-                    false,
-                    rest.first().map(|s| s.to_string()).unwrap_or_default(),
-                )
-            }
-        };
-        self.sets.retain(|(n, _)| *n != name);
-        if is_reset {
-            // Back to the startup value if there was one, as Postgres does.
-            if let Some((n, v)) = self
-                .startup
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(&name))
-            {
-                let stmt = format!("SET {} TO {}", quote_name(n), quote_literal(v));
-                self.sets.push((name, stmt));
-            }
-        } else {
-            self.sets.push((name, stmt));
-        }
-    }
-}
-
-fn quote_name(name: &str) -> String {
-    name.split('.')
-        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
-        .collect::<Vec<_>>()
-        .join(".")
 }
 
 fn quote_literal(v: &str) -> String {
@@ -225,40 +183,50 @@ mod tests {
 
     #[test]
     fn empty_state_is_pristine() {
-        let v = SessionVars::new(vec![]);
-        assert_eq!(v.fingerprint(), 0);
+        assert_eq!(SessionVars::new(vec![]).fingerprint(), 0);
+        assert_ne!(
+            SessionVars::new(vec![("a".into(), "b".into())]).fingerprint(),
+            0
+        );
     }
 
     #[test]
-    fn set_commits_and_rollback_discards() {
-        let mut v = SessionVars::new(vec![]);
-        v.note_command(b"SET", Some("SET statement_timeout = 5000"));
-        assert!(v.end_of_request(b'I', false));
-        assert_ne!(v.fingerprint(), 0);
-        assert!(v.apply_sql().ends_with("SET statement_timeout = 5000;"));
-        let fp = v.fingerprint();
-        v.note_command(b"SET", Some("set search_path to x"));
-        assert!(!v.end_of_request(b'T', false));
-        assert!(!v.end_of_request(b'I', true));
-        assert_eq!(v.fingerprint(), fp);
-        v.note_command(b"SET", Some("SET LOCAL work_mem = '1MB'"));
-        assert!(!v.end_of_request(b'I', false));
-        v.note_command(b"RESET", Some("RESET ALL"));
-        v.end_of_request(b'I', false);
-        assert_eq!(v.fingerprint(), 0);
-    }
-
-    #[test]
-    fn later_set_replaces_earlier() {
+    fn capture_replaces_state_and_keeps_reset_startup_values() {
         let mut v = SessionVars::new(vec![("application_name".into(), "psql".into())]);
-        for i in 0..100 {
-            v.note_command(b"SET", Some(&format!("SET work_mem = '{i}MB'")));
-            v.end_of_request(b'I', false);
-        }
-        assert_eq!(v.sets.len(), 1);
-        v.note_command(b"RESET", Some("reset application_name"));
-        v.end_of_request(b'I', false);
-        assert!(v.apply_sql().contains("SET \"application_name\" TO 'psql'"));
+        assert!(!v.needs_capture());
+        v.note_command(b"SELECT 1");
+        assert!(!v.needs_capture());
+        v.note_command(b"SET");
+        assert!(v.needs_capture());
+        let exact = v.capture(vec![
+            ("application_name".into(), "psql".into()),
+            ("statement_timeout".into(), "5000".into()),
+        ]);
+        assert!(exact);
+        assert!(!v.needs_capture());
+        assert!(v
+            .apply_sql()
+            .contains("set_config('statement_timeout', '5000', false)"));
+        // application_name RESET by the client: Postgres goes back to the
+        // startup value, and this connection does not carry it.
+        assert!(!v.capture(vec![]));
+        assert!(v
+            .apply_sql()
+            .contains("set_config('application_name', 'psql', false)"));
+        let fp = v.fingerprint();
+        assert_ne!(fp, DIRTY);
+        assert_eq!(fp & 1, 1);
+    }
+
+    #[test]
+    fn same_settings_same_fingerprint() {
+        let mut a = SessionVars::new(vec![]);
+        let mut b = SessionVars::new(vec![]);
+        a.capture(vec![("x".into(), "1".into()), ("y".into(), "2".into())]);
+        b.capture(vec![("y".into(), "2".into()), ("x".into(), "1".into())]);
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        a.capture(vec![]);
+        assert_eq!(a.fingerprint(), 0);
     }
 
     #[test]
@@ -277,6 +245,5 @@ mod tests {
     fn quoting() {
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
-        assert_eq!(quote_name("my.x"), "\"my\".\"x\"");
     }
 }

@@ -26,9 +26,9 @@ The checks create tables named ``sgdrv_<pid>_*`` in the target database
 
 import argparse
 import asyncio
-import datetime
 import io
 import os
+import select
 import sys
 import threading
 import time
@@ -122,19 +122,25 @@ def bounded(fn, timeout, what):
 
 def run_async(coro_fn, *args, timeout=STEP_TIMEOUT):
     async def runner():
-        return await asyncio.wait_for(coro_fn(*args), timeout)
+        try:
+            return await asyncio.wait_for(coro_fn(*args), timeout)
+        except asyncio.TimeoutError:
+            raise CheckFailure(f"no answer within {timeout}s (hang)") from None
 
     return asyncio.run(runner())
 
 
-def first_difference(d, p):
+def first_difference(d, p, limit=3):
+    """Describe (up to `limit`) differing steps of two transcripts."""
     if isinstance(d, list) and isinstance(p, list):
-        for i, (a, b) in enumerate(zip(d, p)):
-            if a != b:
-                return f"step {i}: direct={short(a)} proxy={short(b)}"
+        diffs = [f"step {i}: direct={short(a)} proxy={short(b)}"
+                 for i, (a, b) in enumerate(zip(d, p)) if a != b]
+        more = len(diffs) - limit
+        parts = diffs[:limit] + ([f"(+{more} more differing steps)"] if more > 0 else [])
         if len(d) != len(p):
             extra = d[len(p):] if len(d) > len(p) else p[len(d):]
-            return f"direct has {len(d)} steps, proxy {len(p)}; extra: {short(extra)}"
+            parts.append(f"direct has {len(d)} steps, proxy {len(p)}; extra: {short(extra)}")
+        return "; ".join(parts)
     return f"direct={short(d)} proxy={short(p)}"
 
 
@@ -176,18 +182,111 @@ def pg2(dsn, autocommit=True, **kw):
     return conn
 
 
-def raw(dsn, **kw):
-    """A bare libpq connection (psycopg.pq.PGconn) for protocol-level steps."""
-    info = conninfo_to_dict(dsn)
-    info.setdefault("connect_timeout", str(CONNECT_TIMEOUT))
-    info.update(kw)
-    conn = pq.PGconn.connect(make_conninfo(**info).encode())
-    if conn.status != pq.ConnStatus.OK:
-        msg = conn.get_error_message()
-        msg = msg.decode(errors="replace") if isinstance(msg, bytes) else msg
-        conn.finish()
-        raise CheckFailure(f"libpq connect failed: {msg.strip()}")
-    return conn
+class LL:
+    """A libpq connection (psycopg.pq.PGconn) for protocol-level steps.
+
+    Every wait is done by us in non-blocking mode, with select() and a
+    deadline, so a hang never blocks inside libpq (which would hold the GIL
+    and freeze the whole program) and turns into a failure instead."""
+
+    COPY_STATES = (pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_BOTH)
+
+    def __init__(self, dsn, timeout=HANG_TIMEOUT):
+        self.conn = psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        self.c = self.conn.pgconn
+        self.c.nonblocking = 1
+        self.timeout = timeout
+
+    def __getattr__(self, name):  # send_*, enter_pipeline_mode, transaction_status, ...
+        return getattr(self.c, name)
+
+    def _wait(self, deadline, write=False):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CheckFailure(f"no answer from the server within {self.timeout}s (hang)")
+        fd = self.c.socket
+        select.select([fd], [fd] if write else [], [], min(left, 0.5))
+
+    def flush(self):
+        deadline = time.monotonic() + self.timeout
+        while self.c.flush() != 0:
+            self._wait(deadline, write=True)
+            self.c.consume_input()
+        return 0
+
+    def get_result(self):
+        self.flush()
+        deadline = time.monotonic() + self.timeout
+        while self.c.is_busy():
+            self._wait(deadline)
+            self.c.consume_input()
+        return self.c.get_result()
+
+    def _run(self, send, *args):
+        """Like PQexec*: send, then return the last result (stopping at a COPY)."""
+        send(*args)
+        last = None
+        while True:
+            r = self.get_result()
+            if r is None:
+                return last
+            last = r
+            if r.status in self.COPY_STATES:
+                return r
+
+    def exec_(self, sql):
+        return self._run(self.c.send_query, sql)
+
+    def exec_params(self, sql, params):
+        return self._run(self.c.send_query_params, sql, params)
+
+    def prepare(self, name, sql):
+        return self._run(self.c.send_prepare, name, sql)
+
+    def exec_prepared(self, name, params):
+        return self._run(self.c.send_query_prepared, name, params)
+
+    def describe_prepared(self, name):
+        return self._run(self.c.send_describe_prepared, name)
+
+    def close_prepared(self, name):
+        return self._run(self.c.send_close_prepared, name)
+
+    def results(self):
+        """All remaining results of the current command (until NULL)."""
+        out = []
+        while (r := self.get_result()) is not None:
+            out.append(r)
+        return out
+
+    def put_copy_data(self, data):
+        deadline = time.monotonic() + self.timeout
+        while self.c.put_copy_data(data) == 0:
+            self._wait(deadline, write=True)
+        return 1
+
+    def put_copy_end(self, error=None):
+        deadline = time.monotonic() + self.timeout
+        while self.c.put_copy_end(error) == 0:
+            self._wait(deadline, write=True)
+        self.flush()
+        return 1
+
+    def get_copy_data(self):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            n, data = self.c.get_copy_data(1)
+            if n != 0:
+                return n, data
+            self._wait(deadline)
+            self.c.consume_input()
+
+    def finish(self):
+        self.conn.close()
+
+
+def raw(dsn):
+    return LL(dsn)
 
 
 def apg_kwargs(dsn):
@@ -279,8 +378,11 @@ def grab_server(dsn, pid, limit=12):
         for _ in range(limit):
             h = pg3(dsn, autocommit=True)
             holders.append(h)
-            h.execute("BEGIN")
-            row = h.execute(f"select pg_backend_pid(), * from ({SETTINGS_SQL}) s").fetchone()
+            try:
+                h.execute("BEGIN")
+                row = h.execute(f"select pg_backend_pid(), * from ({SETTINGS_SQL}) s").fetchone()
+            except psycopg.errors.TooManyConnections:  # 53300: the pool is smaller than `limit`
+                break
             everyone.append(tuple(row[1:]))
             if row[0] == pid:
                 seen = tuple(row[1:])
@@ -775,7 +877,7 @@ def c04a():
 def copy_out_all(c):
     chunks = []
     while True:
-        n, data = c.get_copy_data(0)
+        n, data = c.get_copy_data()
         if n == -1:
             break
         if n == -2:
@@ -796,7 +898,7 @@ def t_copy_extended(dsn, tag):
         for i in range(0, len(data), 1000):
             c.put_copy_data(data[i:i + 1000])
         c.put_copy_end()
-        out.append(("copy-in-end", [res_desc(r) for r in iter(c.get_result, None)]))
+        out.append(("copy-in-end", [res_desc(r) for r in c.results()]))
         out.append(("status", pq.TransactionStatus(c.transaction_status).name))
         r = c.exec_params(f"select count(*), sum(id) from {t}".encode(), None)
         out.append(("count", r.get_value(0, 0), r.get_value(0, 1)))
@@ -804,17 +906,17 @@ def t_copy_extended(dsn, tag):
         out.append(("copy-out-start", pq.ExecStatus(r.status).name))
         got = copy_out_all(c)
         out.append(("copy-out-data", got == data, len(got)))
-        out.append(("copy-out-end", [res_desc(r) for r in iter(c.get_result, None)]))
+        out.append(("copy-out-end", [res_desc(r) for r in c.results()]))
         # client aborts the COPY (CopyFail)
         r = c.exec_params(f"COPY {t} (id, t) FROM STDIN".encode(), None)
         c.put_copy_data(b"7\tseven\n")
         c.put_copy_end(b"client gave up")
-        out.append(("copy-fail", [res_desc(r) for r in iter(c.get_result, None)]))
+        out.append(("copy-fail", [res_desc(r) for r in c.results()]))
         # bad data detected by the server
         r = c.exec_params(f"COPY {t} (id, t) FROM STDIN".encode(), None)
         c.put_copy_data(b"8\teight\nnot-a-number\tx\n")
         c.put_copy_end()
-        out.append(("copy-bad", [res_desc(r) for r in iter(c.get_result, None)]))
+        out.append(("copy-bad", [res_desc(r) for r in c.results()]))
         out.append(("status", pq.TransactionStatus(c.transaction_status).name))
         for i in range(20):
             r = c.exec_params(b"select $1::int", [str(i).encode()])
@@ -827,7 +929,7 @@ def t_copy_extended(dsn, tag):
         c.exec_params(f"COPY {t} (id, t) FROM STDIN".encode(), None)
         c.put_copy_data(b"9\tnine\n")
         c.put_copy_end()
-        out.append(("tx-copy", [res_desc(r) for r in iter(c.get_result, None)], pq.TransactionStatus(c.transaction_status).name))
+        out.append(("tx-copy", [res_desc(r) for r in c.results()], pq.TransactionStatus(c.transaction_status).name))
         out.append(("tx-rollback", res_desc(c.exec_(b"ROLLBACK")), pq.TransactionStatus(c.transaction_status).name))
     finally:
         c.finish()
@@ -930,12 +1032,14 @@ def c04d():
 def c05a():
     base = fresh_settings(DIRECT)
     expect(base[0] != "4321ms", "test bug: default statement_timeout is 4321ms")
+    landed = 0
     for rnd in range(6):
         a = pg3(PROXY, autocommit=True)
         try:
             a.execute("SET statement_timeout = '4321ms'", prepare=bool(rnd % 2))
             pid = backend_pid(a)
             holders, seen, everyone = grab_server(PROXY, pid)
+            landed += seen is not None
             try:
                 for i, s in enumerate(everyone):
                     expect(s == base, f"round {rnd}: fresh client #{i} sees {s}, expected {base}"
@@ -971,6 +1075,9 @@ def c05a():
             expect(all(v == base[0] for v in vs), f"round {rnd}: fresh asyncpg clients see {vs}")
         finally:
             a.close()
+    # make sure the check really put fresh clients on the server connections A had dirtied
+    expect(landed > 0, "test could not place a fresh client on the server connection that A used "
+                       "(checked pg_backend_pid() of up to 12 fresh transactions per round)")
 
 
 def t_set_sequence(dsn, tag):
