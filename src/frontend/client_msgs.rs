@@ -209,24 +209,88 @@ impl Session {
         server.prepared.insert(stmt.id);
         stmt.parse.encode(&mut self.to_server);
         self.pipeline.push_back(Expect::Parse {
-            stmt: Some(stmt),
+            stmt: Some(stmt.clone()),
             client_name: Some(name),
             injected: false,
         });
+        self.push_shape_check(stmt, true);
         Ok(())
     }
 
-    /// Makes sure the server has `stmt`, injecting a Parse if not.
-    fn ensure_prepared(&mut self, stmt: &Arc<super::statements::Statement>) {
-        let server = self.server.as_mut().expect("ensured");
-        if server.prepared.insert(stmt.id) {
-            stmt.parse.encode(&mut self.to_server);
-            self.pipeline.push_back(Expect::Parse {
-                stmt: Some(stmt.clone()),
-                client_name: None,
-                injected: true,
-            });
+    /// Injects a Describe of `stmt` whose answer records or checks its shape.
+    fn push_shape_check(&mut self, stmt: Arc<super::statements::Statement>, record: bool) {
+        fe::build_target(fe::DESCRIBE, b'S', &stmt.name).encode(&mut self.to_server);
+        self.pipeline.push_back(Expect::ShapeCheck { stmt, record });
+    }
+
+    /// Makes sure the server has `stmt`, injecting a Parse if not. A
+    /// statement whose shape is known is checked on the new server before
+    /// the client's message goes out (one round trip, on first use per
+    /// server connection). Returns false when the statement must fail like
+    /// a Postgres prepared statement after a schema change.
+    async fn ensure_prepared(
+        &mut self,
+        stmt: &Arc<super::statements::Statement>,
+    ) -> Result<bool, SessionError> {
+        use std::sync::atomic::Ordering;
+        if stmt.stale.load(Ordering::Relaxed) {
+            return Ok(false);
         }
+        let server = self.server.as_mut().expect("ensured");
+        if !server.prepared.insert(stmt.id) {
+            return Ok(true);
+        }
+        stmt.parse.encode(&mut self.to_server);
+        self.pipeline.push_back(Expect::Parse {
+            stmt: Some(stmt.clone()),
+            client_name: None,
+            injected: true,
+        });
+        let known = stmt.shape.get().is_some();
+        self.push_shape_check(stmt.clone(), !known);
+        if known {
+            self.wait_for_shape_check().await?;
+        }
+        Ok(!stmt.stale.load(Ordering::Relaxed))
+    }
+
+    /// Sends what is queued and processes server messages (forwarding the
+    /// answers to earlier messages) until no shape check is pending.
+    async fn wait_for_shape_check(&mut self) -> Result<(), SessionError> {
+        use tokio::io::AsyncReadExt;
+        // The server holds its answers until Sync or Flush.
+        Frame {
+            tag: fe::FLUSH,
+            body: bytes::Bytes::new(),
+        }
+        .encode(&mut self.to_server);
+        self.flush_server().await?;
+        while self
+            .pipeline
+            .iter()
+            .any(|e| matches!(e, Expect::ShapeCheck { .. }))
+        {
+            let server = self.server.as_mut().expect("attached");
+            let server: &mut crate::backend::ServerConn = server;
+            server.read_buf.reserve(4096);
+            match server.stream.read_buf(&mut server.read_buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return Err(self.server_lost()),
+            }
+            self.handle_server_bytes()?;
+            self.flush_client().await?;
+        }
+        Ok(())
+    }
+
+    /// Answers a Bind or Describe of a stale statement with the error
+    /// Postgres gives, making the server fail too so the rest up to Sync is
+    /// skipped and an open transaction is aborted, as Postgres does.
+    fn fail_stale_statement(&mut self) {
+        let probe = fe::build_bind(b"", "shardgate_stale_statement", &[0, 0, 0, 0, 0, 0]);
+        probe.encode(&mut self.to_server);
+        let error = be::error_response("ERROR", "0A000", "cached plan must not change result type");
+        self.pipeline.push_back(Expect::ErrorInstead { error });
     }
 
     /// Re-sends the client's last unnamed Parse on a server that lacks it.
@@ -258,7 +322,10 @@ impl Session {
             .then(|| self.statements.get(bind.statement).cloned())
             .flatten()
         {
-            self.ensure_prepared(&stmt);
+            if !self.ensure_prepared(&stmt).await? {
+                self.fail_stale_statement();
+                return Ok(());
+            }
             fe::build_bind(bind.portal, &stmt.name, bind.rest).encode(&mut self.to_server);
         } else {
             // Unknown to the proxy: the server answers (e.g. 26000).
@@ -278,7 +345,10 @@ impl Session {
             .then(|| self.statements.get(target.name).cloned())
             .flatten();
         if let Some(stmt) = managed {
-            self.ensure_prepared(&stmt);
+            if !self.ensure_prepared(&stmt).await? {
+                self.fail_stale_statement();
+                return Ok(());
+            }
             fe::build_target(fe::DESCRIBE, b'S', &stmt.name).encode(&mut self.to_server);
         } else {
             if target.kind == b'S' && target.name.is_empty() {

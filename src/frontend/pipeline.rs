@@ -24,6 +24,13 @@ pub enum Expect {
     },
     Bind,
     Describe,
+    /// An injected Describe of a proxy-named statement: its
+    /// ParameterDescription and RowDescription/NoData are not forwarded but
+    /// recorded as the statement's shape (`record`) or compared with it.
+    ShapeCheck {
+        stmt: Arc<Statement>,
+        record: bool,
+    },
     Execute,
     Close,
     Sync,

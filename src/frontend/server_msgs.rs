@@ -24,12 +24,7 @@ enum Action {
 fn passes_through(tag: u8) -> bool {
     matches!(
         tag,
-        be::DATA_ROW
-            | be::COPY_DATA
-            | be::COPY_DONE
-            | be::NOTICE_RESPONSE
-            | be::NOTIFICATION
-            | be::PARAMETER_DESCRIPTION
+        be::DATA_ROW | be::COPY_DATA | be::COPY_DONE | be::NOTICE_RESPONSE | be::NOTIFICATION
     )
 }
 
@@ -189,12 +184,32 @@ impl Session {
             },
             be::BIND_COMPLETE => self.expect_pop(|e| matches!(e, Expect::Bind), "BindComplete"),
             be::CLOSE_COMPLETE => self.expect_pop(|e| matches!(e, Expect::Close), "CloseComplete"),
-            be::ROW_DESCRIPTION | be::NO_DATA => {
-                if matches!(self.pipeline.front(), Some(Expect::Describe)) {
+            be::PARAMETER_DESCRIPTION => Ok(match self.pipeline.front() {
+                Some(Expect::ShapeCheck { .. }) => Action::Drop,
+                _ => Action::Forward,
+            }),
+            be::ROW_DESCRIPTION | be::NO_DATA => match self.pipeline.front() {
+                Some(Expect::Describe) => {
                     self.pipeline.pop_front();
+                    Ok(Action::Forward)
                 }
-                Ok(Action::Forward)
-            }
+                Some(Expect::ShapeCheck { .. }) => {
+                    if let Some(Expect::ShapeCheck { stmt, record }) = self.pipeline.pop_front() {
+                        let shape = if tag == be::ROW_DESCRIPTION {
+                            body
+                        } else {
+                            &[][..]
+                        };
+                        if record {
+                            let _ = stmt.shape.set(bytes::Bytes::copy_from_slice(shape));
+                        } else if stmt.shape.get().is_some_and(|known| known[..] != *shape) {
+                            stmt.stale.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    Ok(Action::Drop)
+                }
+                _ => Ok(Action::Forward),
+            },
             be::COMMAND_COMPLETE | be::EMPTY_QUERY | be::PORTAL_SUSPENDED => {
                 match self.pipeline.front() {
                     Some(Expect::Query) => {}

@@ -259,7 +259,7 @@ impl Session {
 
     /// The server connection died under a client: like a crashed backend,
     /// the client is told and disconnected.
-    fn server_lost(&mut self) -> SessionError {
+    pub(super) fn server_lost(&mut self) -> SessionError {
         if let Some(s) = self.server.as_mut() {
             s.broken = true;
             tracing::warn!(server = %s.addr, "server closed the connection unexpectedly");
@@ -281,7 +281,7 @@ impl Session {
         Ok(())
     }
 
-    async fn flush_server(&mut self) -> Result<(), SessionError> {
+    pub(super) async fn flush_server(&mut self) -> Result<(), SessionError> {
         if self.to_server.is_empty() {
             return Ok(());
         }

@@ -13,8 +13,8 @@ use crate::protocol::frontend::{build_parse, Parse};
 use crate::protocol::Frame;
 use bytes::Bytes;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 #[derive(Debug)]
 pub struct Statement {
@@ -25,6 +25,16 @@ pub struct Statement {
     pub key: Bytes,
     /// A ready-to-send Parse under the server-side name.
     pub parse: Frame,
+    /// The result shape (RowDescription body; empty for NoData) from the
+    /// first server that prepared it. Postgres fixes a prepared statement's
+    /// result type at Parse; when the statement is prepared again on
+    /// another server connection after a schema change, the shapes differ
+    /// and the client gets the error Postgres gives (0A000, cached plan
+    /// must not change result type) instead of rows of another shape.
+    pub shape: OnceLock<Bytes>,
+    /// Set once a server's shape differed: like a Postgres prepared
+    /// statement, it fails from then on until the client prepares it again.
+    pub stale: AtomicBool,
 }
 
 /// Bound on the set of known-good texts (a client that prepares endless
@@ -56,6 +66,8 @@ impl StatementRegistry {
             parse: build_parse(&name, parse.query, parse.param_types),
             name,
             key,
+            shape: OnceLock::new(),
+            stale: AtomicBool::new(false),
         }
     }
 

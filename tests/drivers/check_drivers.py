@@ -18,10 +18,31 @@ Every step that could hang is bounded by a timeout, so a hang is a FAIL.
 Prints one line per check, ``ok <name>`` or ``FAIL <name>: <reason>``, then
 a last line ``N passed, M failed``. Exit status 0 only if nothing failed.
 Options: ``--only SUBSTR`` (repeatable) runs the checks whose name contains
-SUBSTR; ``--verbose`` prints tracebacks of failures to stderr.
+SUBSTR; ``--verbose`` prints tracebacks of failures to stderr; ``--dump``
+prints both transcripts of every differential check to stderr.
 
-The checks create tables named ``sgdrv_<pid>_*`` in the target database
-(through the direct DSN) and drop them at the end.
+Checks (the number is the item of the issue it covers; 12 and 13 are extra):
+  01a/01b  multi-statement simple Query containing BEGIN/COMMIT (psycopg2, psycopg 3)
+  02a-02c  Flush without Sync: psycopg 3 pipeline, raw libpq pipeline, asyncpg
+  03a/03b  Close answered in order: psycopg 3 prepared_max=2, raw libpq pipeline
+  04a-04d  COPY: psycopg 3, extended-protocol COPY (PQexecParams), asyncpg, psycopg2
+  05a/05b  session SET does not leak; session state follows the client like Postgres
+  06       auth errors (28P01, 3D000) as Postgres reports them
+  07a/07b  ParameterStatus; client_encoding=LATIN1 honoured
+  08a-08d  errors inside transactions (25P02 until rollback), incl. named Parse
+  09a/09b  asyncpg 20 connections x 50 queries; prepared statements reused
+  10a-10c  NOTICE passthrough (psycopg 3, psycopg2, asyncpg)
+  11a-11c  cancel: psycopg 3, idle client's cancel hits nobody, asyncpg timeout
+  12a/12b  prepared statements after ALTER TABLE (fresh client, asyncpg re-prepare)
+  13       the same query text prepared under different search_paths
+
+To make pool-dependent bugs deterministic, some checks steer clients onto a
+given server connection: a client notes pg_backend_pid() in a transaction,
+then fresh clients open transactions until one of them sits on that backend
+(``grab_server``).
+
+The checks create tables (and for check 13 schemas) named ``sgdrv_<pid>_*``
+in the target database through the direct DSN, and drop them at the end.
 """
 
 import argparse
@@ -366,7 +387,7 @@ def backend_pid(conn):
     return pid
 
 
-def grab_server(dsn, pid, limit=12):
+def grab_server(dsn, pid, limit=12, connect=None):
     """Through the proxy: open transactions on fresh connections until one of them
     sits on server backend `pid`, so that backend's previous client must use
     another server connection next. Returns (holders, settings seen on `pid`,
@@ -376,7 +397,7 @@ def grab_server(dsn, pid, limit=12):
         return holders, seen, everyone
     try:
         for _ in range(limit):
-            h = pg3(dsn, autocommit=True)
+            h = connect() if connect else pg3(dsn, autocommit=True)
             holders.append(h)
             try:
                 h.execute("BEGIN")
@@ -1446,6 +1467,8 @@ def t_tx_errors_lowlevel(dsn, tag):
     try:
         out.append(("warm", res_desc(c.prepare(b"warm", b"select 12345"))))
         out.append(("begin", res_desc(c.exec_(b"BEGIN"))))
+        # executing it here makes sure the server connection this transaction holds has the statement
+        out.append(("exec-warm-in-tx", res_desc(c.exec_prepared(b"warm", None))))
         out.append(("div0", res_desc(c.exec_(b"select 1/0"))))
         out.append(("parse-known-text", res_desc(c.prepare(b"fresh", b"select 12345"))))
         out.append(("parse-new-text", res_desc(c.prepare(b"fresh2", b"select 54321 /* sgdrv */"))))
@@ -1470,7 +1493,7 @@ def t_tx_errors_lowlevel(dsn, tag):
 @check("08d_tx_errors_prepared_libpq")
 def c08d():
     d = differential(t_tx_errors_lowlevel)
-    expect(d[3] == ("parse-known-text", ("FATAL_ERROR", "25P02")), f"test bug: {d[3]}")
+    expect(d[4] == ("parse-known-text", ("FATAL_ERROR", "25P02")), f"test bug: {d[4]}")
 
 
 # -- 9. asyncpg prepared statements, many transactions, concurrency --------------
@@ -1724,12 +1747,26 @@ def t_ddl_psycopg3(dsn, tag):
         d.execute(f"insert into {t} values (1)")
     q = f"select * from {t} where a = %s"
     with pg3(dsn, autocommit=True) as c1:
+        c1.execute("BEGIN")
+        pid = c1.execute("select pg_backend_pid()").fetchone()[0]
         out.append(("before", c1.execute(q, (1,), prepare=True).fetchall()))
-        with pg3(dsn, autocommit=True) as ddl:
+        c1.execute("COMMIT")
+        with pg3(DIRECT, autocommit=True) as ddl:
             ddl.execute(f"alter table {t} add column b int default 7")
-        with pg3(dsn, autocommit=True) as c2:  # never prepared this text itself
+        # a client that never prepared this text, on the server connection c1 used
+        holders, seen, _ = grab_server(dsn, pid)
+        try:
+            if seen is not None:
+                c2 = holders[-1]
+            else:
+                c2 = pg3(dsn, autocommit=True)
+                holders.append(c2)
+                c2.execute("BEGIN")
             out.append(("fresh-client", attempt(lambda: c2.execute(q, (1,), prepare=True).fetchall())))
-            out.append(("fresh-client-again", attempt(lambda: c2.execute(q, (1,), prepare=True).fetchall())))
+        finally:
+            release(holders)
+        with pg3(dsn, autocommit=True) as c3:
+            out.append(("fresh-client-2", attempt(lambda: c3.execute(q, (1,), prepare=True).fetchall())))
         out.append(("old-client", attempt(lambda: c1.execute(q, (1,), prepare=True).fetchall())))
     return out
 
@@ -1769,6 +1806,71 @@ async def t_ddl_asyncpg(dsn, tag):
 def c12b():
     d = differential(t_ddl_asyncpg, is_async=True)
     expect(d[1] == ("same-client", ("ok", [(1, 7)])), f"test bug: {d[1]}")
+
+
+# -- extra: prepared statements and search_path -----------------------------------------
+
+_SCHEMAS = []
+
+
+def t_search_path(dsn, tag):
+    """The same query text prepared by clients with different search_paths."""
+    table = f"sgdrv_{os.getpid()}_sp"
+    schemas = [f"sgdrv_{os.getpid()}_{tag}_{x}" for x in ("a", "b")]
+    with pg3(DIRECT, autocommit=True) as d:
+        for sch, val in zip(schemas, ("a", "b")):
+            d.execute(f"DROP SCHEMA IF EXISTS {sch} CASCADE")
+            d.execute(f"CREATE SCHEMA {sch}")
+            d.execute(f"CREATE TABLE {sch}.{table} (v text)")
+            d.execute(f"INSERT INTO {sch}.{table} VALUES ('{val}')")
+            _SCHEMAS.append(sch)
+        # tenant b's table has one more column: `select *` has a different result type there
+        d.execute(f"ALTER TABLE {schemas[1]}.{table} ADD COLUMN extra int DEFAULT 42")
+    q = f"select v, right(current_schemas(false)::text, 3) from {table} where v <> %s"
+    star = f"select * from {table} where v <> %s"
+    out = []
+
+    def client(sch):
+        return pg3(with_params(dsn, options=f"-c search_path={sch}"), autocommit=True)
+
+    with client(schemas[0]) as a:
+        a.execute("BEGIN")
+        pid = a.execute("select pg_backend_pid()").fetchone()[0]
+        out.append(("a", a.execute(q, ("x",), prepare=True).fetchall()))
+        out.append(("a-star", a.execute(star, ("x",), prepare=True).fetchall()))
+        a.execute("COMMIT")
+        # client b (other search_path) on the server connection a used
+        holders, seen, _ = grab_server(dsn, pid, connect=lambda: client(schemas[1]))
+        try:
+            if seen is not None:
+                b = holders[-1]
+            else:
+                b = client(schemas[1])
+                holders.append(b)
+                b.execute("BEGIN")
+            out.append(("b-prepared", attempt(lambda: b.execute(q, ("x",), prepare=True).fetchall())))
+            out.append(("b-unprepared", attempt(lambda: b.execute(q, ("x",)).fetchall())))
+            out.append(("b-star-prepared", attempt(lambda: b.execute(star, ("x",), prepare=True).fetchall())))
+        finally:
+            release(holders)
+        with client(schemas[1]) as b2:
+            b2.execute("SET search_path = " + schemas[1])
+            out.append(("b2-set", attempt(lambda: b2.execute(q, ("x",), prepare=True).fetchall())))
+            out.append(("b2-star", attempt(lambda: b2.execute(star, ("x",), prepare=True).fetchall())))
+        out.append(("a-again", a.execute(q, ("x",), prepare=True).fetchall()))
+        out.append(("a-star-again", attempt(lambda: a.execute(star, ("x",), prepare=True).fetchall())))
+    return out
+
+
+@check("13_prepared_statement_uses_clients_search_path")
+def c13():
+    try:
+        d = differential(t_search_path)
+    finally:
+        with pg3(DIRECT, autocommit=True) as c:
+            for sch in _SCHEMAS:
+                c.execute(f"DROP SCHEMA IF EXISTS {sch} CASCADE")
+    expect(d[0][1][0][0] == "a", f"test bug: {d[0]}")
 
 
 # --------------------------------------------------------------------------
