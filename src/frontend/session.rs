@@ -400,6 +400,12 @@ impl Session {
         if server.prepared.len() > self.max_prepared {
             server.retire = true;
         }
+        // Keep the client's unnamed statement (re-sent if a later Bind needs
+        // it) as its own copy, so it does not pin the read buffer it was
+        // decoded from.
+        if let Some(parse) = self.unnamed_parse.as_mut() {
+            parse.body = bytes::Bytes::copy_from_slice(&parse.body);
+        }
         let now = Instant::now();
         server.last_released = now;
         self.pool

@@ -182,7 +182,7 @@ fn parse_startup_params(mut body: &[u8]) -> Result<Vec<(String, String)>, Protoc
 
 /// Takes a NUL-terminated UTF-8 string off the front of `buf`.
 pub fn take_cstr<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
-    let end = buf.iter().position(|&b| b == 0)?;
+    let end = memchr::memchr(0, buf)?;
     let s = std::str::from_utf8(&buf[..end]).ok()?;
     *buf = &buf[end + 1..];
     Some(s)
@@ -190,7 +190,7 @@ pub fn take_cstr<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
 
 /// Takes a NUL-terminated byte string off the front of `buf`.
 pub fn take_cbytes<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let end = buf.iter().position(|&b| b == 0)?;
+    let end = memchr::memchr(0, buf)?;
     let s = &buf[..end];
     *buf = &buf[end + 1..];
     Some(s)

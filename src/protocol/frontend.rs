@@ -26,7 +26,9 @@ pub const PASSWORD: u8 = b'p';
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parse<'a> {
     pub name: &'a str,
-    pub query: &'a str,
+    /// Raw bytes: the proxy forwards the text and never needs it as a
+    /// string, so it is not UTF-8-checked on the hot path (the server does).
+    pub query: &'a [u8],
     /// Everything after the query's NUL: the parameter type count and OIDs.
     pub param_types: &'a [u8],
 }
@@ -34,7 +36,7 @@ pub struct Parse<'a> {
 pub fn parse_parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
     let mut rest = body;
     let name = take_cstr(&mut rest).ok_or(ProtocolError::Malformed("Parse"))?;
-    let query = take_cstr(&mut rest).ok_or(ProtocolError::Malformed("Parse"))?;
+    let query = take_cbytes(&mut rest).ok_or(ProtocolError::Malformed("Parse"))?;
     if rest.len() < 2 {
         return Err(ProtocolError::Malformed("Parse"));
     }
@@ -49,11 +51,11 @@ pub fn parse_parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
     })
 }
 
-pub fn build_parse(name: &str, query: &str, param_types: &[u8]) -> Frame {
+pub fn build_parse(name: &str, query: &[u8], param_types: &[u8]) -> Frame {
     let mut b = BytesMut::with_capacity(name.len() + query.len() + 2 + param_types.len());
     b.put_slice(name.as_bytes());
     b.put_u8(0);
-    b.put_slice(query.as_bytes());
+    b.put_slice(query);
     b.put_u8(0);
     b.put_slice(param_types);
     Frame {
@@ -159,10 +161,10 @@ mod tests {
 
     #[test]
     fn parse_round_trip() {
-        let f = build_parse("s1", "select $1", &[0, 1, 0, 0, 0, 23]);
+        let f = build_parse("s1", b"select $1", &[0, 1, 0, 0, 0, 23]);
         let p = parse_parse(&f.body).unwrap();
         assert_eq!(p.name, "s1");
-        assert_eq!(p.query, "select $1");
+        assert_eq!(p.query, b"select $1");
         assert_eq!(p.param_types, &[0, 1, 0, 0, 0, 23]);
         assert!(parse_parse(b"s1\0select\0\0\x02\0\0\0\x17").is_err());
     }
@@ -204,10 +206,10 @@ mod tests {
         fn parse_messages_round_trip(name in "[a-z0-9_]{0,12}", query in "[ -~]{0,40}", n in 0i16..4) {
             let mut types = n.to_be_bytes().to_vec();
             for i in 0..n { types.extend_from_slice(&(i as i32 + 20).to_be_bytes()); }
-            let f = build_parse(&name, &query, &types);
+            let f = build_parse(&name, query.as_bytes(), &types);
             let p = parse_parse(&f.body).unwrap();
             prop_assert_eq!(p.name, name.as_str());
-            prop_assert_eq!(p.query, query.as_str());
+            prop_assert_eq!(p.query, query.as_bytes());
             prop_assert_eq!(p.param_types, &types[..]);
         }
     }

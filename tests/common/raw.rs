@@ -102,7 +102,7 @@ impl Raw {
 }
 
 pub fn parse(name: &str, sql: &str) -> Frame {
-    fe::build_parse(name, sql, &[0, 0])
+    fe::build_parse(name, sql.as_bytes(), &[0, 0])
 }
 pub fn bind(stmt: &str) -> Frame {
     fe::build_bind(b"", stmt, &[0, 0, 0, 0, 0, 0])
