@@ -298,34 +298,7 @@ impl ServerConn {
         &mut self,
         sql: &str,
     ) -> Result<Option<be::ErrorFields>, ConnectError> {
-        let mut out = BytesMut::new();
-        crate::protocol::frontend::build_query(sql).encode(&mut out);
-        if let Err(source) = self.stream.write_all(&out).await {
-            self.broken = true;
-            return Err(ConnectError::Io {
-                addr: self.addr.to_string(),
-                source,
-            });
-        }
-        let mut error = None;
-        loop {
-            let f = match self.read_frame().await {
-                Ok(f) => f,
-                Err(e) => {
-                    self.broken = true;
-                    return Err(e);
-                }
-            };
-            match f.tag {
-                be::PARAMETER_STATUS => self.note_parameter(&f.body),
-                be::ERROR_RESPONSE if error.is_none() => error = Some(be::parse_error(&f.body)),
-                be::READY_FOR_QUERY => {
-                    self.tx_status = f.body.first().copied().unwrap_or(b'I');
-                    return Ok(error);
-                }
-                _ => {}
-            }
-        }
+        Ok(self.query_rows(sql).await?.err())
     }
 
     /// Runs `sql` (simple protocol) and returns its rows as text, or the
