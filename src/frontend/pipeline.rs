@@ -2,8 +2,9 @@
 //!
 //! Every message forwarded to the server that the server answers pushes an
 //! [`Expect`]; server messages pop them. This is what lets the proxy answer
-//! some messages itself (a Parse the server already has, a Close of a
-//! statement the proxy manages) at exactly the right position in the
+//! some messages itself (a Parse of a known-good text while no server is
+//! held, a Close of a statement the proxy manages, a duplicate name) at
+//! exactly the right position in the
 //! response stream, drop the answers to messages it injected, and know when
 //! the server connection is idle and free to return to the pool.
 
@@ -37,9 +38,9 @@ pub enum Expect {
     /// A simple Query (ends at ReadyForQuery).
     Query,
     FunctionCall,
-    /// A response the proxy produces itself when it reaches the front. The
-    /// ParseComplete of an already-prepared statement carries the client's
-    /// name so it can be undone if the server skips it after an error.
+    /// A response the proxy produces itself when it reaches the front. A
+    /// ParseComplete the proxy answers carries the client's statement name
+    /// so it can be undone if the server skips it after an error.
     Synthetic {
         frame: Frame,
         client_name: Option<String>,
