@@ -9,6 +9,8 @@ use shardgate::local::{LocalTopology, ServerOptions, APP_PASSWORD, APP_USER};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+const DEFAULT_HOME: &str = "/tmp/shardgate";
+
 #[derive(Parser)]
 #[command(
     name = "shardgate",
@@ -30,7 +32,7 @@ enum Cmd {
     /// Start the local topology (3 shards; s0 has 2 streaming replicas) and
     /// a proxy on it in the background. Harmless to run twice.
     Up {
-        #[arg(long, env = "SHARDGATE_HOME", default_value = "/tmp/shardgate")]
+        #[arg(long, env = "SHARDGATE_HOME", default_value = DEFAULT_HOME)]
         home: PathBuf,
         /// s0 primary port; replicas take the next ports, s1 base+10, s2 base+20.
         #[arg(long, default_value_t = 16000)]
@@ -42,7 +44,7 @@ enum Cmd {
     },
     /// Stop the proxy and every server started by `up`.
     Down {
-        #[arg(long, env = "SHARDGATE_HOME", default_value = "/tmp/shardgate")]
+        #[arg(long, env = "SHARDGATE_HOME", default_value = DEFAULT_HOME)]
         home: PathBuf,
     },
 }
@@ -161,7 +163,14 @@ fn up(home: &Path, base_port: u16, listen: &str, metrics_listen: &str) -> Result
     }
     println!("metrics: http://{metrics_listen}/metrics");
     println!("connect: psql \"postgres://{APP_USER}:{APP_PASSWORD}@{host}:{port}/{APP_USER}\"");
-    println!("stop:    cargo run --release -- down");
+    if home == Path::new(DEFAULT_HOME) {
+        println!("stop:    cargo run --release -- down");
+    } else {
+        println!(
+            "stop:    cargo run --release -- down --home {}",
+            home.display()
+        );
+    }
     Ok(())
 }
 
