@@ -25,7 +25,7 @@ impl CancelRegistry {
     /// Registers a new client; returns its key and its slot.
     pub fn register(&self) -> ((i32, i32), CancelSlot) {
         let mut rng = rand::thread_rng();
-        let mut map = self.clients.lock().expect("cancel lock");
+        let mut map = crate::lock(&self.clients);
         loop {
             let key = (rng.gen_range(1..i32::MAX), rng.gen::<i32>());
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry(key) {
@@ -37,15 +37,14 @@ impl CancelRegistry {
     }
 
     pub fn unregister(&self, key: (i32, i32)) {
-        self.clients.lock().expect("cancel lock").remove(&key);
+        crate::lock(&self.clients).remove(&key);
     }
 
     /// Forwards a cancel for `key` if that client is running something.
     pub async fn cancel(&self, key: (i32, i32)) {
         let target = {
-            let map = self.clients.lock().expect("cancel lock");
-            map.get(&key)
-                .and_then(|slot| slot.lock().expect("cancel slot lock").clone())
+            let map = crate::lock(&self.clients);
+            map.get(&key).and_then(|slot| crate::lock(slot).clone())
         };
         match target {
             Some(t) => {

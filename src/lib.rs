@@ -29,3 +29,19 @@ pub mod proxy;
 pub mod router;
 pub mod sql;
 pub mod topology;
+
+/// Locks a mutex, ignoring poisoning: the data behind our locks stays
+/// consistent even if a holder panicked (each critical section is a single
+/// map or slot update), and one panicking task must not take every other
+/// client down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) fn read<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) fn write<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -553,20 +553,34 @@ async fn session_mode_cleans_connections_between_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_queries_and_errors() {
+    // Counters are process-wide; other tests run in parallel. SQLSTATE class
+    // P0 (raised by PL/pgSQL) is produced by this test only, so its count
+    // must rise by exactly the errors raised here.
+    fn p0_errors() -> u64 {
+        shardgate::metrics::GLOBAL
+            .errors
+            .with_label_values(&["P0"])
+            .get()
+    }
     let p = start_proxy("max_size = 1", "");
     let c = p.connect().await;
-    c.simple_query("select 1").await.unwrap();
-    let _ = c.simple_query("select 1/0").await;
+    let before = p0_errors();
+    for _ in 0..3 {
+        let e = c
+            .simple_query("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = 'P0002'; END $$")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "P0002");
+    }
+    assert_eq!(p0_errors() - before, 3);
     let text = shardgate::metrics::render(&p.proxy.pools);
-    assert!(text.contains("shardgate_queries_total"), "{text}");
-    assert!(
-        text.contains("shardgate_errors_total{class=\"22\"}"),
-        "{text}"
-    );
-    assert!(
-        text.contains("shardgate_server_connections{pool="),
-        "{text}"
-    );
+    for name in [
+        "shardgate_errors_total{class=\"P0\"}",
+        "shardgate_queries_total{pool=",
+        "shardgate_server_connections{pool=",
+    ] {
+        assert!(text.contains(name), "missing {name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -70,15 +70,10 @@ async fn connect(
     port: u16,
     password: &str,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (c, conn) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={port} user=app password={password} dbname=app"),
-        tokio_postgres::NoTls,
-    )
-    .await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(c)
+    connect_url(&format!(
+        "host=127.0.0.1 port={port} user=app password={password} dbname=app"
+    ))
+    .await
 }
 
 fn signal(p: &Proc, sig: nix::sys::signal::Signal) {

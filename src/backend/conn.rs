@@ -2,7 +2,7 @@
 //! server-side credentials, and what the proxy must remember about it.
 
 use crate::protocol::backend as be;
-use crate::protocol::frame::{decode_frame, Frame, PROTOCOL_V3};
+use crate::protocol::frame::{decode_frame, Frame};
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use std::collections::{HashMap, HashSet};
@@ -115,18 +115,10 @@ impl ServerConn {
             last_released: Instant::now(),
             read_buf: BytesMut::with_capacity(8192),
         };
-        let mut startup = BytesMut::new();
-        startup.put_i32(0);
-        startup.put_i32(PROTOCOL_V3);
-        for (k, v) in [("user", p.user.as_str()), ("database", p.database.as_str())] {
-            startup.put_slice(k.as_bytes());
-            startup.put_u8(0);
-            startup.put_slice(v.as_bytes());
-            startup.put_u8(0);
-        }
-        startup.put_u8(0);
-        let len = startup.len() as i32;
-        startup[..4].copy_from_slice(&len.to_be_bytes());
+        let startup = crate::protocol::frontend::build_startup(&[
+            ("user", p.user.as_str()),
+            ("database", p.database.as_str()),
+        ]);
         conn.stream.write_all(&startup).await.map_err(io)?;
         conn.authenticate(p).await?;
         // After AuthenticationOk: ParameterStatus*, BackendKeyData, ReadyForQuery.

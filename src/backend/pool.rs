@@ -200,14 +200,14 @@ impl Pools {
         password: Option<&str>,
         max_size: Option<usize>,
     ) -> Arc<PoolEntry> {
-        if let Some(p) = self.pools.read().expect("pools lock").get(key) {
+        if let Some(p) = crate::read(&self.pools).get(key) {
             return p.clone();
         }
-        let mut pools = self.pools.write().expect("pools lock");
+        let mut pools = crate::write(&self.pools);
         if let Some(p) = pools.get(key) {
             return p.clone();
         }
-        let s = self.settings.read().expect("settings lock").clone();
+        let s = crate::read(&self.settings).clone();
         let metrics = PoolMetrics::new(&key.label());
         let manager = ServerManager {
             params: ConnectParams {
@@ -238,12 +238,7 @@ impl Pools {
     }
 
     pub fn all(&self) -> Vec<Arc<PoolEntry>> {
-        self.pools
-            .read()
-            .expect("pools lock")
-            .values()
-            .cloned()
-            .collect()
+        crate::read(&self.pools).values().cloned().collect()
     }
 
     /// Applies reloaded sizes: the default size to every pool unless a
@@ -256,7 +251,7 @@ impl Pools {
                 p.pool.resize(size);
             }
         }
-        *self.settings.write().expect("settings lock") = settings;
+        *crate::write(&self.settings) = settings;
     }
 
     /// One maintenance pass: close connections idle past the idle timeout
@@ -264,8 +259,8 @@ impl Pools {
     /// to `min_size`; forget pools nobody uses (a client probing database
     /// names, or servers a newer topology no longer lists).
     pub async fn maintain(&self) {
-        let s = self.settings.read().expect("settings lock").clone();
-        self.pools.write().expect("pools lock").retain(|_, p| {
+        let s = crate::read(&self.settings).clone();
+        crate::write(&self.pools).retain(|_, p| {
             // Only the map holds it: no session uses it, and it is empty.
             Arc::strong_count(p) > 1 || p.pool.status().size > 0
         });

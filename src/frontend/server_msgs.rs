@@ -13,6 +13,10 @@ use crate::protocol::backend as be;
 use crate::protocol::frame::peek_header;
 use bytes::{Buf, BytesMut};
 
+/// Below this, forwarding copies (cheaper than giving up the read
+/// buffer's allocation); above it, bytes go to the client without a copy.
+const ZERO_COPY_MIN: usize = 8192;
+
 /// What happens to one server message.
 enum Action {
     Forward,
@@ -80,8 +84,16 @@ impl Session {
                 self.emit_ready_synthetics();
             }
         }
-        self.to_client.extend_from_slice(&buf[start..pos]);
-        buf.advance(pos);
+        if start == 0 && pos >= ZERO_COPY_MIN && self.to_client.is_empty() {
+            // A large run of untouched server bytes (a result set streaming
+            // through): hand the bytes themselves to the client writer
+            // instead of copying them.
+            self.to_client = buf.split_to(pos);
+            self.to_client_shares_read_buf = true;
+        } else {
+            self.to_client.extend_from_slice(&buf[start..pos]);
+            buf.advance(pos);
+        }
         Ok(())
     }
 

@@ -65,6 +65,8 @@ pub struct Session {
     pub(super) copy_in: bool,
     /// Bytes of a large server message still to forward unexamined.
     pub(super) pass_through: usize,
+    /// `to_client` is a zero-copy slice of the server read buffer.
+    pub(super) to_client_shares_read_buf: bool,
     /// Client statement name -> proxy-wide statement (transaction mode).
     pub(super) statements: HashMap<String, Arc<Statement>>,
     /// The last unnamed Parse, re-sent if a later Bind lands on another
@@ -100,6 +102,7 @@ impl Session {
             skipping: false,
             copy_in: false,
             pass_through: 0,
+            to_client_shares_read_buf: false,
             statements: HashMap::new(),
             unnamed_parse: None,
             unnamed_on_server: false,
@@ -276,7 +279,13 @@ impl Session {
                 .write_all(&self.to_client)
                 .await
                 .map_err(SessionError::ClientIo)?;
-            self.to_client.clear();
+            if self.to_client_shares_read_buf {
+                // Let go of the server read buffer so it can be reused.
+                self.to_client = BytesMut::new();
+                self.to_client_shares_read_buf = false;
+            } else {
+                self.to_client.clear();
+            }
         }
         Ok(())
     }
@@ -318,7 +327,7 @@ impl Session {
             .checkout(wait)
             .await
             .map_err(|e| e.client_error())?;
-        *self.cancel_slot.lock().expect("cancel slot lock") = Some(CancelTarget {
+        *crate::lock(&self.cancel_slot) = Some(CancelTarget {
             addr: conn.addr.clone(),
             pid: conn.pid,
             secret: conn.secret,
@@ -413,14 +422,14 @@ impl Session {
             .tx_duration
             .observe((now - self.checked_out_at).as_secs_f64());
         self.pool.metrics.transactions.inc();
-        *self.cancel_slot.lock().expect("cancel slot lock") = None;
+        *crate::lock(&self.cancel_slot) = None;
         self.server = None;
     }
 
     /// Throws the server connection away instead of pooling it.
     pub(super) fn drop_server(&mut self) {
         if let Some(conn) = self.server.take() {
-            *self.cancel_slot.lock().expect("cancel slot lock") = None;
+            *crate::lock(&self.cancel_slot) = None;
             drop(deadpool::managed::Object::take(conn));
         }
     }

@@ -72,11 +72,11 @@ impl StatementRegistry {
     }
 
     pub fn is_validated(&self, key: &[u8]) -> bool {
-        self.validated.lock().expect("statement lock").contains(key)
+        crate::lock(&self.validated).contains(key)
     }
 
     pub fn mark_validated(&self, key: &Bytes) {
-        let mut set = self.validated.lock().expect("statement lock");
+        let mut set = crate::lock(&self.validated);
         if set.len() >= MAX_VALIDATED {
             set.clear();
         }

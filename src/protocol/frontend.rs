@@ -147,6 +147,23 @@ pub fn build_query(sql: &str) -> Frame {
     }
 }
 
+/// The untagged startup packet (protocol 3.0) with its parameters.
+pub fn build_startup(params: &[(&str, &str)]) -> BytesMut {
+    let mut b = BytesMut::new();
+    b.put_i32(0);
+    b.put_i32(super::frame::PROTOCOL_V3);
+    for (k, v) in params {
+        b.put_slice(k.as_bytes());
+        b.put_u8(0);
+        b.put_slice(v.as_bytes());
+        b.put_u8(0);
+    }
+    b.put_u8(0);
+    let len = b.len() as i32;
+    b[..4].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
 pub fn sync() -> Frame {
     Frame {
         tag: SYNC,
@@ -177,6 +194,14 @@ mod tests {
         let c = parse_bind(&g.body).unwrap();
         assert_eq!(c.statement, "sg_7");
         assert_eq!(c.rest, b.rest);
+    }
+
+    #[test]
+    fn startup_round_trip() {
+        let mut b = build_startup(&[("user", "u"), ("database", "d")]);
+        let s = crate::protocol::decode_startup(&mut b).unwrap().unwrap();
+        assert_eq!(s.param("user"), Some("u"));
+        assert_eq!(s.param("database"), Some("d"));
     }
 
     #[test]

@@ -200,31 +200,27 @@ impl TestProxy {
         password: &str,
         db: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, conn) =
-            tokio_postgres::connect(&self.url(user, password, db), tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(client)
+        connect_url(&self.url(user, password, db)).await
     }
+}
+
+/// A tokio-postgres client for `url`, its connection driven in the background.
+pub async fn connect_url(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
 }
 
 /// A direct connection to the shared primary as the superuser app.
 pub async fn direct() -> tokio_postgres::Client {
-    let c = cluster();
-    let (client, conn) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=app password=app dbname=app",
-            c.primary.port
-        ),
-        tokio_postgres::NoTls,
-    )
+    let port = cluster().primary.port;
+    connect_url(&format!(
+        "host=127.0.0.1 port={port} user=app password=app dbname=app"
+    ))
     .await
-    .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
+    .expect("direct connection to the test primary")
 }
 
 /// Server connections of `user` in a given state, as the server sees them.

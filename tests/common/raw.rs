@@ -3,8 +3,8 @@
 
 #![allow(dead_code)]
 
-use bytes::{BufMut, BytesMut};
-use shardgate::protocol::frame::{decode_frame, Frame, PROTOCOL_V3};
+use bytes::BytesMut;
+use shardgate::protocol::frame::{decode_frame, Frame};
 use shardgate::protocol::frontend as fe;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -17,19 +17,7 @@ pub struct Raw {
 }
 
 pub fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut b = BytesMut::new();
-    b.put_i32(0);
-    b.put_i32(PROTOCOL_V3);
-    for (k, v) in params {
-        b.put_slice(k.as_bytes());
-        b.put_u8(0);
-        b.put_slice(v.as_bytes());
-        b.put_u8(0);
-    }
-    b.put_u8(0);
-    let len = b.len() as i32;
-    b[..4].copy_from_slice(&len.to_be_bytes());
-    b.to_vec()
+    fe::build_startup(params).to_vec()
 }
 
 impl Raw {
