@@ -182,12 +182,7 @@ impl Session {
                 self.skipping = true;
                 return Ok(());
             }
-            // Make the server fail too, so its transaction state matches
-            // what Postgres does for a duplicate name; the client sees the
-            // Postgres error for its own statement name.
-            let probe = fe::build_bind(b"", "shardgate_duplicate_statement", &[0, 0, 0, 0, 0, 0]);
-            probe.encode(&mut self.to_server);
-            self.pipeline.push_back(Expect::ErrorInstead { error });
+            self.fail_in_step(error);
             return Ok(());
         }
         let key = frame.body.slice(name.len() + 1..);
@@ -284,12 +279,19 @@ impl Session {
     }
 
     /// Answers a Bind or Describe of a stale statement with the error
-    /// Postgres gives, making the server fail too so the rest up to Sync is
-    /// skipped and an open transaction is aborted, as Postgres does.
+    /// Postgres gives.
     fn fail_stale_statement(&mut self) {
-        let probe = fe::build_bind(b"", "shardgate_stale_statement", &[0, 0, 0, 0, 0, 0]);
-        probe.encode(&mut self.to_server);
         let error = be::error_response("ERROR", "0A000", "cached plan must not change result type");
+        self.fail_in_step(error);
+    }
+
+    /// Gives the client `error` for the current message, and makes the
+    /// server fail at the same point (a Bind of a statement that does not
+    /// exist), so it skips the rest up to Sync and aborts an open
+    /// transaction exactly as Postgres would for the real error.
+    fn fail_in_step(&mut self, error: Frame) {
+        let probe = fe::build_bind(b"", "shardgate_failed_message", &[0, 0, 0, 0, 0, 0]);
+        probe.encode(&mut self.to_server);
         self.pipeline.push_back(Expect::ErrorInstead { error });
     }
 

@@ -151,7 +151,7 @@ impl Session {
                         let first = self.pipeline.pop_front().expect("front exists");
                         let action = match first {
                             Expect::ErrorInstead { error } => {
-                                count_error(b"42P05");
+                                count_error(&be::error_code(&error.body).unwrap_or(*b"XX000"));
                                 Action::Replace(error)
                             }
                             other => {
