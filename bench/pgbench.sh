@@ -43,6 +43,9 @@
 #   THREADS         pgbench -j (capped at the client count) [2]
 #   WARMUP          seconds of unreported select-only load per target
 #                   before the matrix, to fill the pools; 0 skips [3]
+#   ROUNDS          runs of every target per cell, interleaved with the
+#                   target order rotated each round; the table shows
+#                   medians and the range of per-round ratios [1]
 #   OUT             results file [bench/results-<date>.md]; raw pgbench
 #                   logs go to a directory next to it (<OUT without .md>.logs)
 set -euo pipefail
@@ -67,6 +70,7 @@ TARGETS=${TARGETS:-direct shardgate pgbouncer}
 CONNECT_CLIENTS=${CONNECT_CLIENTS:-32}
 THREADS=${THREADS:-2}
 WARMUP=${WARMUP:-3}
+ROUNDS=${ROUNDS:-1}
 STAMP=$(date +%Y-%m-%d-%H%M%S)
 OUT=${OUT:-bench/results-$STAMP.md}
 LOGDIR=${OUT%.md}.logs
@@ -85,6 +89,7 @@ die() { log "pgbench.sh: $*"; exit 1; }
 for w in $WORKLOADS; do [[ $w == select-only || $w == tpcb-like ]] || die "unknown workload '$w' (select-only, tpcb-like)"; done
 for p in $PROTOCOLS; do [[ $p == simple || $p == extended || $p == prepared ]] || die "unknown protocol '$p' (simple, extended, prepared)"; done
 for t in $TARGETS; do [[ $t == direct || $t == shardgate || $t == pgbouncer ]] || die "unknown target '$t' (direct, shardgate, pgbouncer)"; done
+[[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -gt 0 ]] || die "ROUNDS must be a positive number, got '$ROUNDS'"
 for c in $CLIENTS $CONNECT_CLIENTS; do [[ $c =~ ^[0-9]+$ ]] || die "client counts must be numbers, got '$c'"; done
 [[ $(id -u) -eq 0 ]] || die "run as root (it installs packages and runs servers as the postgres user)"
 
@@ -286,7 +291,7 @@ run_pgbench() {
 
 md_escape() { local s=${1//|/\\|}; s=${s//$'\r'/}; printf '%s' "${s:0:200}"; }
 
-HEADER='| workload | protocol | clients | target | TPS | avg latency ms | ratio to direct TPS | proxy CPU µs/txn | notes |'
+HEADER='| workload | protocol | clients | target | TPS | avg latency ms | ratio to direct TPS (range) | proxy CPU µs/txn | notes |'
 SEP='|---|---|---:|---|---:|---:|---:|---:|---|'
 
 versions() {
@@ -301,6 +306,7 @@ versions() {
     exe=$(readlink "/proc/$(cat "$SHARDGATE_HOME/shardgate.pid" 2>/dev/null || echo 0)/exe" 2>/dev/null || echo '?')
     echo "- PostgreSQL $pgv; $pgbv; $sgv at $rev"
     echo "- proxy process: $exe (binary modified $(date -u -r "$exe" '+%Y-%m-%d %H:%M:%S UTC' 2>/dev/null || echo '?'))"
+    echo "- $ROUNDS round(s) per cell, target order rotated each round; TPS, latency and CPU are medians over rounds, the ratio is the median of per-round ratios to direct (range in brackets)"
     echo "- pgbench scale $SCALE, $DURATION s per run, -j min($THREADS, clients); pools: $POOL_SIZE server connections (shardgate max_size, pgbouncer default_pool_size), transaction mode, ${WAIT_TIMEOUT}s wait for a server connection"
 }
 
@@ -314,42 +320,75 @@ versions() {
 } >"$OUT"
 
 ROWS=()
-declare -A DIRECT_TPS=()
-n_cells=0
-for _w in $WORKLOADS; do for _p in $PROTOCOLS; do for _c in $CLIENTS; do for _t in $TARGETS; do n_cells=$((n_cells + 1)); done; done; done; done
-if [[ $CONNECT_CLIENTS -gt 0 ]]; then for _t in $TARGETS; do n_cells=$((n_cells + 1)); done; fi
+n_runs=0
+for _w in $WORKLOADS; do for _p in $PROTOCOLS; do for _c in $CLIENTS; do for _t in $TARGETS; do n_runs=$((n_runs + ROUNDS)); done; done; done; done
+if [[ $CONNECT_CLIENTS -gt 0 ]]; then for _t in $TARGETS; do n_runs=$((n_runs + ROUNDS)); done; fi
 i=0
 
-# cell WORKLOAD-LABEL PROTOCOL CLIENTS TARGET EXTRA-PGBENCH-ARGS...
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END{if (NR==0) exit; if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
+
+# cell WORKLOAD-LABEL PROTOCOL CLIENTS EXTRA-PGBENCH-ARGS...
+# Runs every target ROUNDS times, round-robin with the order rotated each
+# round (so slow drifts of the machine hit every target alike), and writes
+# one row per target: the median TPS, latency and proxy CPU, and the median
+# and range of the per-round ratios to direct.
 cell() {
-    local wl=$1 proto=$2 clients=$3 target=$4
-    shift 4
-    local j=$THREADS key="$wl/$proto/$clients" logf ratio tps_s lat_s notes
+    local wl=$1 proto=$2 clients=$3
+    shift 3
+    local j=$THREADS r t k logf order=() targets=($TARGETS)
     ((clients < j)) && j=$clients
     ((j < 1)) && j=1
-    i=$((i + 1))
-    logf="$LOGDIR/$(echo "$wl-$proto-c$clients-$target" | tr ' ' '_').log"
-    printf '[%d/%d] %-22s %-9s %3s clients  %-9s ... ' "$i" "$n_cells" "$wl" "$proto" "$clients" "$target" >&2
-    run_pgbench "$logf" "$target" -c "$clients" -j "$j" -M "$proto" "$@"
-    if [[ -n $TPS && ( -z $ERR || $ERR == "(partial)"* ) ]]; then
-        tps_s=$(printf '%.0f' "$TPS")
-        lat_s=$(printf '%.3f' "$LAT")
-        [[ $target == direct ]] && DIRECT_TPS[$key]=$TPS
-        if [[ -n ${DIRECT_TPS[$key]:-} ]]; then
-            ratio=$(awk -v a="$TPS" -v b="${DIRECT_TPS[$key]}" 'BEGIN{printf "%.2f", a/b}')
-        else
-            ratio='n/a'
+    declare -A tps=() lat=() cpu=() err=() direct=()
+    for ((r = 0; r < ROUNDS; r++)); do
+        order=("${targets[@]:r % ${#targets[@]}}" "${targets[@]:0:r % ${#targets[@]}}")
+        for t in "${order[@]}"; do
+            i=$((i + 1))
+            logf="$LOGDIR/$(echo "$wl-$proto-c$clients-$t-r$((r + 1))" | tr ' ' '_').log"
+            printf '[%d/%d] %-22s %-9s %3s clients  %-9s round %d ... ' "$i" "$n_runs" "$wl" "$proto" "$clients" "$t" "$((r + 1))" >&2
+            run_pgbench "$logf" "$t" -c "$clients" -j "$j" -M "$proto" "$@"
+            if [[ -n $TPS && ( -z $ERR || $ERR == "(partial)"* ) ]]; then
+                tps[$t]+="$TPS " lat[$t]+="$LAT "
+                [[ $CPU_US == - ]] || cpu[$t]+="$CPU_US "
+                [[ $t == direct ]] && direct[$r]=$TPS
+                log "$(printf '%.0f' "$TPS") tps, $LAT ms${ERR:+ ($ERR)}"
+            else
+                log "FAILED: $ERR (log: $logf)"
+            fi
+            [[ -z $ERR || -n ${err[$t]:-} ]] || err[$t]=$ERR
+        done
+    done
+    for t in "${targets[@]}"; do
+        local tps_s=failed lat_s=- cpu_s=- ratio=- ratios=() row
+        if [[ -n ${tps[$t]:-} ]]; then
+            tps_s=$(printf '%.0f' "$(median ${tps[$t]})")
+            lat_s=$(printf '%.3f' "$(median ${lat[$t]})")
+            [[ -z ${cpu[$t]:-} ]] || cpu_s=$(printf '%.1f' "$(median ${cpu[$t]})")
+            # Ratios are taken within a round (direct and target measured
+            # minutes apart at most), then the median over rounds.
+            if [[ $t != direct ]]; then
+                local per_round=(${tps[$t]})
+                # Rounds where this target failed have no TPS: pair only
+                # the rounds both have, in order.
+                k=0
+                for ((r = 0; r < ROUNDS; r++)); do
+                    [[ -n ${direct[$r]:-} && $k -lt ${#per_round[@]} ]] || continue
+                    ratios+=("$(awk -v a="${per_round[$k]}" -v b="${direct[$r]}" 'BEGIN{printf "%.3f", a/b}')")
+                    k=$((k + 1))
+                done
+                if ((${#ratios[@]})); then
+                    ratio=$(printf '%.2f' "$(median "${ratios[@]}")")
+                    if ((${#ratios[@]} > 1)); then
+                        ratio+=" ($(printf '%s\n' "${ratios[@]}" | sort -g | head -1 | xargs printf '%.2f')–$(printf '%s\n' "${ratios[@]}" | sort -g | tail -1 | xargs printf '%.2f'))"
+                    fi
+                fi
+            else
+                ratio=1.00
+            fi
         fi
-        notes=$(md_escape "$ERR")
-        log "$tps_s tps, $lat_s ms${ERR:+ ($ERR)}"
-    else
-        tps_s=failed lat_s=- ratio=-
-        notes=$(md_escape "$ERR")
-        log "FAILED: $ERR (log: $logf)"
-    fi
-    local row="| $wl | $proto | $clients | $target | $tps_s | $lat_s | $ratio | $CPU_US | $notes |"
-    ROWS+=("$row")
-    echo "$row" >>"$OUT"
+        row="| $wl | $proto | $clients | $t | $tps_s | $lat_s | $ratio | $cpu_s | $(md_escape "${err[$t]:-}") |"
+        ROWS+=("$row")
+        echo "$row" >>"$OUT"
+    done
 }
 
 if [[ $WARMUP -gt 0 ]]; then
@@ -365,16 +404,12 @@ for w in $WORKLOADS; do
     [[ $w == select-only ]] && wargs=(-S)
     for p in $PROTOCOLS; do
         for c in $CLIENTS; do
-            for t in $TARGETS; do
-                cell "$w" "$p" "$c" "$t" ${wargs[@]+"${wargs[@]}"}
-            done
+            cell "$w" "$p" "$c" ${wargs[@]+"${wargs[@]}"}
         done
     done
 done
 if [[ $CONNECT_CLIENTS -gt 0 ]]; then
-    for t in $TARGETS; do
-        cell "select-only -C" simple "$CONNECT_CLIENTS" "$t" -S -C
-    done
+    cell "select-only -C" simple "$CONNECT_CLIENTS" -S -C
 fi
 
 echo
