@@ -38,6 +38,105 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     #[serde(default)]
     pub shards: Vec<ShardConfig>,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaSelection {
+    /// Rotate over the eligible replicas, in proportion to their weights.
+    RoundRobin,
+    /// The eligible replica with the fewest queries in flight from this
+    /// proxy, relative to its weight.
+    LeastOutstanding,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoReplica {
+    /// Reads go to the primary when no replica qualifies.
+    Primary,
+    /// Reads fail with SQLSTATE 57P03 when no replica qualifies.
+    Error,
+}
+
+/// Read/write splitting.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Send provably read-only statements to replicas. Off: everything goes
+    /// to the primary.
+    pub read_write_split: bool,
+    pub replica_selection: ReplicaSelection,
+    /// A replica further behind the primary than this many bytes of WAL
+    /// gets no reads.
+    pub max_replica_lag_bytes: Option<u64>,
+    /// A replica further behind than this (time since the primary was at
+    /// the replica's replay position) gets no reads.
+    #[serde(with = "humantime_serde")]
+    pub max_replica_lag: Option<Duration>,
+    /// What a read does when no replica qualifies.
+    pub no_replica: NoReplica,
+    /// After a session's write commits, its reads go only to servers that
+    /// have replayed that commit.
+    pub read_your_writes: bool,
+    /// Functions to treat as read-only although the catalog says VOLATILE
+    /// (or does not know them).
+    pub read_only_functions: Vec<String>,
+    /// Functions whose statements always go to the primary.
+    pub primary_functions: Vec<String>,
+    /// How often each database's function catalog is reloaded.
+    #[serde(with = "humantime_serde")]
+    pub catalog_refresh: Duration,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            read_write_split: true,
+            replica_selection: ReplicaSelection::RoundRobin,
+            max_replica_lag_bytes: None,
+            max_replica_lag: Some(Duration::from_secs(10)),
+            no_replica: NoReplica::Primary,
+            read_your_writes: true,
+            read_only_functions: Vec::new(),
+            primary_functions: Vec::new(),
+            catalog_refresh: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Background probes of every server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Time between probes of one server.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// A probe (connect + query) slower than this failed.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Role the probes log in as; defaults to the first [[users]] entry's
+    /// server login.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Database the probes connect to.
+    pub database: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            probe_interval: Duration::from_millis(100),
+            probe_timeout: Duration::from_secs(1),
+            user: None,
+            password: None,
+            database: "postgres".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -72,6 +171,8 @@ pub struct ProxyConfig {
     /// like PgBouncer) leaves the most CPU to Postgres on small machines;
     /// 0 means one per core.
     pub worker_threads: usize,
+    /// This proxy's zone: replicas in the same zone are preferred for reads.
+    pub zone: Option<String>,
 }
 
 impl Default for ProxyConfig {
@@ -85,6 +186,7 @@ impl Default for ProxyConfig {
             handshake_timeout: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(30),
             worker_threads: 1,
+            zone: None,
         }
     }
 }
@@ -192,10 +294,55 @@ pub struct ShardConfig {
     pub name: String,
     /// `host:port` of the shard's primary.
     pub primary: String,
-    /// `host:port` of each streaming replica (used from the read/write
-    /// splitting issue on; listed now so the topology is complete).
+    /// The shard's streaming replicas: `"host:port"`, or a table with
+    /// `addr`, `weight` and `zone`.
     #[serde(default)]
-    pub replicas: Vec<String>,
+    pub replicas: Vec<ReplicaConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ReplicaConfig {
+    Addr(String),
+    Full(ReplicaDetails),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaDetails {
+    pub addr: String,
+    /// Relative share of reads (0 = only when no other replica qualifies).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl ReplicaConfig {
+    pub fn addr(&self) -> &str {
+        match self {
+            ReplicaConfig::Addr(a) => a,
+            ReplicaConfig::Full(d) => &d.addr,
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        match self {
+            ReplicaConfig::Addr(_) => 1,
+            ReplicaConfig::Full(d) => d.weight,
+        }
+    }
+
+    pub fn zone(&self) -> Option<&str> {
+        match self {
+            ReplicaConfig::Addr(_) => None,
+            ReplicaConfig::Full(d) => d.zone.as_deref(),
+        }
+    }
 }
 
 impl Config {
@@ -299,11 +446,58 @@ impl Config {
             }
             check_host_port(&s.primary).map_err(|p| invalid(format!("shards[{i}].primary"), &p))?;
             for (j, r) in s.replicas.iter().enumerate() {
-                check_host_port(r)
+                check_host_port(r.addr())
                     .map_err(|p| invalid(format!("shards[{i}].replicas[{j}]"), &p))?;
+                if r.addr() == s.primary || s.replicas[..j].iter().any(|o| o.addr() == r.addr()) {
+                    return Err(invalid(
+                        format!("shards[{i}].replicas[{j}]"),
+                        &format!("{:?} is listed twice in the shard", r.addr()),
+                    ));
+                }
             }
         }
+        if self.health.probe_interval.is_zero() {
+            return Err(invalid("health.probe_interval".into(), "must be positive"));
+        }
+        if self.health.probe_timeout.is_zero() {
+            return Err(invalid("health.probe_timeout".into(), "must be positive"));
+        }
+        if self.health.user.is_none()
+            && self
+                .users
+                .first()
+                .is_some_and(|u| u.server_password().is_none())
+            && self
+                .users
+                .first()
+                .is_some_and(|u| u.auth != AuthMethod::Trust)
+        {
+            return Err(invalid(
+                "health.user".into(),
+                "the first [[users]] entry has no plain server password the probes could use; set health.user and health.password",
+            ));
+        }
+        if self.routing.catalog_refresh.is_zero() {
+            return Err(invalid(
+                "routing.catalog_refresh".into(),
+                "must be positive",
+            ));
+        }
         Ok(())
+    }
+
+    /// The login the health probes use: (user, password).
+    pub fn probe_login(&self) -> (String, Option<String>) {
+        match &self.health.user {
+            Some(u) => (u.clone(), self.health.password.clone()),
+            None => {
+                let u = &self.users[0];
+                (
+                    u.server_user().to_owned(),
+                    u.server_password().map(str::to_owned),
+                )
+            }
+        }
     }
 
     pub fn user(&self, name: &str) -> Option<&UserConfig> {

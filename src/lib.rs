@@ -22,6 +22,7 @@ pub mod backend;
 pub mod cancel;
 pub mod config;
 pub mod frontend;
+pub mod health;
 pub mod local;
 pub mod metrics;
 pub mod protocol;

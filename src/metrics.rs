@@ -7,7 +7,7 @@
 
 use crate::backend::Pools;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::{Arc, LazyLock};
@@ -27,6 +27,13 @@ pub struct Global {
     tx_duration: HistogramVec,
     query_duration: HistogramVec,
     server_conns: IntGaugeVec,
+    routed: IntCounterVec,
+    /// Reads sent to the primary although replicas exist, by reason.
+    pub read_fallbacks: IntCounterVec,
+    pub replica_bans: IntCounterVec,
+    pub replica_lag_bytes: IntGaugeVec,
+    pub replica_lag_seconds: GaugeVec,
+    pub read_retries: IntCounter,
 }
 
 /// Latency buckets from 50 µs to 10 s.
@@ -126,6 +133,45 @@ fn build() -> Global {
             Opts::new("server_connections", "Server connections by pool and state"),
             &["pool", "state"]
         )),
+        routed: reg!(IntCounterVec::new(
+            Opts::new(
+                "routed_total",
+                "Server checkouts (transactions) by route and server"
+            ),
+            &["route", "server"]
+        )),
+        read_fallbacks: reg!(IntCounterVec::new(
+            Opts::new(
+                "read_fallbacks_total",
+                "Read-only transactions sent to the primary of a shard that has replicas, by reason (read_your_writes, lag, down, none)"
+            ),
+            &["reason"]
+        )),
+        replica_bans: reg!(IntCounterVec::new(
+            Opts::new(
+                "server_bans_total",
+                "Times a server was taken out of rotation, by reason"
+            ),
+            &["server", "reason"]
+        )),
+        replica_lag_bytes: reg!(IntGaugeVec::new(
+            Opts::new(
+                "replica_lag_bytes",
+                "WAL bytes between the primary's insert position and the replica's replay position, at the last probe"
+            ),
+            &["server"]
+        )),
+        replica_lag_seconds: reg!(GaugeVec::new(
+            Opts::new(
+                "replica_lag_seconds",
+                "How long ago the primary was at the replica's replay position, at the last probe"
+            ),
+            &["server"]
+        )),
+        read_retries: reg!(IntCounter::new(
+            "read_retries_total",
+            "Reads retried on another server after a replica failed before answering"
+        )),
         registry,
     }
 }
@@ -143,10 +189,12 @@ pub struct PoolMetrics {
     pub queries: IntCounter,
     pub tx_duration: Histogram,
     pub query_duration: Histogram,
+    /// Checkouts from this pool, labelled by route and server.
+    pub routed: IntCounter,
 }
 
 impl PoolMetrics {
-    pub fn new(pool: &str) -> PoolMetrics {
+    pub fn new(pool: &str, route: &str, server: &str) -> PoolMetrics {
         let g = &*GLOBAL;
         let l = &[pool];
         PoolMetrics {
@@ -158,6 +206,7 @@ impl PoolMetrics {
             queries: g.queries.with_label_values(l),
             tx_duration: g.tx_duration.with_label_values(l),
             query_duration: g.query_duration.with_label_values(l),
+            routed: g.routed.with_label_values(&[route, server]),
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct Proxy {
     pub cancels: CancelRegistry,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    pub health: Arc<crate::health::Health>,
+    pub catalogs: crate::router::Catalogs,
 }
 
 impl Proxy {
@@ -43,6 +45,8 @@ impl Proxy {
             cancels: CancelRegistry::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            health: Arc::default(),
+            catalogs: crate::router::Catalogs::default(),
             config: ArcSwap::from_pointee(config),
         })
     }
@@ -57,6 +61,7 @@ impl Proxy {
         });
         let epoch = self.topology.publish(Topology::from_config(&config, 0));
         self.config.store(Arc::new(config));
+        self.catalogs.clear();
         tracing::info!(topology_epoch = epoch, "configuration reloaded");
     }
 }
@@ -157,6 +162,12 @@ pub async fn start(
                 _ = p.shutdown.cancelled() => return,
             }
         }
+    });
+    // Health probes, until shutdown.
+    let p = proxy.clone();
+    tokio::spawn(async move {
+        let stop = p.shutdown.clone();
+        p.health.clone().run(p.clone(), stop).await
     });
     proxy.tasks.spawn(
         Listener {

@@ -11,7 +11,16 @@ use std::sync::Arc;
 pub struct Shard {
     pub name: String,
     pub primary: Arc<str>,
-    pub replicas: Vec<Arc<str>>,
+    pub replicas: Vec<Replica>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    pub addr: Arc<str>,
+    /// Relative share of reads; 0 = used only when no other replica
+    /// qualifies.
+    pub weight: u32,
+    pub zone: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +41,15 @@ impl Topology {
                 .map(|s| Shard {
                     name: s.name.clone(),
                     primary: s.primary.as_str().into(),
-                    replicas: s.replicas.iter().map(|r| r.as_str().into()).collect(),
+                    replicas: s
+                        .replicas
+                        .iter()
+                        .map(|r| Replica {
+                            addr: r.addr().into(),
+                            weight: r.weight(),
+                            zone: r.zone().map(Into::into),
+                        })
+                        .collect(),
                 })
                 .collect(),
         }

@@ -208,7 +208,7 @@ impl Pools {
             return p.clone();
         }
         let s = crate::read(&self.settings).clone();
-        let metrics = PoolMetrics::new(&key.label());
+        let metrics = PoolMetrics::new(&key.label(), key.role.as_str(), &key.addr);
         let manager = ServerManager {
             params: ConnectParams {
                 addr: key.addr.to_string(),

@@ -15,6 +15,10 @@ impl Session {
     /// Handles every complete message in the client buffer.
     pub(super) async fn handle_client_messages(&mut self) -> Result<(), SessionError> {
         loop {
+            if self.must_wait_for_replica() {
+                self.routing.paused = true;
+                break;
+            }
             let frame = match decode_frame(&mut self.client_buf, self.max_message_size) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -31,25 +35,67 @@ impl Session {
         Ok(())
     }
 
-    async fn handle_client_message(&mut self, frame: Frame) -> Result<(), SessionError> {
+    /// Handles one client message, keeping a copy of the messages of a
+    /// read sent to a replica until it answers (see `routing.retry`).
+    pub(super) async fn handle_client_message(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let ends_batch = matches!(frame.tag, fe::SYNC | fe::QUERY);
+        self.routing.batch_open = !ends_batch;
+        if self.routing.retry.is_some() {
+            if self.routing.recording {
+                self.routing.recording = !ends_batch;
+                if let Some(r) = self.routing.retry.as_mut() {
+                    r.push(frame.clone());
+                }
+            } else {
+                // A second request behind the first: no replay any more.
+                self.routing.retry = None;
+            }
+        }
+        self.routing.pending_copy = (self.server.is_none()
+            && self.routing.split
+            && self.routing.replaying.is_none()
+            && self
+                .pipeline
+                .iter()
+                .all(|e| matches!(e, Expect::Synthetic { .. })))
+        .then(|| (frame.clone(), ends_batch));
+        let result = self.dispatch_client_message(frame).await;
+        self.routing.pending_copy = None;
+        result
+    }
+
+    async fn dispatch_client_message(&mut self, frame: Frame) -> Result<(), SessionError> {
         match frame.tag {
             fe::QUERY => {
                 if self.skipping {
                     return Ok(());
                 }
-                if !self.ensure_server(true).await {
+                let text = frame.body.strip_suffix(&[0]).unwrap_or(&frame.body);
+                if self.shardgate_command(text) {
+                    return Ok(());
+                }
+                let fresh = self.server.is_none();
+                let class = (fresh && self.routing.split).then(|| self.classify(text));
+                let read = class.as_ref().is_some_and(|c| self.wants_replica(c));
+                if !self.ensure_server(true, read).await {
                     return Ok(());
                 }
                 self.start_request();
                 self.pool.metrics.queries.inc();
                 frame.encode(&mut self.to_server);
                 self.pipeline.push_back(Expect::Query);
+                if self.routing.track_lsn
+                    && self.on_replica.is_none()
+                    && self.may_commit(text, class)
+                {
+                    self.push_lsn_probe();
+                }
             }
             fe::PARSE => self.on_parse(frame).await?,
             fe::BIND => self.on_bind(frame).await?,
             fe::DESCRIBE => self.on_describe(frame).await?,
             fe::EXECUTE => {
-                if self.skipping || !self.ensure_server(false).await {
+                if self.skipping || !self.ensure_server(false, false).await {
                     return Ok(());
                 }
                 self.start_request();
@@ -66,6 +112,12 @@ impl Session {
                     self.skipping = false;
                     frame.encode(&mut self.to_server);
                     self.pipeline.push_back(Expect::Sync);
+                    if self.routing.lsn_due {
+                        self.routing.lsn_due = false;
+                        if self.on_replica.is_none() {
+                            self.push_lsn_probe();
+                        }
+                    }
                 } else {
                     // Nothing reached a server since the last Sync: the
                     // proxy answered everything itself and is idle.
@@ -81,7 +133,7 @@ impl Session {
                 self.copy_in = false;
             }
             fe::FUNCTION_CALL => {
-                if self.skipping || !self.ensure_server(true).await {
+                if self.skipping || !self.ensure_server(true, false).await {
                     return Ok(());
                 }
                 self.start_request();
@@ -122,14 +174,15 @@ impl Session {
         }
     }
 
-    /// Checks out a server connection if none is held. On failure the
-    /// client gets the error (and, for a simple query, ReadyForQuery;
-    /// for the extended protocol, the rest is skipped up to Sync).
-    async fn ensure_server(&mut self, simple: bool) -> bool {
+    /// Checks out a server connection if none is held (a replica's if
+    /// `read`). On failure the client gets the error (and, for a simple
+    /// query, ReadyForQuery; for the extended protocol, the rest is skipped
+    /// up to Sync).
+    async fn ensure_server(&mut self, simple: bool, read: bool) -> bool {
         if self.server.is_some() {
             return true;
         }
-        match self.checkout().await {
+        match self.checkout(read).await {
             Ok(()) => true,
             Err((code, message)) => {
                 tracing::warn!(%code, %message, "no server connection for client");
@@ -151,7 +204,8 @@ impl Session {
         }
         let parse = fe::parse_parse(&frame.body).map_err(|_| Self::malformed("Parse"))?;
         if parse.name.is_empty() || !self.renames() {
-            if !self.ensure_server(false).await {
+            let read = self.batch_wants_replica(Some(parse.query));
+            if !self.ensure_server(false, read).await {
                 return Ok(());
             }
             if parse.name.is_empty() {
@@ -196,7 +250,8 @@ impl Session {
             });
             return Ok(());
         }
-        if !self.ensure_server(false).await {
+        let read = self.batch_wants_replica(Some(parse.query));
+        if !self.ensure_server(false, read).await {
             return Ok(());
         }
         self.statements.insert(name.clone(), stmt.clone());
@@ -270,6 +325,9 @@ impl Session {
             server.read_buf.reserve(4096);
             match server.stream.read_buf(&mut server.read_buf).await {
                 Ok(n) if n > 0 => {}
+                _ if self.routing.retry.is_some() && self.on_replica.is_some() => {
+                    return Err(SessionError::ReplicaGone)
+                }
                 _ => return Err(self.server_lost()),
             }
             self.handle_server_bytes()?;
@@ -312,10 +370,21 @@ impl Session {
     }
 
     async fn on_bind(&mut self, frame: Frame) -> Result<(), SessionError> {
-        if self.skipping || !self.ensure_server(false).await {
+        if self.skipping {
             return Ok(());
         }
         let bind = fe::parse_bind(&frame.body).map_err(|_| Self::malformed("Bind"))?;
+        let text = self.statement_text(bind.statement);
+        let read = self.batch_wants_replica(text.as_deref());
+        if !self.ensure_server(false, read).await {
+            return Ok(());
+        }
+        if self.routing.track_lsn && self.on_replica.is_none() && !self.routing.lsn_due {
+            self.routing.lsn_due = match &text {
+                Some(t) => self.may_commit(t, None),
+                None => true,
+            };
+        }
         if bind.statement.is_empty() {
             self.ensure_unnamed();
             frame.encode(&mut self.to_server);
@@ -338,11 +407,22 @@ impl Session {
     }
 
     async fn on_describe(&mut self, frame: Frame) -> Result<(), SessionError> {
-        if self.skipping || !self.ensure_server(false).await {
+        if self.skipping {
             return Ok(());
         }
         let target =
             fe::parse_target(&frame.body, "Describe").map_err(|_| Self::malformed("Describe"))?;
+        if self.server.is_none() {
+            let text = if target.kind == b'S' {
+                self.statement_text(target.name)
+            } else {
+                None
+            };
+            let read = self.batch_wants_replica(text.as_deref());
+            if !self.ensure_server(false, read).await {
+                return Ok(());
+            }
+        }
         let managed = (target.kind == b'S' && self.renames())
             .then(|| self.statements.get(target.name).cloned())
             .flatten();
@@ -381,7 +461,7 @@ impl Session {
         if target.kind == b'S' && target.name.is_empty() {
             self.unnamed_parse = None;
         }
-        if !self.ensure_server(false).await {
+        if !self.ensure_server(false, false).await {
             return Ok(());
         }
         frame.encode(&mut self.to_server);
@@ -391,6 +471,15 @@ impl Session {
 
     /// Sends the proxy's own answers that have reached the front.
     pub(super) fn emit_ready_synthetics(&mut self) {
+        if !self.routing.held.is_empty()
+            && matches!(self.pipeline.front(), Some(Expect::Synthetic { .. }))
+        {
+            // The proxy's own answer goes out: what was held goes first,
+            // and the request is committed to its server.
+            self.to_client.extend_from_slice(&self.routing.held);
+            self.routing.held.clear();
+            self.routing.retry = None;
+        }
         while matches!(self.pipeline.front(), Some(Expect::Synthetic { .. })) {
             if let Some(Expect::Synthetic { frame, .. }) = self.pipeline.pop_front() {
                 frame.encode(&mut self.to_client);

@@ -10,6 +10,7 @@ pub mod statements;
 pub mod vars;
 
 mod client_msgs;
+mod routing;
 mod server_msgs;
 
 use crate::metrics::GLOBAL;

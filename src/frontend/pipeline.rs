@@ -45,6 +45,10 @@ pub enum Expect {
         frame: Frame,
         client_name: Option<String>,
     },
+    /// The proxy's commit-position probe (read-your-writes), pipelined
+    /// behind a client's Query or Sync: its whole answer, up to its
+    /// ReadyForQuery, is the proxy's.
+    LsnProbe,
     /// The server will fail this message (the proxy sent it something that
     /// errors on purpose, so the server's transaction state matches what
     /// Postgres would do); the client gets `error` instead.

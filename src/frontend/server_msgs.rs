@@ -22,6 +22,11 @@ enum Action {
     Forward,
     Drop,
     Replace(crate::protocol::Frame),
+    /// Keep the message back (a replica's answer that may still be thrown
+    /// away for a retry elsewhere).
+    Hold,
+    /// Send what was held, then this message.
+    Release,
 }
 
 /// Messages that never change session or pipeline state.
@@ -53,7 +58,10 @@ impl Session {
             let header =
                 peek_header(&buf[pos..], usize::MAX).map_err(|e| self.desync(&e.to_string()))?;
             let Some((tag, total)) = header else { break };
-            if passes_through(tag) {
+            if passes_through(tag)
+                && self.routing.retry.is_none()
+                && !matches!(self.pipeline.front(), Some(Expect::LsnProbe))
+            {
                 if pos + total <= buf.len() {
                     pos += total;
                 } else {
@@ -76,6 +84,19 @@ impl Session {
                     }
                     pos += total;
                     start = pos;
+                }
+                Action::Hold => {
+                    self.to_client.extend_from_slice(&buf[start..pos]);
+                    self.routing.held.extend_from_slice(&buf[pos..pos + total]);
+                    pos += total;
+                    start = pos;
+                }
+                Action::Release => {
+                    self.to_client.extend_from_slice(&buf[start..pos]);
+                    self.to_client.extend_from_slice(&self.routing.held);
+                    self.routing.held.clear();
+                    start = pos;
+                    pos += total;
                 }
             }
             if matches!(self.pipeline.front(), Some(Expect::Synthetic { .. })) {
@@ -109,6 +130,18 @@ impl Session {
     }
 
     fn on_server_message(&mut self, tag: u8, body: &[u8]) -> Result<Action, SessionError> {
+        match self.pipeline.front() {
+            Some(Expect::LsnProbe) => {
+                self.on_lsn_probe_message(tag, body);
+                return Ok(Action::Drop);
+            }
+            _ if self.routing.retry.is_some() => return self.on_retryable_answer(tag, body),
+            _ => {}
+        }
+        self.on_server_message_inner(tag, body)
+    }
+
+    fn on_server_message_inner(&mut self, tag: u8, body: &[u8]) -> Result<Action, SessionError> {
         match tag {
             be::READY_FOR_QUERY => {
                 let status = body.first().copied().unwrap_or(b'I');
@@ -251,6 +284,72 @@ impl Session {
             }
             _ => Ok(Action::Forward),
         }
+    }
+
+    /// A server message while the request could still be re-run elsewhere
+    /// (`routing.retry`): a simple Query refused as a write (25006) is
+    /// dropped with everything up to its ReadyForQuery and re-run on the
+    /// primary; the answers that come before any result (ParseComplete,
+    /// BindComplete, descriptions) are held back; the first result, error
+    /// or anything else commits the request to this server and releases
+    /// what was held.
+    fn on_retryable_answer(&mut self, tag: u8, body: &[u8]) -> Result<Action, SessionError> {
+        if self.routing.retry_on_primary {
+            if tag == be::READY_FOR_QUERY {
+                while let Some(e) = self.pipeline.pop_front() {
+                    if e.is_sync_point() {
+                        break;
+                    }
+                }
+                if let Some(s) = self.server.as_mut() {
+                    s.tx_status = body.first().copied().unwrap_or(b'I');
+                }
+                self.request_started = None;
+            }
+            return Ok(Action::Drop);
+        }
+        let simple = matches!(self.pipeline.front(), Some(Expect::Query));
+        if simple && tag == be::ERROR_RESPONSE && be::error_code(body) == Some(*b"25006") {
+            self.routing.retry_on_primary = true;
+            self.routing.held.clear();
+            return Ok(Action::Drop);
+        }
+        let holdable = matches!(
+            tag,
+            be::PARSE_COMPLETE
+                | be::BIND_COMPLETE
+                | be::CLOSE_COMPLETE
+                | be::PARAMETER_DESCRIPTION
+                | be::ROW_DESCRIPTION
+                | be::NO_DATA
+                | be::NOTICE_RESPONSE
+                | be::PARAMETER_STATUS
+        );
+        let action = self.on_server_message_inner(tag, body)?;
+        if holdable {
+            return Ok(match action {
+                Action::Forward => Action::Hold,
+                Action::Replace(f) => {
+                    f.encode(&mut self.routing.held);
+                    Action::Drop
+                }
+                other => other,
+            });
+        }
+        self.routing.retry = None;
+        Ok(match action {
+            Action::Forward => Action::Release,
+            Action::Replace(f) => {
+                self.to_client.extend_from_slice(&self.routing.held);
+                self.routing.held.clear();
+                Action::Replace(f)
+            }
+            other => {
+                self.to_client.extend_from_slice(&self.routing.held);
+                self.routing.held.clear();
+                other
+            }
+        })
     }
 
     fn expect_pop(

@@ -12,7 +12,7 @@ use super::startup::Login;
 use super::statements::Statement;
 use super::vars::SessionVars;
 use crate::backend::pool::{PoolEntry, PooledConn};
-use crate::backend::PoolKey;
+use crate::backend::{PoolKey, Role};
 use crate::cancel::{CancelSlot, CancelTarget};
 use crate::config::PoolMode;
 use crate::metrics::count_error;
@@ -38,6 +38,10 @@ pub enum SessionError {
     Fatal { code: String, message: String },
     #[error("client terminated the session")]
     Terminate,
+    /// A replica went away while a read on it could still be re-run
+    /// elsewhere; the session loop re-runs it (never reaches the client).
+    #[error("replica connection lost before it answered")]
+    ReplicaGone,
 }
 
 pub struct Session {
@@ -52,8 +56,17 @@ pub struct Session {
     pub(super) max_message_size: usize,
     /// `pool.max_prepared_statements`.
     pub(super) max_prepared: usize,
+    /// The pool of the server connection held (or last held).
     pub(super) pool: Arc<PoolEntry>,
     pub(super) pool_epoch: u64,
+    /// The shard's primary pool and its replicas (rebuilt on a topology
+    /// change).
+    pub(super) primary_pool: Arc<PoolEntry>,
+    pub(super) replicas: Vec<ReplicaSlot>,
+    /// Which replica the held server connection belongs to (None: the
+    /// primary).
+    pub(super) on_replica: Option<usize>,
+    pub(super) routing: RoutingState,
     pub(super) server: Option<PooledConn>,
     pub(super) checked_out_at: Instant,
     /// Responses the server still owes, in order.
@@ -79,18 +92,79 @@ pub struct Session {
     pub(super) cancel_slot: CancelSlot,
 }
 
+/// A replica of the session's shard: its pool and health.
+pub(super) struct ReplicaSlot {
+    pub pool: Arc<PoolEntry>,
+    pub health: Arc<crate::health::ServerHealth>,
+    pub weight: u32,
+    pub same_zone: bool,
+}
+
+/// Read/write splitting state of one session.
+#[derive(Default)]
+pub(super) struct RoutingState {
+    /// Reads may go to replicas (transaction pooling, splitting on, the
+    /// shard has replicas).
+    pub split: bool,
+    /// Learn commit positions (read-your-writes on, the shard has
+    /// replicas).
+    pub track_lsn: bool,
+    pub target: crate::router::TargetOverride,
+    /// The session's last commit on the primary (its insert position right
+    /// after the commit).
+    pub last_commit_lsn: u64,
+    /// `SET shardgate.min_lsn`: reads at least this fresh.
+    pub min_lsn: u64,
+    /// A write may have committed since the last position probe: probe
+    /// after the next Sync.
+    pub lsn_due: bool,
+    /// The position the in-flight probe returned.
+    pub probed_lsn: Option<u64>,
+    /// Round-robin counter.
+    pub turn: usize,
+    pub catalog: Option<Arc<crate::router::catalog::Catalog>>,
+    pub catalog_checked: Option<Instant>,
+    /// The client messages sent to a replica since it was checked out, kept
+    /// while no answer to them has reached the client: they can be re-run
+    /// elsewhere if the replica goes away (or refuses a write).
+    pub retry: Option<Vec<Frame>>,
+    /// Still adding messages to `retry` (until the Sync or Query).
+    pub recording: bool,
+    /// The message being handled, and whether it ends its request: becomes
+    /// `retry` if it checks out a replica.
+    pub pending_copy: Option<(Frame, bool)>,
+    /// Server answers held back while the request may still be re-run.
+    pub held: bytes::BytesMut,
+    /// The replica refused it as a write (25006): re-run on the primary at
+    /// its ReadyForQuery.
+    pub retry_on_primary: bool,
+    /// The last client message dispatched did not end a request (no Sync
+    /// or Query yet).
+    pub batch_open: bool,
+    /// Client input is held back until the replica connection is free
+    /// (see `must_wait_for_replica`).
+    pub paused: bool,
+    /// A replay is running: Some(true) routes reads again, Some(false)
+    /// sends everything to the primary; no second replay is armed.
+    pub replaying: Option<bool>,
+}
+
 impl Session {
     pub async fn run(client: TcpStream, client_buf: BytesMut, login: Login, proxy: Arc<Proxy>) {
         let config = proxy.config.load_full();
         let (cancel_key, cancel_slot) = proxy.cancels.register();
         let topology = proxy.topology.load();
-        let pool = pool_for(&proxy, &login, &topology);
+        let (pool, replicas) = pools_for(&proxy, &login, &topology);
         let mut s = Session {
             mode: config.proxy.pool_mode,
             max_message_size: config.proxy.max_message_size,
             max_prepared: config.pool.max_prepared_statements,
             pool_epoch: topology.epoch,
+            primary_pool: pool.clone(),
             pool,
+            replicas,
+            on_replica: None,
+            routing: RoutingState::default(),
             client,
             client_buf,
             to_client: BytesMut::new(),
@@ -112,6 +186,9 @@ impl Session {
             cancel_slot,
             proxy,
         };
+        s.refresh_routing_flags();
+        // Sessions start their round-robin at different replicas.
+        s.routing.turn = s.cancel_key.1 as u32 as usize;
         let result = match s.start().await {
             Ok(()) => s.serve().await,
             Err(e) => Err(e),
@@ -171,6 +248,12 @@ impl Session {
 
     async fn serve(&mut self) -> Result<(), SessionError> {
         loop {
+            if self.routing.paused && !self.must_wait_for_replica() {
+                // Input held back while a replica answered: go on with it.
+                self.routing.paused = false;
+                self.client_step().await?;
+                continue;
+            }
             if self.server.is_none() {
                 if self.proxy.shutdown.is_cancelled() {
                     return Err(shutdown_error());
@@ -197,7 +280,7 @@ impl Session {
                 if n == 0 {
                     return Err(SessionError::ClientGone);
                 }
-                self.on_client_data().await?;
+                self.client_step().await?;
             } else {
                 let server: &mut crate::backend::ServerConn =
                     self.server.as_mut().expect("checked");
@@ -213,12 +296,12 @@ impl Session {
                         if r.map_err(SessionError::ClientIo)? == 0 {
                             return Err(SessionError::ClientGone);
                         }
-                        self.on_client_data().await?;
+                        self.client_step().await?;
                     }
                     r = stream.read_buf(read_buf) => {
                         match r {
                             Ok(n) if n > 0 => self.on_server_data().await?,
-                            _ => return Err(self.server_lost()),
+                            _ => self.on_server_eof().await?,
                         }
                     }
                 }
@@ -245,6 +328,17 @@ impl Session {
         }
     }
 
+    /// Handles buffered client input; a replica lost in the middle of it
+    /// is recovered from by re-running the read elsewhere.
+    async fn client_step(&mut self) -> Result<(), SessionError> {
+        loop {
+            match self.on_client_data().await {
+                Err(SessionError::ReplicaGone) => self.on_server_eof().await?,
+                r => return r,
+            }
+        }
+    }
+
     async fn on_client_data(&mut self) -> Result<(), SessionError> {
         self.handle_client_messages().await?;
         self.flush_server().await?;
@@ -256,8 +350,84 @@ impl Session {
     async fn on_server_data(&mut self) -> Result<(), SessionError> {
         self.handle_server_bytes()?;
         self.flush_client().await?;
+        if self.routing.retry_on_primary && self.pipeline.is_empty() {
+            // The replica refused the read as a write and is idle again.
+            self.routing.retry_on_primary = false;
+            let frames = self.routing.retry.take();
+            self.maybe_release().await;
+            if self.server.is_some() {
+                self.drop_server();
+            }
+            self.routing.retry = frames;
+            return self.replay_read(false).await;
+        }
         self.maybe_release().await;
         Ok(())
+    }
+
+    /// The server closed the connection. A read sent to a replica that
+    /// has not answered yet is re-run elsewhere; anything else is lost
+    /// with the connection.
+    async fn on_server_eof(&mut self) -> Result<(), SessionError> {
+        let Some(i) = self.on_replica.filter(|_| self.routing.retry.is_some()) else {
+            return Err(self.server_lost());
+        };
+        let replica = &self.replicas[i];
+        replica.health.mark_down("connection lost");
+        // Its other pooled connections are most likely dead too.
+        replica.pool.pool.retain(|_, _| false);
+        if let Some(s) = self.server.as_mut() {
+            s.broken = true;
+        }
+        let frames = self.routing.retry.take();
+        self.drop_server();
+        self.routing.retry = frames;
+        self.replay_read(true).await
+    }
+
+    /// Re-runs the client messages kept in `routing.retry` on another
+    /// server: after a replica vanished (`read`: route as a read again;
+    /// that replica is now down) or refused the statement as a write (on
+    /// the primary). Done at most once per request.
+    async fn replay_read(&mut self, read: bool) -> Result<(), SessionError> {
+        let Some(frames) = self.routing.retry.take() else {
+            return Ok(());
+        };
+        crate::metrics::GLOBAL.read_retries.inc();
+        tracing::debug!(
+            read,
+            messages = frames.len(),
+            "re-running a read on another server"
+        );
+        // Answers the proxy gave itself before the read (a ParseComplete of
+        // a known statement) still go out; the dead server's do not.
+        self.routing.held.clear();
+        self.emit_ready_synthetics();
+        self.pipeline.clear();
+        self.skipping = false;
+        self.copy_in = false;
+        self.pass_through = 0;
+        self.unnamed_on_server = false;
+        for f in &frames {
+            if f.tag == crate::protocol::frontend::PARSE {
+                if let Ok(p) = crate::protocol::frontend::parse_parse(&f.body) {
+                    self.statements.remove(p.name);
+                }
+            }
+        }
+        self.routing.replaying = Some(read);
+        let mut result = Ok(());
+        for f in frames {
+            result = self.handle_client_message(f).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        self.routing.replaying = None;
+        result?;
+        self.emit_ready_synthetics();
+        self.flush_server().await?;
+        self.flush_client().await
     }
 
     /// The server connection died under a client: like a crashed backend,
@@ -299,28 +469,173 @@ impl Session {
             return Ok(());
         };
         if server.stream.write_all(&self.to_server).await.is_err() {
+            if self.routing.retry.is_some() && self.on_replica.is_some() {
+                // A replica that vanished under a read: the read side sees
+                // the closed connection next and re-runs the read.
+                self.to_server.clear();
+                return Ok(());
+            }
             return Err(self.server_lost());
         }
         self.to_server.clear();
         Ok(())
     }
 
-    /// Gets a server connection for the next transaction and makes it
+    /// Gets a server connection for the next transaction — a replica's
+    /// when `read` and one qualifies, else the primary's — and makes it
     /// carry this client's session state. Errors are (SQLSTATE, message).
-    pub(super) async fn checkout(&mut self) -> Result<(), (String, String)> {
+    pub(super) async fn checkout(&mut self, read: bool) -> Result<(), (String, String)> {
         if self.server.is_some() {
             return Ok(());
         }
-        self.checkout_raw().await?;
+        self.refresh_pools();
+        let read = read && self.routing.replaying != Some(false);
+        let mut tried = 0u64;
+        loop {
+            let replica = if read && self.routing.split {
+                self.choose_replica(tried)?
+            } else {
+                None
+            };
+            match replica {
+                None => {
+                    self.pool = self.primary_pool.clone();
+                    self.checkout_raw().await?;
+                    break;
+                }
+                Some(i) => {
+                    self.pool = self.replicas[i].pool.clone();
+                    match self.checkout_raw().await {
+                        Ok(()) => {
+                            self.on_replica = Some(i);
+                            if let Some((frame, ends)) = self.routing.pending_copy.take() {
+                                self.routing.retry = Some(vec![frame]);
+                                self.routing.recording = !ends;
+                            }
+                            self.replicas[i]
+                                .health
+                                .outstanding
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            break;
+                        }
+                        Err(e) if e.0.starts_with("08") => {
+                            // Unreachable: out of rotation until a probe
+                            // succeeds; try the next one.
+                            self.replicas[i].health.mark_down("connect failed");
+                            tried |= 1 << i.min(63);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        self.pool.metrics.routed.inc();
         self.sync_session_state().await
     }
 
-    async fn checkout_raw(&mut self) -> Result<(), (String, String)> {
+    /// The replica for a read, or None for the primary.
+    fn choose_replica(&mut self, tried: u64) -> Result<Option<usize>, (String, String)> {
+        let config = self.proxy.config.load();
+        let routing = &config.routing;
+        let candidates: Vec<crate::router::Candidate<'_>> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| tried & (1 << (*i).min(63)) == 0)
+            .map(|(_, r)| crate::router::Candidate {
+                health: &r.health,
+                weight: r.weight,
+                same_zone: r.same_zone,
+            })
+            .collect();
+        // Indices of `candidates` back to `replicas`.
+        let index: Vec<usize> = (0..self.replicas.len())
+            .filter(|i| tried & (1 << (*i).min(63)) == 0)
+            .collect();
+        let min_lsn = if routing.read_your_writes {
+            self.routing.last_commit_lsn.max(self.routing.min_lsn)
+        } else {
+            self.routing.min_lsn
+        };
+        self.routing.turn = self.routing.turn.wrapping_add(1);
+        match crate::router::pick_replica(&candidates, routing, min_lsn, self.routing.turn) {
+            Ok(i) => Ok(Some(index[i])),
+            Err(reason) => {
+                crate::metrics::GLOBAL
+                    .read_fallbacks
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                if routing.no_replica == crate::config::NoReplica::Error
+                    && reason != crate::router::NoReplica::ReadYourWrites
+                {
+                    return Err((
+                        "57P03".into(),
+                        format!(
+                            "shardgate: no replica can take reads now ({}) and routing.no_replica = \"error\"",
+                            reason.as_str()
+                        ),
+                    ));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Follows a topology change: the pools of the shard's servers now.
+    fn refresh_pools(&mut self) {
         let topology = self.proxy.topology.load();
         if topology.epoch != self.pool_epoch {
-            self.pool = pool_for(&self.proxy, &self.login, &topology);
+            let (primary, replicas) = pools_for(&self.proxy, &self.login, &topology);
+            self.primary_pool = primary;
+            self.replicas = replicas;
             self.pool_epoch = topology.epoch;
+            self.refresh_routing_flags();
         }
+    }
+
+    pub(super) fn refresh_routing_flags(&mut self) {
+        let config = self.proxy.config.load();
+        let has_replicas = !self.replicas.is_empty();
+        self.routing.split =
+            has_replicas && config.routing.read_write_split && self.mode == PoolMode::Transaction;
+        self.routing.track_lsn = has_replicas && config.routing.read_your_writes;
+    }
+
+    /// The function catalog of this session's database (loading it in the
+    /// background when missing or old).
+    pub(super) fn catalog(&mut self) -> Arc<crate::router::catalog::Catalog> {
+        let now = self.checked_out_at;
+        if let (Some(c), Some(at)) = (&self.routing.catalog, self.routing.catalog_checked) {
+            if c.is_loaded()
+                && now.saturating_duration_since(at) < std::time::Duration::from_secs(1)
+            {
+                return c.clone();
+            }
+        }
+        let config = self.proxy.config.load_full();
+        let (catalog, load) = self
+            .proxy
+            .catalogs
+            .get(&self.login.database, config.routing.catalog_refresh);
+        if load {
+            let (proxy, pool, db) = (
+                self.proxy.clone(),
+                self.primary_pool.clone(),
+                self.login.database.clone(),
+            );
+            tokio::spawn(async move {
+                proxy
+                    .catalogs
+                    .load(&db, &pool, &config.routing, config.pool.checkout_timeout)
+                    .await;
+            });
+        }
+        self.routing.catalog = Some(catalog.clone());
+        self.routing.catalog_checked = Some(Instant::now());
+        catalog
+    }
+
+    async fn checkout_raw(&mut self) -> Result<(), (String, String)> {
         let wait = self.proxy.config.load().pool.checkout_timeout;
         let conn = self
             .pool
@@ -424,6 +739,19 @@ impl Session {
         self.pool.metrics.transactions.inc();
         *crate::lock(&self.cancel_slot) = None;
         self.server = None;
+        self.left_server();
+    }
+
+    /// Bookkeeping when the server connection is given up.
+    fn left_server(&mut self) {
+        if let Some(i) = self.on_replica.take() {
+            if let Some(r) = self.replicas.get(i) {
+                r.health
+                    .outstanding
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.routing.retry = None;
     }
 
     /// Throws the server connection away instead of pooling it.
@@ -431,6 +759,7 @@ impl Session {
         if let Some(conn) = self.server.take() {
             *crate::lock(&self.cancel_slot) = None;
             drop(deadpool::managed::Object::take(conn));
+            self.left_server();
         }
     }
 
@@ -467,6 +796,7 @@ impl Session {
             server.last_released = Instant::now();
         }
         self.server = None;
+        self.left_server();
     }
 
     /// Queues an ErrorResponse the proxy itself sends.
@@ -488,21 +818,41 @@ fn shutdown_error() -> SessionError {
     }
 }
 
-fn pool_for(proxy: &Proxy, login: &Login, topology: &crate::topology::Topology) -> Arc<PoolEntry> {
-    let target = crate::router::route_transaction(topology);
-    let shard = &topology.shards[target.shard];
+/// The pools of the session's shard: the primary's, and each replica's
+/// with its health entry.
+fn pools_for(
+    proxy: &Proxy,
+    login: &Login,
+    topology: &crate::topology::Topology,
+) -> (Arc<PoolEntry>, Vec<ReplicaSlot>) {
+    let shard_index = 0;
+    let shard = &topology.shards[shard_index];
     let config = proxy.config.load();
     let user = config.user(&login.user);
-    let key = PoolKey {
-        shard: target.shard,
-        role: target.role,
-        addr: shard.primary.clone(),
-        database: login.database.clone(),
-        user: user.map_or(login.user.clone(), |u| u.server_user().to_owned()),
+    let pool = |role: Role, addr: &Arc<str>| {
+        let key = PoolKey {
+            shard: shard_index,
+            role,
+            addr: addr.clone(),
+            database: login.database.clone(),
+            user: user.map_or(login.user.clone(), |u| u.server_user().to_owned()),
+        };
+        proxy.pools.get_or_create(
+            &key,
+            user.and_then(|u| u.server_password()),
+            user.and_then(|u| u.pool_size),
+        )
     };
-    proxy.pools.get_or_create(
-        &key,
-        user.and_then(|u| u.server_password()),
-        user.and_then(|u| u.pool_size),
-    )
+    let zone = config.proxy.zone.as_deref();
+    let replicas = shard
+        .replicas
+        .iter()
+        .map(|r| ReplicaSlot {
+            pool: pool(Role::Replica, &r.addr),
+            health: proxy.health.server(&r.addr),
+            weight: r.weight,
+            same_zone: zone.is_some() && r.zone.as_deref() == zone,
+        })
+        .collect();
+    (pool(Role::Primary, &shard.primary), replicas)
 }

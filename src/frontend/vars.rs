@@ -19,7 +19,10 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
 /// The query that reads a connection's session-level settings.
-pub const CAPTURE_SQL: &str = "select name, setting from pg_settings where source = 'session'";
+/// `transaction_*` are per transaction (pg_settings lists them with source
+/// `session` after a SET TRANSACTION); replaying them would fail on a
+/// replica and means nothing outside the transaction.
+pub const CAPTURE_SQL: &str = "select name, setting from pg_settings where source = 'session' and name not in ('transaction_read_only', 'transaction_isolation', 'transaction_deferrable')";
 
 /// Fingerprint of a connection whose state is not any client's (forces a
 /// reset at the next checkout). Client fingerprints are odd, pristine is 0.
@@ -49,6 +52,15 @@ impl SessionVars {
 
     pub fn fingerprint(&self) -> u64 {
         self.fingerprint
+    }
+
+    /// The session's `default_transaction_read_only` is on: a plain BEGIN
+    /// opens a read-only transaction.
+    pub fn default_read_only(&self) -> bool {
+        self.settings().iter().any(|(n, v)| {
+            n.eq_ignore_ascii_case("default_transaction_read_only")
+                && matches!(v.to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1")
+        })
     }
 
     fn settings(&self) -> &[(String, String)] {

@@ -73,6 +73,40 @@ pub fn ready_for_query(status: u8) -> Frame {
     frame(READY_FOR_QUERY, BytesMut::from(&[status][..]))
 }
 
+/// A RowDescription of text columns (the proxy's own result sets).
+pub fn row_description_text(names: &[&str]) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i16(names.len() as i16);
+    for name in names {
+        b.put_slice(name.as_bytes());
+        b.put_u8(0);
+        b.put_i32(0); // table oid
+        b.put_i16(0); // column number
+        b.put_i32(25); // text
+        b.put_i16(-1); // variable length
+        b.put_i32(-1); // no type modifier
+        b.put_i16(0); // text format
+    }
+    frame(ROW_DESCRIPTION, b)
+}
+
+pub fn data_row(values: &[&str]) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i16(values.len() as i16);
+    for v in values {
+        b.put_i32(v.len() as i32);
+        b.put_slice(v.as_bytes());
+    }
+    frame(DATA_ROW, b)
+}
+
+pub fn command_complete(tag: &str) -> Frame {
+    let mut b = BytesMut::with_capacity(tag.len() + 1);
+    b.put_slice(tag.as_bytes());
+    b.put_u8(0);
+    frame(COMMAND_COMPLETE, b)
+}
+
 pub fn empty(tag: u8) -> Frame {
     Frame {
         tag,

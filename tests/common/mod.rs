@@ -19,6 +19,7 @@ pub struct Cluster {
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static REPLICAS: OnceLock<Vec<PgServer>> = OnceLock::new();
 static TO_STOP: Mutex<Vec<PgServer>> = Mutex::new(Vec::new());
 static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
 
@@ -74,6 +75,38 @@ pub fn cluster() -> &'static Cluster {
         }
         primary.psql("app", "grant all on schema public to public").expect("schema grant");
         Cluster { primary, root }
+    })
+}
+
+/// Two streaming replicas of the shared primary (`pg_basebackup -R`),
+/// made on first use.
+pub fn replicas() -> &'static [PgServer] {
+    REPLICAS.get_or_init(|| {
+        let c = cluster();
+        let opts = ServerOptions {
+            fast_unsafe: true,
+            max_connections: 100,
+            ..ServerOptions::default()
+        };
+        // pg_basebackup logs in as postgres over TCP (SCRAM).
+        c.primary
+            .psql("postgres", "alter role postgres password 'postgres'")
+            .expect("superuser password");
+        (1..=2)
+            .map(|i| {
+                let r = PgServer::init_replica(
+                    &c.primary,
+                    &c.root.join(format!("replica{i}")),
+                    free_port().unwrap(),
+                    &opts,
+                )
+                .expect("replica starts");
+                TO_STOP.lock().unwrap().push(r.clone());
+                r.wait_ready(Duration::from_secs(60))
+                    .expect("replica ready");
+                r
+            })
+            .collect()
     })
 }
 
@@ -154,8 +187,12 @@ pub fn start_proxy(pool: &str, proxy_extra: &str) -> TestProxy {
 }
 
 pub fn start_proxy_for(primary: &str, pool: &str, proxy_extra: &str) -> TestProxy {
-    let config = Config::parse(&config_text(primary, pool, proxy_extra), "test.toml")
-        .expect("valid test config");
+    start_proxy_text(&config_text(primary, pool, proxy_extra))
+}
+
+/// Starts an in-process proxy with this configuration text.
+pub fn start_proxy_text(text: &str) -> TestProxy {
+    let config = Config::parse(text, "test.toml").expect("valid test config");
     // The proxy runs on its own runtime, not the test's.
     let rt = runtime();
     std::thread::scope(|s| {

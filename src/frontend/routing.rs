@@ -1,0 +1,423 @@
+//! The session's side of read/write splitting: classifying what the client
+//! sends, deciding whether a transaction may start on a replica, learning
+//! commit positions for read-your-writes, and the `shardgate.*` session
+//! commands.
+//!
+//! Read-your-writes costs one small query per write transaction and no
+//! round trip per read: when a client's Query or Sync may have committed a
+//! write on the primary, `SELECT pg_current_wal_insert_lsn()` is pipelined
+//! right behind it on the same connection (its answer is dropped), so the
+//! session learns a position at or past its commit without waiting. Reads
+//! then go only to replicas whose last probed replay position has reached
+//! it; the probe of a replica can only be older than the truth, so the
+//! check errs toward the primary, never toward a stale read.
+
+use super::pipeline::Expect;
+use super::session::Session;
+use crate::health::{format_lsn, parse_lsn};
+use crate::protocol::backend as be;
+use crate::protocol::frame::peek_header;
+use crate::protocol::frontend as fe;
+use crate::router::classify::{classify, Class};
+use crate::router::TargetOverride;
+
+/// The position probe pipelined behind a write.
+const LSN_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text";
+
+impl Session {
+    pub(super) fn classify(&mut self, sql: &[u8]) -> Class {
+        let catalog = self.catalog();
+        classify(sql, &catalog)
+    }
+
+    /// Could running `sql` on the held primary connection commit a write
+    /// (so a position probe should follow it)? Outside a transaction: any
+    /// statement not proven read-only; inside one: only COMMIT/END (or a
+    /// statement list), a cheap lexical check.
+    pub(super) fn may_commit(&mut self, sql: &[u8], class: Option<Class>) -> bool {
+        let idle = self.server.as_ref().is_some_and(|s| s.tx_status == b'I');
+        if !idle {
+            return crate::router::classify::may_end_transaction(sql);
+        }
+        let class = match class {
+            Some(c) => c,
+            None => self.classify(sql),
+        };
+        class.may_commit || class.write
+    }
+
+    pub(super) fn wants_replica(&self, class: &Class) -> bool {
+        crate::router::wants_replica(class, self.routing.target, self.vars.default_read_only())
+    }
+
+    /// Query text of a statement the client names in Bind or Describe.
+    pub(super) fn statement_text(&self, name: &str) -> Option<Vec<u8>> {
+        if name.is_empty() {
+            let parse = self.unnamed_parse.as_ref()?;
+            return fe::parse_parse(&parse.body).ok().map(|p| p.query.to_vec());
+        }
+        let stmt = self.statements.get(name)?;
+        let end = memchr::memchr(0, &stmt.key)?;
+        Some(stmt.key[..end].to_vec())
+    }
+
+    /// May the extended-protocol batch that starts with the current message
+    /// (a statement with text `first`) run on a replica? Every statement it
+    /// parses or binds before Sync must be read-only, and the Sync must
+    /// already be here: what is not here yet cannot be vouched for.
+    pub(super) fn batch_wants_replica(&mut self, first: Option<&[u8]>) -> bool {
+        if self.server.is_some() || !self.routing.split {
+            return false;
+        }
+        let Some(first) = first else { return false };
+        let class = self.classify(first);
+        self.wants_replica(&class) && self.buffered_batch_read_only(0, None)
+    }
+
+    /// Is the next request in the client buffer (a simple Query, or
+    /// extended-protocol messages up to a Sync that is already here)
+    /// read-only?
+    pub(super) fn next_request_read_only(&mut self) -> bool {
+        let Ok(Some((tag, total))) = peek_header(&self.client_buf, self.max_message_size) else {
+            return false;
+        };
+        if tag != fe::QUERY {
+            return self.buffered_batch_read_only(0, None);
+        }
+        if self.client_buf.len() < total {
+            return false;
+        }
+        let text = self.client_buf[5..total]
+            .strip_suffix(&[0])
+            .unwrap_or(&[])
+            .to_vec();
+        if parse_command_bytes(&text) {
+            return true;
+        }
+        let class = self.classify(&text);
+        self.wants_replica(&class)
+    }
+
+    /// Scans buffered client messages from byte `pos` up to a Sync: every
+    /// statement parsed or bound must be read-only.
+    fn buffered_batch_read_only(&mut self, mut pos: usize, mut unnamed: Option<Vec<u8>>) -> bool {
+        loop {
+            let rest = &self.client_buf[pos..];
+            let Ok(Some((tag, total))) = peek_header(rest, self.max_message_size) else {
+                return false;
+            };
+            if rest.len() < total {
+                return false;
+            }
+            let body = &rest[5..total];
+            let text: Option<Vec<u8>> = match tag {
+                fe::SYNC => return true,
+                fe::PARSE => match fe::parse_parse(body) {
+                    Ok(p) => {
+                        if p.name.is_empty() {
+                            unnamed = Some(p.query.to_vec());
+                        }
+                        Some(p.query.to_vec())
+                    }
+                    Err(_) => return false,
+                },
+                fe::BIND => match fe::parse_bind(body) {
+                    Ok(b) if b.statement.is_empty() && unnamed.is_some() => unnamed.clone(),
+                    Ok(b) => match self.statement_text(b.statement) {
+                        Some(t) => Some(t),
+                        None => return false,
+                    },
+                    Err(_) => return false,
+                },
+                fe::DESCRIBE | fe::EXECUTE | fe::CLOSE | fe::FLUSH => None,
+                _ => return false,
+            };
+            pos += total;
+            if let Some(t) = text {
+                let class = self.classify(&t);
+                if !self.wants_replica(&class) {
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Holding a replica with an earlier request still answering: the next
+    /// request may follow it there only if it is read-only too; otherwise
+    /// the client's input waits until the replica connection is free.
+    pub(super) fn must_wait_for_replica(&mut self) -> bool {
+        self.on_replica.is_some()
+            && !self.routing.batch_open
+            && !self.pipeline.is_empty()
+            && !self.client_buf.is_empty()
+            && !self.next_request_read_only()
+    }
+
+    /// Pipelines the commit-position probe behind what was just queued for
+    /// the primary.
+    pub(super) fn push_lsn_probe(&mut self) {
+        fe::build_query(LSN_SQL).encode(&mut self.to_server);
+        self.pipeline.push_back(Expect::LsnProbe);
+        self.routing.probed_lsn = None;
+    }
+
+    /// Handles the answer to a position probe (the front of the
+    /// pipeline); nothing of it reaches the client.
+    pub(super) fn on_lsn_probe_message(&mut self, tag: u8, body: &[u8]) {
+        match tag {
+            be::DATA_ROW => {
+                self.routing.probed_lsn = first_text_column(body).and_then(parse_lsn);
+            }
+            be::READY_FOR_QUERY => {
+                self.pipeline.pop_front();
+                let Some(server) = self.server.as_mut() else {
+                    return;
+                };
+                // Only a probe that ran outside a transaction follows a
+                // commit (the client's own ReadyForQuery set this status).
+                let committed = server.tx_status == b'I';
+                server.tx_status = body.first().copied().unwrap_or(b'I');
+                if committed {
+                    if let Some(lsn) = self.routing.probed_lsn.take() {
+                        self.routing.last_commit_lsn = self.routing.last_commit_lsn.max(lsn);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// `SHOW`/`SET`/`RESET shardgate.<name>` in a simple Query: answered by
+    /// the proxy. Returns false for anything else.
+    pub(super) fn shardgate_command(&mut self, sql: &[u8]) -> bool {
+        let Ok(sql) = std::str::from_utf8(sql) else {
+            return false;
+        };
+        let Some(cmd) = parse_command(sql) else {
+            return false;
+        };
+        let status = self.server.as_ref().map_or(b'I', |s| s.tx_status);
+        let mut frames = Vec::new();
+        if status == b'E' {
+            frames.push(be::error_response(
+                "ERROR",
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            ));
+        } else {
+            match self.run_command(cmd) {
+                Ok(mut out) => frames.append(&mut out),
+                Err((code, message)) => {
+                    crate::metrics::count_error(code.as_bytes());
+                    frames.push(be::error_response("ERROR", code, &message));
+                }
+            }
+        }
+        frames.push(be::ready_for_query(status));
+        for frame in frames {
+            self.pipeline.push_back(Expect::Synthetic {
+                frame,
+                client_name: None,
+            });
+        }
+        true
+    }
+
+    fn run_command(
+        &mut self,
+        cmd: Command<'_>,
+    ) -> Result<Vec<crate::protocol::Frame>, (&'static str, String)> {
+        let unknown = |name: &str| {
+            (
+                "42704",
+                format!("unrecognized configuration parameter \"shardgate.{name}\""),
+            )
+        };
+        match cmd {
+            Command::Show(name) => {
+                let value = match name.as_str() {
+                    "target" => self.routing.target.as_str().to_owned(),
+                    "min_lsn" => format_lsn(self.routing.min_lsn),
+                    "last_commit_lsn" => format_lsn(self.routing.last_commit_lsn),
+                    _ => return Err(unknown(&name)),
+                };
+                let column = format!("shardgate.{name}");
+                Ok(vec![
+                    be::row_description_text(&[&column]),
+                    be::data_row(&[&value]),
+                    be::command_complete("SHOW"),
+                ])
+            }
+            Command::Set(name, value, tag) => {
+                match (name.as_str(), value) {
+                    ("target", Some(v)) => {
+                        self.routing.target = TargetOverride::parse(&v).ok_or((
+                            "22023",
+                            format!("invalid value for parameter \"shardgate.target\": \"{v}\" (primary, replica or auto)"),
+                        ))?;
+                    }
+                    ("target", None) => self.routing.target = TargetOverride::Auto,
+                    ("min_lsn", Some(v)) => {
+                        self.routing.min_lsn = parse_lsn(&v).ok_or((
+                            "22023",
+                            format!("invalid value for parameter \"shardgate.min_lsn\": \"{v}\" (an LSN such as 0/16B3748)"),
+                        ))?;
+                    }
+                    ("min_lsn", None) => self.routing.min_lsn = 0,
+                    ("last_commit_lsn", _) => {
+                        return Err((
+                            "55P02",
+                            "parameter \"shardgate.last_commit_lsn\" cannot be changed".into(),
+                        ))
+                    }
+                    _ => return Err(unknown(&name)),
+                }
+                Ok(vec![be::command_complete(tag)])
+            }
+        }
+    }
+}
+
+fn parse_command_bytes(sql: &[u8]) -> bool {
+    std::str::from_utf8(sql).is_ok_and(|s| parse_command(s).is_some())
+}
+
+/// The first column of a DataRow as text.
+fn first_text_column(body: &[u8]) -> Option<&str> {
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let v = body.get(6..6 + usize::try_from(len).ok()?)?;
+    std::str::from_utf8(v).ok()
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Command<'a> {
+    Show(String),
+    /// SET name = value (Some) or RESET name / SET name TO DEFAULT (None),
+    /// with the command tag to answer.
+    Set(String, Option<std::borrow::Cow<'a, str>>, &'static str),
+}
+
+/// Recognizes `SHOW shardgate.x`, `SET [SESSION] shardgate.x {=|TO} v`,
+/// `SET shardgate.x TO DEFAULT` and `RESET shardgate.x`, with an optional
+/// trailing semicolon.
+fn parse_command(sql: &str) -> Option<Command<'_>> {
+    let s = crate::sql::strip_leading(sql);
+    let (word, rest) = next_word(s)?;
+    let word = word.to_ascii_lowercase();
+    if !matches!(word.as_str(), "show" | "set" | "reset") {
+        return None;
+    }
+    let mut rest = rest;
+    if word == "set" {
+        if let Some((w, r)) = next_word(rest) {
+            if w.eq_ignore_ascii_case("session") {
+                rest = r;
+            }
+        }
+    }
+    let rest = rest.trim_start();
+    let prefix = "shardgate.";
+    if rest.len() < prefix.len() || !rest[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        return None;
+    }
+    let rest = &rest[prefix.len()..];
+    let name_len = rest
+        .bytes()
+        .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+        .count();
+    let name = rest[..name_len].to_ascii_lowercase();
+    let rest = rest[name_len..].trim_start();
+    let end = |r: &str| r.trim().trim_end_matches(';').trim().is_empty();
+    match word.as_str() {
+        "show" | "reset" if !end(rest) => None,
+        "show" => Some(Command::Show(name)),
+        "reset" => Some(Command::Set(name, None, "RESET")),
+        _ => {
+            let rest = if let Some(r) = rest.strip_prefix('=') {
+                r
+            } else {
+                let (w, r) = next_word(rest)?;
+                if !w.eq_ignore_ascii_case("to") {
+                    return None;
+                }
+                r
+            };
+            let rest = rest.trim();
+            let rest = rest.strip_suffix(';').unwrap_or(rest).trim_end();
+            let value: std::borrow::Cow<'_, str> = if let Some(q) = rest.strip_prefix('\'') {
+                let inner = q.strip_suffix('\'')?;
+                if inner.replace("''", "").contains('\'') {
+                    return None;
+                }
+                inner.replace("''", "'").into()
+            } else {
+                if rest.is_empty() || rest.contains(char::is_whitespace) {
+                    return None;
+                }
+                rest.into()
+            };
+            if value.eq_ignore_ascii_case("default") && !rest.starts_with('\'') {
+                return Some(Command::Set(name, None, "SET"));
+            }
+            Some(Command::Set(name, Some(value), "SET"))
+        }
+    }
+}
+
+fn next_word(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_start();
+    let len = s
+        .bytes()
+        .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+        .count();
+    (len > 0).then(|| (&s[..len], &s[len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands() {
+        assert_eq!(
+            parse_command("SHOW shardgate.last_commit_lsn"),
+            Some(Command::Show("last_commit_lsn".into()))
+        );
+        assert_eq!(
+            parse_command("  show Shardgate.Target ; "),
+            Some(Command::Show("target".into()))
+        );
+        assert_eq!(
+            parse_command("set shardgate.target = replica"),
+            Some(Command::Set("target".into(), Some("replica".into()), "SET"))
+        );
+        assert_eq!(
+            parse_command("SET SESSION shardgate.min_lsn TO '0/16B3748';"),
+            Some(Command::Set(
+                "min_lsn".into(),
+                Some("0/16B3748".into()),
+                "SET"
+            ))
+        );
+        assert_eq!(
+            parse_command("set shardgate.target to default"),
+            Some(Command::Set("target".into(), None, "SET"))
+        );
+        assert_eq!(
+            parse_command("RESET shardgate.target"),
+            Some(Command::Set("target".into(), None, "RESET"))
+        );
+        assert_eq!(parse_command("show work_mem"), None);
+        assert_eq!(parse_command("set shardgate.target = a b"), None);
+        assert_eq!(parse_command("show shardgate.target; select 1"), None);
+        assert_eq!(parse_command("select 1"), None);
+        assert_eq!(parse_command("set local shardgate.target = primary"), None);
+    }
+
+    #[test]
+    fn data_row_text() {
+        let row = be::data_row(&["0/16B3748"]);
+        assert_eq!(first_text_column(&row.body), Some("0/16B3748"));
+        assert_eq!(first_text_column(&[0, 1, 255, 255, 255, 255]), None);
+    }
+}

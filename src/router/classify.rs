@@ -1,0 +1,631 @@
+//! Statement classification for read/write splitting: may this SQL text run
+//! on a replica?
+//!
+//! A statement is read-only only when that is proven: a SELECT/VALUES/TABLE,
+//! SHOW or EXPLAIN (without ANALYZE of something that is not itself
+//! read-only), with no locking clause, no SELECT INTO, no data-modifying
+//! CTE, and only functions, operators and casts the [`Catalog`] knows to be
+//! read-only. Everything else — and anything sqlparser cannot parse — is a
+//! write and goes to the primary.
+//!
+//! Two paths keep this off the per-query budget: a lexical fast path proves
+//! the common `SELECT cols FROM t WHERE col = literal` shape read-only
+//! without parsing, and results of full parses are cached by text (in the
+//! catalog, so a catalog refresh also drops them).
+
+use super::catalog::Catalog;
+use sqlparser::ast::{
+    Expr, Query, Select, Statement, TableFactor, TransactionAccessMode, TransactionMode, Visit,
+    Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use std::ops::ControlFlow;
+
+/// Where a comment hint (`/* shardgate: primary */`) sends a statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Hint {
+    #[default]
+    None,
+    Primary,
+    Replica,
+}
+
+/// What routing needs to know about one SQL text (one or more statements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Class {
+    /// Something in the text is not proven read-only. (A plain BEGIN is
+    /// not counted here but in `plain_begin`.)
+    pub write: bool,
+    /// A BEGIN / START TRANSACTION without an access mode: read-only only
+    /// when the session's `default_transaction_read_only` is on.
+    pub plain_begin: bool,
+    /// The text may end a transaction with a commit (COMMIT, END, COMMIT
+    /// PREPARED): the point at which read-your-writes learns a new LSN.
+    pub may_commit: bool,
+    pub hint: Hint,
+}
+
+impl Class {
+    pub const WRITE: Class = Class {
+        write: true,
+        plain_begin: false,
+        may_commit: true,
+        hint: Hint::None,
+    };
+
+    /// May this text go to a replica (outside a read-write transaction)?
+    pub fn read_only(&self, default_read_only: bool) -> bool {
+        !self.write && (!self.plain_begin || default_read_only)
+    }
+}
+
+/// Leading keywords of statements that always write (or change state only
+/// the primary may hold): no need to parse them to send them there.
+const WRITE_KEYWORDS: &[&[u8]] = &[
+    b"insert",
+    b"update",
+    b"delete",
+    b"merge",
+    b"create",
+    b"alter",
+    b"drop",
+    b"truncate",
+    b"copy",
+    b"grant",
+    b"revoke",
+    b"vacuum",
+    b"analyze",
+    b"cluster",
+    b"reindex",
+    b"lock",
+    b"listen",
+    b"notify",
+    b"unlisten",
+    b"call",
+    b"do",
+    b"comment",
+    b"refresh",
+    b"prepare",
+    b"execute",
+    b"deallocate",
+    b"discard",
+    b"reset",
+    b"import",
+    b"security",
+    b"checkpoint",
+];
+
+/// Classifies SQL text (the body of a Query or of a Parse).
+pub fn classify(sql: &[u8], catalog: &Catalog) -> Class {
+    let hint = hint(sql);
+    if fast_select(sql, catalog) {
+        return Class {
+            hint,
+            ..Class::default()
+        };
+    }
+    if let Some(word) = leading_keyword(sql) {
+        if WRITE_KEYWORDS.iter().any(|w| w.eq_ignore_ascii_case(word)) {
+            return Class {
+                hint,
+                ..Class::WRITE
+            };
+        }
+    }
+    if let Some(c) = catalog.cached(sql) {
+        return c;
+    }
+    let class = Class {
+        hint,
+        ..classify_parsed(sql, catalog)
+    };
+    catalog.remember(sql, class);
+    class
+}
+
+fn classify_parsed(sql: &[u8], catalog: &Catalog) -> Class {
+    let Ok(text) = std::str::from_utf8(sql) else {
+        return Class::WRITE;
+    };
+    let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, text) else {
+        return Class::WRITE;
+    };
+    let mut class = Class::default();
+    // BEGIN; SET TRANSACTION READ ONLY; ... in one text is a read-only
+    // transaction.
+    let mut pending_begin = false;
+    for stmt in &statements {
+        match stmt {
+            Statement::StartTransaction { modes, .. } => match access_mode(modes) {
+                Some(TransactionAccessMode::ReadOnly) => {}
+                Some(TransactionAccessMode::ReadWrite) => class.write = true,
+                None => pending_begin = true,
+            },
+            Statement::Set(sqlparser::ast::Set::SetTransaction { modes, session, .. }) => {
+                match access_mode(modes) {
+                    Some(TransactionAccessMode::ReadOnly) if !session => pending_begin = false,
+                    None if !session => {}
+                    _ => class.write = true,
+                }
+            }
+            Statement::Commit { .. } => class.may_commit = true,
+            Statement::Rollback { .. }
+            | Statement::Savepoint { .. }
+            | Statement::ReleaseSavepoint { .. } => {}
+            other => {
+                if !statement_read_only(other, catalog) {
+                    class.write = true;
+                    // An unknown statement may be COMMIT PREPARED or a
+                    // procedure that commits.
+                    class.may_commit = true;
+                }
+            }
+        }
+    }
+    class.plain_begin = pending_begin;
+    class
+}
+
+fn access_mode(modes: &[TransactionMode]) -> Option<TransactionAccessMode> {
+    modes.iter().rev().find_map(|m| match m {
+        TransactionMode::AccessMode(a) => Some(*a),
+        _ => None,
+    })
+}
+
+fn statement_read_only(stmt: &Statement, catalog: &Catalog) -> bool {
+    let top_level_ok = match stmt {
+        Statement::Query(_) => true,
+        Statement::ShowVariable { .. } | Statement::ShowVariables { .. } => true,
+        Statement::Explain {
+            analyze,
+            statement,
+            options,
+            ..
+        } => {
+            let analyze = *analyze
+                || options.as_ref().is_some_and(|opts| {
+                    opts.iter().any(|o| {
+                        o.name.value.eq_ignore_ascii_case("analyze")
+                            && !o.arg.as_ref().is_some_and(|a| {
+                                let a = a.to_string().to_ascii_lowercase();
+                                a == "false" || a == "off" || a == "0"
+                            })
+                    })
+                });
+            // EXPLAIN ANALYZE runs the statement. Plain EXPLAIN only plans,
+            // but an EXPLAIN of a write stays on the primary too: the plan
+            // is the primary's to give.
+            let _ = analyze;
+            return statement_read_only(statement, catalog);
+        }
+        _ => false,
+    };
+    if !top_level_ok {
+        return false;
+    }
+    let mut check = ReadOnlyCheck {
+        catalog,
+        depth: 0,
+        write: false,
+    };
+    let _ = stmt.visit(&mut check);
+    !check.write
+}
+
+/// Walks every node of a statement looking for anything that may write.
+struct ReadOnlyCheck<'a> {
+    catalog: &'a Catalog,
+    depth: usize,
+    write: bool,
+}
+
+impl ReadOnlyCheck<'_> {
+    fn flag(&mut self) -> ControlFlow<()> {
+        self.write = true;
+        ControlFlow::Break(())
+    }
+
+    fn check_function(&mut self, name: &sqlparser::ast::ObjectName) -> ControlFlow<()> {
+        let Some(last) = name.0.last().and_then(|p| p.as_ident()) else {
+            return self.flag();
+        };
+        if self.catalog.function_read_only(&last.value) {
+            ControlFlow::Continue(())
+        } else {
+            self.flag()
+        }
+    }
+}
+
+impl Visitor for ReadOnlyCheck<'_> {
+    type Break = ();
+
+    fn pre_visit_statement(&mut self, stmt: &Statement) -> ControlFlow<()> {
+        self.depth += 1;
+        // Any statement nested in a query (INSERT/UPDATE/DELETE/MERGE in a
+        // CTE) writes.
+        if self.depth > 1 && !matches!(stmt, Statement::Query(_)) {
+            return self.flag();
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_statement(&mut self, _stmt: &Statement) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        if !query.locks.is_empty() || query.for_clause.is_some() {
+            return self.flag();
+        }
+        if let Some(with) = &query.with {
+            for cte in &with.cte_tables {
+                if !matches!(
+                    *cte.query.body,
+                    sqlparser::ast::SetExpr::Select(_)
+                        | sqlparser::ast::SetExpr::Query(_)
+                        | sqlparser::ast::SetExpr::SetOperation { .. }
+                        | sqlparser::ast::SetExpr::Values(_)
+                        | sqlparser::ast::SetExpr::Table(_)
+                ) {
+                    return self.flag();
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
+        if select.into.is_some() {
+            return self.flag();
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        match factor {
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            }
+            | TableFactor::Function { name, .. } => self.check_function(name),
+            _ => ControlFlow::Continue(()),
+        }
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        match expr {
+            Expr::Function(f) => self.check_function(&f.name),
+            Expr::BinaryOp { op, .. } => {
+                if self.catalog.operator_read_only(&op.to_string()) {
+                    ControlFlow::Continue(())
+                } else {
+                    self.flag()
+                }
+            }
+            Expr::UnaryOp { op, .. } => {
+                if self.catalog.operator_read_only(&op.to_string()) {
+                    ControlFlow::Continue(())
+                } else {
+                    self.flag()
+                }
+            }
+            Expr::Cast { .. } if self.catalog.has_volatile_casts() => self.flag(),
+            _ => ControlFlow::Continue(()),
+        }
+    }
+}
+
+/// The first word of the text after whitespace and simple comments; None
+/// when it does not start with a word (or with a nested comment).
+pub fn leading_keyword(sql: &[u8]) -> Option<&[u8]> {
+    let mut i = 0;
+    loop {
+        while i < sql.len() && sql[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if sql[i..].starts_with(b"--") {
+            i += memchr::memchr(b'\n', &sql[i..])? + 1;
+        } else if sql[i..].starts_with(b"/*") {
+            let end = memchr::memmem::find(&sql[i + 2..], b"*/")?;
+            if memchr::memmem::find(&sql[i + 2..i + 2 + end], b"/*").is_some() {
+                return None;
+            }
+            i += end + 4;
+        } else {
+            break;
+        }
+    }
+    let len = sql[i..]
+        .iter()
+        .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+        .count();
+    (len > 0).then(|| &sql[i..i + len])
+}
+
+/// Inside a transaction block: may this text end it with a commit?
+/// (COMMIT or END, or several statements, which are not looked into.)
+/// Procedures and DO blocks cannot commit inside a transaction block.
+pub fn may_end_transaction(sql: &[u8]) -> bool {
+    let Some(word) = leading_keyword(sql) else {
+        return true;
+    };
+    if word.eq_ignore_ascii_case(b"commit") || word.eq_ignore_ascii_case(b"end") {
+        return true;
+    }
+    // A second statement after a semicolon (quotes are not tracked here:
+    // a semicolon in a literal only costs a position probe).
+    match memchr::memchr(b';', sql) {
+        Some(at) => !sql[at + 1..].iter().all(|b| b.is_ascii_whitespace()),
+        None => false,
+    }
+}
+
+/// A `/* shardgate: primary */` or `/* shardgate: replica */` comment.
+pub fn hint(sql: &[u8]) -> Hint {
+    let mut rest = sql;
+    while let Some(start) = memchr::memmem::find(rest, b"/*") {
+        let body = &rest[start + 2..];
+        let end = memchr::memmem::find(body, b"*/").unwrap_or(body.len());
+        let comment = &body[..end];
+        if let Some(at) = memchr::memmem::find(comment, b"shardgate:") {
+            let word: Vec<u8> = comment[at + 10..]
+                .iter()
+                .skip_while(|b| b.is_ascii_whitespace())
+                .take_while(|b| b.is_ascii_alphabetic())
+                .map(|b| b.to_ascii_lowercase())
+                .collect();
+            match word.as_slice() {
+                b"primary" => return Hint::Primary,
+                b"replica" => return Hint::Replica,
+                _ => {}
+            }
+        }
+        rest = &body[end.min(body.len())..];
+    }
+    Hint::None
+}
+
+/// The lexical fast path: `SELECT` followed only by words, numbers, plain
+/// string literals, `$n` parameters, commas, dots and the operators
+/// `= <> != < > <= >= + - * / % ||` — no parentheses (so no function call or
+/// subquery), no casts, no comments, no FOR (locking) or INTO, one
+/// statement. Such a text calls no function other than the operators'
+/// (which the catalog vouches for) and is read-only.
+pub fn fast_select(sql: &[u8], catalog: &Catalog) -> bool {
+    if !catalog.plain_operators_read_only() {
+        return false;
+    }
+    let mut i = 0;
+    while i < sql.len() && sql[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    if sql.len() < i + 7
+        || !sql[i..i + 6].eq_ignore_ascii_case(b"select")
+        || !sql[i + 6].is_ascii_whitespace()
+    {
+        return false;
+    }
+    i += 6;
+    while i < sql.len() {
+        let b = sql[i];
+        match b {
+            b' ' | b'\t' | b'\n' | b'\r' | b',' | b'.' | b'=' | b'<' | b'>' | b'!' | b'+'
+            | b'*' | b'%' | b'|' => i += 1,
+            b'-' | b'/' => {
+                // -- and /* start comments (which may hold a hint).
+                if matches!(sql.get(i + 1), Some(b'-') | Some(b'*')) {
+                    return false;
+                }
+                i += 1;
+            }
+            b'\'' => {
+                // A plain literal; a prefixed one (E'', U&'', B'') may need
+                // escape rules this scanner does not apply.
+                if i > 0 && (sql[i - 1].is_ascii_alphanumeric() || sql[i - 1] == b'&') {
+                    return false;
+                }
+                i += 1;
+                loop {
+                    match sql.get(i) {
+                        None => return false,
+                        Some(b'\'') if sql.get(i + 1) == Some(&b'\'') => i += 2,
+                        Some(b'\'') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+            }
+            b'$' => {
+                let digits = sql[i + 1..]
+                    .iter()
+                    .take_while(|c| c.is_ascii_digit())
+                    .count();
+                if digits == 0 {
+                    return false;
+                }
+                i += 1 + digits;
+            }
+            b';' => {
+                return sql[i + 1..].iter().all(|c| c.is_ascii_whitespace());
+            }
+            b if b.is_ascii_alphanumeric() || b == b'_' => {
+                let len = sql[i..]
+                    .iter()
+                    .take_while(|c| c.is_ascii_alphanumeric() || **c == b'_')
+                    .count();
+                let word = &sql[i..i + len];
+                if word.eq_ignore_ascii_case(b"for") || word.eq_ignore_ascii_case(b"into") {
+                    return false;
+                }
+                i += len;
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ro(sql: &str) -> bool {
+        let cat = Catalog::for_tests();
+        classify(sql.as_bytes(), &cat).read_only(false)
+    }
+
+    #[test]
+    fn reads() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+            "select 1",
+            "SELECT a, b FROM t WHERE x = $1 AND y <> 'it''s'",
+            "select count(*) from t",
+            "select * from t join u on t.id = u.id where t.x in (1, 2, 3) order by 1 limit 5",
+            "with x as (select 1) select * from x",
+            "select * from generate_series(1, 3)",
+            "select now(), random(), lower('A')",
+            "show work_mem",
+            "explain select * from t",
+            "explain analyze select 1",
+            "values (1), (2)",
+            "select 1 union all select 2",
+            "begin read only; select 1; commit",
+            "begin; set transaction read only; select 1",
+            "start transaction isolation level repeatable read, read only",
+            "select x::text from t",
+            "/* shardgate: replica */ select 1",
+        ] {
+            assert!(ro(sql), "should be read-only: {sql}");
+        }
+    }
+
+    #[test]
+    fn writes() {
+        for sql in [
+            "insert into t values (1)",
+            "update t set a = 1",
+            "delete from t",
+            "merge into t using u on t.id = u.id when matched then delete",
+            "create table t (a int)",
+            "select * from t for update",
+            "select * from t for share",
+            "select * from (select * from t for update) s",
+            "with d as (delete from t returning *) select * from d",
+            "with i as (insert into t values (1) returning *) select * from i",
+            "select * into t2 from t",
+            "select nextval('s')",
+            "select setval('s', 1)",
+            "select currval('s')",
+            "select pg_advisory_lock(1)",
+            "select pg_try_advisory_xact_lock(1)",
+            "select set_config('a.b', 'c', false)",
+            "select pg_notify('c', 'x')",
+            "select txid_current()",
+            "select my_unknown_function()",
+            "select * from my_unknown_srf()",
+            "explain analyze insert into t values (1)",
+            "explain (analyze) delete from t",
+            "explain insert into t values (1)",
+            "listen c",
+            "notify c",
+            "copy t from stdin",
+            "lock table t",
+            "begin",
+            "begin read write",
+            "select 1; insert into t values (1)",
+            "this is not sql",
+            "set work_mem = '1MB'",
+            "call p()",
+            "do $$ begin perform 1; end $$",
+            "prepare p as select 1",
+            "execute p",
+            "declare c cursor for select 1",
+            "vacuum t",
+            "select 1 for update",
+        ] {
+            assert!(!ro(sql), "should go to the primary: {sql}");
+        }
+    }
+
+    #[test]
+    fn plain_begin_follows_the_session_default() {
+        let cat = Catalog::for_tests();
+        let c = classify(b"BEGIN", &cat);
+        assert!(c.plain_begin && !c.write);
+        assert!(!c.read_only(false));
+        assert!(c.read_only(true));
+        assert!(classify(b"commit", &cat).may_commit);
+        assert!(!classify(b"rollback", &cat).may_commit);
+        assert!(classify(b"insert into t values (1)", &cat).may_commit);
+        assert!(!classify(b"select 1", &cat).may_commit);
+    }
+
+    #[test]
+    fn keywords_and_transaction_ends() {
+        assert_eq!(
+            leading_keyword(b"  /* c */ -- x\n INSERT into"),
+            Some(&b"INSERT"[..])
+        );
+        assert_eq!(leading_keyword(b"/* a /* b */ */ select"), None);
+        assert_eq!(leading_keyword(b"(select 1)"), None);
+        assert!(may_end_transaction(b"END;"));
+        assert!(may_end_transaction(b"commit"));
+        assert!(may_end_transaction(b"update t set a = 1; commit"));
+        assert!(!may_end_transaction(b"UPDATE t SET a = 1;"));
+        assert!(!may_end_transaction(b"rollback"));
+        let cat = Catalog::for_tests();
+        assert!(classify(b"END", &cat).may_commit);
+        assert!(classify(b"commit prepared 'x'", &cat).may_commit);
+    }
+
+    #[test]
+    fn hints() {
+        assert_eq!(hint(b"/* shardgate: primary */ select 1"), Hint::Primary);
+        assert_eq!(hint(b"select 1 /*shardgate:Replica*/"), Hint::Replica);
+        assert_eq!(
+            hint(b"/* other */ select /* shardgate: replica */ 1"),
+            Hint::Replica
+        );
+        assert_eq!(hint(b"select 'shardgate: primary'"), Hint::None);
+        assert_eq!(hint(b"/* shardgate: bogus */ select 1"), Hint::None);
+        assert_eq!(hint(b"/* unterminated shardgate: primary"), Hint::Primary);
+    }
+
+    #[test]
+    fn fast_path_shapes() {
+        let cat = Catalog::for_tests();
+        let fast = |s: &str| fast_select(s.as_bytes(), &cat);
+        assert!(fast(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;"
+        ));
+        assert!(fast("select a from t where b = $1 and c >= 'x' || 'y'"));
+        assert!(!fast("select f(1)"));
+        assert!(!fast("select a from t for update"));
+        assert!(!fast("select a into b from t"));
+        assert!(!fast("select a::int from t"));
+        assert!(!fast("select E'\\'' from t"));
+        assert!(!fast("select 1; delete from t"));
+        assert!(!fast("select 1 -- c"));
+        assert!(!fast("select a ~ 'x' from t"));
+        assert!(!fast("select 'unterminated"));
+        assert!(!fast("selectx 1"));
+        // The same texts are still classified (by the parser) correctly.
+        assert!(ro("select a::int from t"));
+        assert!(!ro("select 1; delete from t"));
+    }
+
+    #[test]
+    fn unknown_catalog_sends_everything_with_functions_to_the_primary() {
+        let cat = Catalog::unloaded();
+        assert!(!classify(b"select lower('a')", &cat).read_only(false));
+        assert!(!classify(b"select a from t where b = 1", &cat).read_only(false));
+    }
+}

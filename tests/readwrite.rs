@@ -1,0 +1,468 @@
+//! Read/write splitting against a real primary with two streaming
+//! replicas: where each kind of statement runs (checked by the port of the
+//! server that answered), read-your-writes under deterministic replica lag,
+//! lag exclusion, and a replica killed under read load.
+
+mod common;
+
+use common::{cluster, replicas, scalar, start_proxy_text, TestProxy};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres::Client;
+
+/// A proxy in front of the shared primary and both replicas.
+fn proxy_with(extra: &str) -> TestProxy {
+    let c = cluster();
+    let r = replicas();
+    let mut text = common::config_text(
+        &c.primary.addr(),
+        "max_size = 10\ncheckout_timeout = \"5s\"",
+        "",
+    );
+    text.push_str(&format!(
+        "replicas = [\"{}\", \"{}\"]\n{extra}\n",
+        r[0].addr(),
+        r[1].addr()
+    ));
+    start_proxy_text(&text)
+}
+
+/// The tests share the replicas and change them (delay, stop): one at a
+/// time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn primary_port() -> u16 {
+    cluster().primary.port
+}
+
+fn replica_ports() -> Vec<u16> {
+    replicas().iter().map(|r| r.port).collect()
+}
+
+/// The port of the server that answered a simple query whose first column
+/// is `inet_server_port()` (or `show port`).
+async fn port(c: &Client, sql: &str) -> u16 {
+    scalar(c, sql).await.parse().expect("a port")
+}
+
+/// The same through the extended protocol.
+async fn port_ext(c: &Client, sql: &str) -> u16 {
+    let row = c.query_one(sql, &[]).await.expect(sql);
+    row.get::<_, i32>(0) as u16
+}
+
+async fn ran_on_primary(c: &Client, sql: &str) -> bool {
+    port(c, sql).await == primary_port()
+}
+
+/// Waits until `sql` (a SELECT of inet_server_port()) lands on a replica:
+/// the proxy loads the function catalog and the first probes on start.
+async fn wait_for_replica_reads(c: &Client) {
+    common::eventually("reads reach a replica", || async {
+        replica_ports().contains(&port(c, "select inet_server_port()").await)
+    })
+    .await;
+}
+
+/// Waits until both replicas have replayed everything the primary has now.
+async fn wait_replicas_caught_up() {
+    let d = common::direct().await;
+    let lsn = scalar(&d, "select pg_current_wal_insert_lsn()::text").await;
+    for r in replicas() {
+        let url = format!(
+            "host=127.0.0.1 port={} user=app password=app dbname=app",
+            r.port
+        );
+        let rc = common::connect_url(&url).await.expect("replica connection");
+        let sql = format!("select pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
+        common::eventually("replica caught up", || async {
+            scalar(&rc, &sql).await == "t"
+        })
+        .await;
+    }
+}
+
+fn setup_schema() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        replicas();
+        cluster()
+            .primary
+            .psql(
+                "app",
+                "create table if not exists rwt (id bigint primary key, v int);
+                 insert into rwt values (1, 1) on conflict do nothing;
+                 create sequence if not exists rws;
+                 create or replace function f_volatile() returns int language sql volatile as 'select 1';
+                 create or replace function f_stable() returns int language sql stable as 'select 1';
+                 create or replace function f_listed() returns int language sql volatile as 'select 1';
+                 grant all on all tables in schema public to public;
+                 grant all on all sequences in schema public to public;",
+            )
+            .expect("schema");
+    });
+}
+
+#[test]
+fn routing_rules() {
+    let _serial = serial();
+    setup_schema();
+    let p = proxy_with("[routing]\nread_only_functions = [\"f_listed\"]");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        wait_replicas_caught_up().await;
+        let c = p.connect().await;
+        wait_for_replica_reads(&c).await;
+        let replica = |port: u16| replica_ports().contains(&port);
+
+        // Read-only: replicas, in both protocols.
+        for sql in [
+            "select inet_server_port()",
+            "select inet_server_port(), f_stable()",
+            "select inet_server_port(), f_listed()",
+            "select inet_server_port(), lower('X'), now(), random()",
+            "select inet_server_port() from rwt where id = 1",
+            "with x as (select 1) select inet_server_port() from x",
+        ] {
+            assert!(replica(port(&c, sql).await), "simple: {sql}");
+            assert!(replica(port_ext(&c, sql).await), "extended: {sql}");
+        }
+        assert!(replica(port(&c, "show port").await), "SHOW");
+
+        // Everything else: the primary.
+        for sql in [
+            "select inet_server_port() from rwt where id = 1 for update",
+            "select inet_server_port() from rwt where id = 1 for share",
+            "with u as (update rwt set v = v where id = 1 returning 1) select inet_server_port() from u",
+            "select inet_server_port(), nextval('rws')",
+            "select inet_server_port(), pg_try_advisory_xact_lock(1)",
+            "select inet_server_port(), f_volatile()",
+            "select inet_server_port(), set_config('application_name', 'x', true)",
+            "insert into rwt values (1000 + nextval('rws'), 0) returning inet_server_port()",
+            "update rwt set v = v where id = 1 returning inet_server_port()",
+            "/* shardgate: primary */ select inet_server_port()",
+            "select inet_server_port() from rwt where id = 1 for no key update",
+            // sqlparser does not parse ROWS FROM: unparseable goes to the primary.
+            "select inet_server_port() from rows from (generate_series(1, 1)) x",
+        ] {
+            // Fresh sessions: one that wrote reads from the primary anyway
+            // (read-your-writes), which would hide a misrouted statement.
+            let fresh = p.connect().await;
+            assert!(ran_on_primary(&fresh, sql).await, "simple: {sql}");
+            let fresh = p.connect().await;
+            assert_eq!(port_ext(&fresh, sql).await, primary_port(), "extended: {sql}");
+        }
+
+        // Transactions: one server for the whole block; the primary unless
+        // declared read-only.
+        c.batch_execute("begin").await.unwrap();
+        assert!(ran_on_primary(&c, "select inet_server_port()").await);
+        assert!(ran_on_primary(&c, "select inet_server_port()").await);
+        c.batch_execute("commit").await.unwrap();
+        // This session committed (its writes above, this block): its reads
+        // stay on the primary until a replica has replayed that far.
+        wait_for_replica_reads(&c).await;
+        for begin in ["begin read only", "start transaction isolation level repeatable read, read only"] {
+            c.batch_execute(begin).await.unwrap();
+            let first = port(&c, "select inet_server_port()").await;
+            assert!(replica(first), "{begin}");
+            for _ in 0..5 {
+                assert_eq!(port(&c, "select inet_server_port()").await, first, "{begin}: same server");
+            }
+            c.batch_execute("commit").await.unwrap();
+        }
+        let in_one = scalar(&c, "begin; set transaction read only; select inet_server_port()").await;
+        assert!(replica(in_one.parse().unwrap()), "BEGIN; SET TRANSACTION READ ONLY");
+        c.batch_execute("commit").await.unwrap();
+        c.batch_execute("set default_transaction_read_only = on").await.unwrap();
+        c.batch_execute("begin").await.unwrap();
+        assert!(replica(port(&c, "select inet_server_port()").await), "default_transaction_read_only");
+        c.batch_execute("commit").await.unwrap();
+        c.batch_execute("reset default_transaction_read_only").await.unwrap();
+
+        // Session overrides.
+        wait_for_replica_reads(&c).await;
+        c.batch_execute("set shardgate.target = primary").await.unwrap();
+        assert_eq!(scalar(&c, "show shardgate.target").await, "primary");
+        assert!(ran_on_primary(&c, "select inet_server_port()").await);
+        assert!(replica(port(&c, "/* shardgate: replica */ select inet_server_port()").await));
+        c.batch_execute("set shardgate.target = replica").await.unwrap();
+        assert!(replica(port(&c, "select inet_server_port(), f_volatile()").await));
+        // A write sent to a replica by the override is refused there
+        // (25006) and re-run on the primary: the client sees the answer.
+        assert!(ran_on_primary(&c, "select inet_server_port(), nextval('rws')").await);
+        c.batch_execute("reset shardgate.target").await.unwrap();
+        wait_for_replica_reads(&c).await;
+        assert_eq!(scalar(&c, "show shardgate.target").await, "auto");
+        let e = c.batch_execute("set shardgate.target = sideways").await.unwrap_err();
+        assert_eq!(common::code(&e), "22023");
+        let e = c.batch_execute("show shardgate.nonsense").await.unwrap_err();
+        assert_eq!(common::code(&e), "42704");
+
+        // Prepared statements reused across transactions keep their routes.
+        let read = c.prepare("select inet_server_port()").await.unwrap();
+        let lock = c.prepare("select inet_server_port() from rwt where id = 1 for update").await.unwrap();
+        for _ in 0..5 {
+            let r: i32 = c.query_one(&read, &[]).await.unwrap().get(0);
+            assert!(replica(r as u16));
+        }
+        for _ in 0..5 {
+            let l: i32 = c.query_one(&lock, &[]).await.unwrap().get(0);
+            assert_eq!(l as u16, primary_port());
+        }
+
+        // A pipelined read and write (tokio-postgres pipelines concurrent
+        // queries): the write must not follow the read to the replica.
+        for _ in 0..20 {
+            let (r, w) = tokio::join!(
+                c.query_one("select inet_server_port()", &[]),
+                c.query_one("update rwt set v = v + 1 where id = 1 returning inet_server_port()", &[]),
+            );
+            r.expect("pipelined read");
+            let w: i32 = w.expect("pipelined write").get(0);
+            assert_eq!(w as u16, primary_port());
+        }
+
+        let metrics = shardgate::metrics::render(&p.proxy.pools);
+        assert!(metrics.contains("shardgate_routed_total{route=\"replica\""), "{metrics}");
+        assert!(metrics.contains("shardgate_replica_lag_bytes"), "{metrics}");
+    });
+}
+
+/// One replica replays 300 ms late. Writers read back their own rows
+/// thousands of times: never a stale read. Sessions that did not write keep
+/// reading from replicas, and with `max_replica_lag` below the delay the
+/// late replica gets no reads at all.
+#[test]
+fn read_your_writes_with_a_lagging_replica() {
+    let _serial = serial();
+    setup_schema();
+    let r = &replicas()[0];
+    r.psql(
+        "postgres",
+        "alter system set recovery_min_apply_delay = '300ms'",
+    )
+    .unwrap();
+    r.psql("postgres", "select pg_reload_conf()").unwrap();
+    let p = proxy_with("[routing]\nmax_replica_lag = \"1h\"");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stale = Arc::new(AtomicUsize::new(0));
+    let replica_reads = Arc::new(AtomicUsize::new(0));
+    rt.block_on(async {
+        wait_replicas_caught_up().await;
+        cluster()
+            .primary
+            .psql(
+                "app",
+                "create table if not exists ryw (id bigint primary key, writer int)",
+            )
+            .unwrap();
+        let c = p.connect().await;
+        wait_for_replica_reads(&c).await;
+
+        // A reader that never writes: its reads use replicas throughout.
+        let reader = p.connect().await;
+        let mut tasks = Vec::new();
+        for w in 0..4i64 {
+            let c = p.connect().await;
+            let (stale, replica_reads) = (stale.clone(), replica_reads.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..500i64 {
+                    let id = w * 1_000_000 + i;
+                    // Simple and extended protocol alternately.
+                    if i % 2 == 0 {
+                        c.batch_execute(&format!("insert into ryw values ({id}, {w})"))
+                            .await
+                            .unwrap();
+                        let n =
+                            scalar(&c, &format!("select count(*) from ryw where id = {id}")).await;
+                        if n != "1" {
+                            stale.fetch_add(1, Ordering::Relaxed);
+                        }
+                    } else {
+                        c.execute("insert into ryw values ($1, $2)", &[&id, &(w as i32)])
+                            .await
+                            .unwrap();
+                        let n: i64 = c
+                            .query_one("select count(*) from ryw where id = $1", &[&id])
+                            .await
+                            .unwrap()
+                            .get(0);
+                        if n != 1 {
+                            stale.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    if i % 50 == 0 {
+                        let at: i32 = c
+                            .query_one("select inet_server_port()", &[])
+                            .await
+                            .unwrap()
+                            .get(0);
+                        if replica_ports().contains(&(at as u16)) {
+                            replica_reads.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+        }
+        let mut reader_on_replicas = 0;
+        for _ in 0..50 {
+            if replica_ports().contains(&port(&reader, "select inet_server_port()").await) {
+                reader_on_replicas += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            stale.load(Ordering::Relaxed),
+            0,
+            "stale reads of own writes"
+        );
+        assert_eq!(
+            reader_on_replicas, 50,
+            "a session that never wrote reads from replicas"
+        );
+
+        // Handing the position to another connection.
+        let lsn = scalar(&c, "show shardgate.last_commit_lsn").await;
+        c.batch_execute("insert into ryw values (-1, -1)")
+            .await
+            .unwrap();
+        let after = scalar(&c, "show shardgate.last_commit_lsn").await;
+        assert_ne!(lsn, after, "a commit moves the session's position");
+        let other = p.connect().await;
+        other
+            .batch_execute(&format!("set shardgate.min_lsn = '{after}'"))
+            .await
+            .unwrap();
+        assert_eq!(
+            scalar(&other, "select count(*) from ryw where id = -1").await,
+            "1"
+        );
+        assert_eq!(scalar(&other, "show shardgate.min_lsn").await, after);
+    });
+
+    // Lag limit below the delay: the late replica gets no reads while
+    // writes keep it behind.
+    let strict = proxy_with("[routing]\nmax_replica_lag = \"100ms\"");
+    rt.block_on(async {
+        let writer = strict.connect().await;
+        let reader = strict.connect().await;
+        wait_for_replica_reads(&reader).await;
+        let late = r.port;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d2 = done.clone();
+        let w = tokio::spawn(async move {
+            let mut i = 0i64;
+            while !d2.load(Ordering::Relaxed) {
+                writer
+                    .execute("insert into ryw values ($1, 9)", &[&(2_000_000_000 + i)])
+                    .await
+                    .unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        // Let the lag build up and be probed.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let mut on_late = 0;
+        for _ in 0..40 {
+            if port(&reader, "select inet_server_port()").await == late {
+                on_late += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        done.store(true, Ordering::Relaxed);
+        w.await.unwrap();
+        assert_eq!(on_late, 0, "the lagging replica got reads");
+        let metrics = shardgate::metrics::render(&strict.proxy.pools);
+        assert!(
+            metrics.contains("shardgate_read_fallbacks_total{reason=\"read_your_writes\"}"),
+            "{metrics}"
+        );
+    });
+    r.psql("postgres", "alter system reset recovery_min_apply_delay")
+        .unwrap();
+    r.psql("postgres", "select pg_reload_conf()").unwrap();
+}
+
+/// A replica stopped with `-m immediate` under read load: reads outside
+/// transactions see no error; the replica takes reads again once it is
+/// back.
+#[test]
+fn killed_replica_under_read_load() {
+    let _serial = serial();
+    setup_schema();
+    let p = proxy_with("");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let victim = &replicas()[1];
+    rt.block_on(async {
+        wait_replicas_caught_up().await;
+        let c = p.connect().await;
+        wait_for_replica_reads(&c).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let errors = Arc::new(AtomicUsize::new(0));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for k in 0..6 {
+            let c = p.connect().await;
+            let (stop, errors, reads) = (stop.clone(), errors.clone(), reads.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = if k % 2 == 0 {
+                        c.simple_query("select inet_server_port(), count(*) from rwt")
+                            .await
+                            .map(|_| ())
+                    } else {
+                        c.query("select inet_server_port(), count(*) from rwt", &[])
+                            .await
+                            .map(|_| ())
+                    };
+                    match r {
+                        Ok(()) => reads.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            eprintln!("read failed: {e:?}");
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    };
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let v = victim.clone();
+        tokio::task::spawn_blocking(move || v.stop("immediate").unwrap())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let v = victim.clone();
+        tokio::task::spawn_blocking(move || v.start().unwrap())
+            .await
+            .unwrap();
+        common::eventually("the replica takes reads again", || async {
+            let mut seen = false;
+            for _ in 0..10 {
+                seen |= port(&c, "select inet_server_port()").await == victim.port;
+            }
+            seen
+        })
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(reads.load(Ordering::Relaxed) > 100);
+        assert_eq!(
+            errors.load(Ordering::Relaxed),
+            0,
+            "client errors while a replica died"
+        );
+    });
+}
