@@ -38,6 +38,8 @@
 #   PROTOCOLS       space-separated subset of: simple extended prepared
 #   CLIENTS         space-separated client counts [1 16 64]
 #   TARGETS         space-separated subset of: direct shardgate pgbouncer
+#                   shardgate-primary (shardgate with every statement on the
+#                   primary: startup option -c shardgate.target=primary)
 #   CONNECT_CLIENTS clients of the -C (new connection per transaction) row;
 #                   0 skips that row [32]
 #   THREADS         pgbench -j (capped at the client count) [2]
@@ -88,7 +90,7 @@ die() { log "pgbench.sh: $*"; exit 1; }
 [[ $DURATION =~ ^[0-9]+$ && $DURATION -gt 0 ]] || die "DURATION must be a positive number of seconds, got '$DURATION'"
 for w in $WORKLOADS; do [[ $w == select-only || $w == tpcb-like ]] || die "unknown workload '$w' (select-only, tpcb-like)"; done
 for p in $PROTOCOLS; do [[ $p == simple || $p == extended || $p == prepared ]] || die "unknown protocol '$p' (simple, extended, prepared)"; done
-for t in $TARGETS; do [[ $t == direct || $t == shardgate || $t == pgbouncer ]] || die "unknown target '$t' (direct, shardgate, pgbouncer)"; done
+for t in $TARGETS; do [[ $t == direct || $t == shardgate || $t == shardgate-primary || $t == pgbouncer ]] || die "unknown target '$t' (direct, shardgate, shardgate-primary, pgbouncer)"; done
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -gt 0 ]] || die "ROUNDS must be a positive number, got '$ROUNDS'"
 for c in $CLIENTS $CONNECT_CLIENTS; do [[ $c =~ ^[0-9]+$ ]] || die "client counts must be numbers, got '$c'"; done
 [[ $(id -u) -eq 0 ]] || die "run as root (it installs packages and runs servers as the postgres user)"
@@ -232,9 +234,15 @@ mkdir -p "$(dirname "$OUT")" "$LOGDIR"
 port_of() {
     case $1 in
         direct) echo "$BASE_PORT" ;;
-        shardgate) echo "$SG_PORT" ;;
+        shardgate | shardgate-primary) echo "$SG_PORT" ;;
         pgbouncer) echo "$PGB_PORT" ;;
     esac
+}
+
+# shardgate-primary: the same proxy with every statement sent to the
+# primary (startup option shardgate.target=primary), i.e. pooling alone.
+pg_options() {
+    [[ $1 == shardgate-primary ]] && echo "-c shardgate.target=primary" || echo "${PGOPTIONS:-}"
 }
 
 # Same starting state for every run, done on the server, not through the
@@ -246,7 +254,7 @@ reset_tables() {
 # The proxy process of a target (empty for direct).
 proxy_pid() {
     case $1 in
-        shardgate) cat "$SHARDGATE_HOME/shardgate.pid" 2>/dev/null || true ;;
+        shardgate | shardgate-primary) cat "$SHARDGATE_HOME/shardgate.pid" 2>/dev/null || true ;;
         pgbouncer) cat "$PGB_DIR/pgbouncer.pid" 2>/dev/null || true ;;
     esac
 }
@@ -264,7 +272,7 @@ run_pgbench() {
     reset_tables
     pid=$(proxy_pid "$target")
     [[ -n $pid ]] && t0=$(cpu_ticks "$pid")
-    timeout --kill-after=10 $((DURATION + 120)) \
+    PGOPTIONS=$(pg_options "$target") timeout --kill-after=10 $((DURATION + 120)) \
         "$PGBENCH" -h 127.0.0.1 -p "$port" -U "$DB_USER" -n -T "$DURATION" "$@" "$DB" >"$logf" 2>&1 || rc=$?
     [[ -n $pid ]] && t1=$(cpu_ticks "$pid")
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$logf" | head -1)
@@ -394,7 +402,7 @@ cell() {
 if [[ $WARMUP -gt 0 ]]; then
     for t in $TARGETS; do
         log "== warmup $t (${WARMUP}s)"
-        "$PGBENCH" -h 127.0.0.1 -p "$(port_of "$t")" -U "$DB_USER" -n -S -T "$WARMUP" -c 16 -j "$THREADS" "$DB" \
+        PGOPTIONS=$(pg_options "$t") "$PGBENCH" -h 127.0.0.1 -p "$(port_of "$t")" -U "$DB_USER" -n -S -T "$WARMUP" -c 16 -j "$THREADS" "$DB" \
             >"$LOGDIR/warmup-$t.log" 2>&1 || log "   warmup on $t failed: $(grep -m1 -E 'error|FATAL' "$LOGDIR/warmup-$t.log" || true)"
     done
 fi

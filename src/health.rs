@@ -98,6 +98,25 @@ impl ServerHealth {
         *crate::lock(&self.reason) = reason;
     }
 
+    /// Sets what a probe would have found (tests and benchmarks of
+    /// routing; the prober itself goes through `probe`).
+    #[doc(hidden)]
+    pub fn set_for_tests(
+        &self,
+        up: bool,
+        in_recovery: bool,
+        lsn: u64,
+        lag_bytes: u64,
+        lag: Duration,
+    ) {
+        self.up.store(up, Ordering::Relaxed);
+        self.in_recovery.store(in_recovery, Ordering::Relaxed);
+        self.lsn.store(lsn, Ordering::Relaxed);
+        self.lag_bytes.store(lag_bytes, Ordering::Relaxed);
+        self.lag_micros
+            .store(lag.as_micros() as u64, Ordering::Relaxed);
+    }
+
     fn mark_up(&self) {
         if !self.up.swap(true, Ordering::Relaxed) && self.probed.load(Ordering::Relaxed) {
             tracing::info!(server = %self.addr, "server is back");

@@ -204,6 +204,16 @@ fn routing_rules() {
         let e = c.batch_execute("show shardgate.nonsense").await.unwrap_err();
         assert_eq!(common::code(&e), "42704");
 
+        // The same from the connection string (startup option).
+        let pinned = common::connect_url(&format!(
+            "{} options='-c shardgate.target=primary'",
+            p.url("app", "app", "app")
+        ))
+        .await
+        .unwrap();
+        assert!(ran_on_primary(&pinned, "select inet_server_port()").await);
+        assert_eq!(scalar(&pinned, "show shardgate.target").await, "primary");
+
         // Prepared statements reused across transactions keep their routes.
         let read = c.prepare("select inet_server_port()").await.unwrap();
         let lock = c.prepare("select inet_server_port() from rwt where id = 1 for update").await.unwrap();

@@ -223,6 +223,17 @@ impl Session {
         true
     }
 
+    /// A `shardgate.*` setting from the startup packet.
+    pub(super) fn set_startup_option(
+        &mut self,
+        name: &str,
+        value: &str,
+    ) -> Result<(), (&'static str, String)> {
+        let name = name["shardgate.".len()..].to_ascii_lowercase();
+        self.run_command(Command::Set(name, Some(value.into()), "SET"))
+            .map(|_| ())
+    }
+
     fn run_command(
         &mut self,
         cmd: Command<'_>,

@@ -211,6 +211,18 @@ impl Session {
     /// apply the client's startup settings, and report parameters.
     async fn start(&mut self) -> Result<(), SessionError> {
         let settings = std::mem::take(&mut self.login.settings);
+        // shardgate.* settings (`options=-c shardgate.target=primary` in a
+        // connection string) are the proxy's, never sent to servers.
+        let (ours, settings): (Vec<_>, Vec<_>) = settings
+            .into_iter()
+            .partition(|(k, _)| k.to_ascii_lowercase().starts_with("shardgate."));
+        for (name, value) in ours {
+            self.set_startup_option(&name, &value)
+                .map_err(|(code, message)| SessionError::Fatal {
+                    code: code.into(),
+                    message,
+                })?;
+        }
         self.checkout_raw()
             .await
             .map_err(|(code, message)| SessionError::Fatal { code, message })?;
@@ -767,6 +779,10 @@ impl Session {
     /// otherwise close it (a client that vanished mid-transaction must
     /// never hand its transaction to someone else).
     async fn finish(&mut self) {
+        if self.server.is_none() {
+            return;
+        }
+        self.drain_lsn_probes().await;
         let Some(server) = self.server.as_mut() else {
             return;
         };
@@ -797,6 +813,40 @@ impl Session {
         }
         self.server = None;
         self.left_server();
+    }
+
+    /// A client that leaves right after a write: its position probe is
+    /// still answering. Read that answer (briefly) so the connection can go
+    /// back to the pool instead of being closed.
+    async fn drain_lsn_probes(&mut self) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(1);
+        while !self.pipeline.is_empty()
+            && self
+                .pipeline
+                .iter()
+                .all(|e| matches!(e, super::pipeline::Expect::LsnProbe))
+        {
+            let Some(server) = self.server.as_mut() else {
+                return;
+            };
+            let server: &mut crate::backend::ServerConn = server;
+            if server.read_buf.capacity() - server.read_buf.len() < 1024 {
+                server.read_buf.reserve(SERVER_READ_CHUNK);
+            }
+            let read = tokio::time::timeout_at(
+                deadline.into(),
+                server.stream.read_buf(&mut server.read_buf),
+            );
+            match read.await {
+                Ok(Ok(n)) if n > 0 => {
+                    if self.handle_server_bytes().is_err() {
+                        return;
+                    }
+                    self.to_client.clear();
+                }
+                _ => return,
+            }
+        }
     }
 
     /// Queues an ErrorResponse the proxy itself sends.

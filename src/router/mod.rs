@@ -270,6 +270,107 @@ mod tests {
         assert!(pick_replica(&[], &routing(), 0, 0).is_err());
     }
 
+    fn replica(health: &Health, name: &str, lsn: u64, lag_ms: u64) -> Arc<ServerHealth> {
+        let h = health.server(&name.into());
+        h.set_for_tests(
+            true,
+            true,
+            lsn,
+            lag_ms * 1000,
+            std::time::Duration::from_millis(lag_ms),
+        );
+        h
+    }
+
+    fn picks(
+        cands: &[Candidate<'_>],
+        routing: &RoutingConfig,
+        min_lsn: u64,
+        n: usize,
+    ) -> Vec<usize> {
+        (0..n)
+            .map(|t| pick_replica(cands, routing, min_lsn, t).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn weights_zones_lag_and_positions() {
+        let health = Health::default();
+        let a = replica(&health, "a:1", 100, 0);
+        let b = replica(&health, "b:1", 200, 0);
+        let c = replica(&health, "c:1", 300, 5000);
+        let cand = |h, weight, same_zone| Candidate {
+            health: h,
+            weight,
+            same_zone,
+        };
+        let mut routing = routing();
+        routing.max_replica_lag = Some(std::time::Duration::from_secs(1));
+
+        // Round robin by weight; the lagging one gets nothing.
+        let cands = [cand(&a, 1, false), cand(&b, 3, false), cand(&c, 1, false)];
+        let got = picks(&cands, &routing, 0, 8);
+        assert_eq!(got.iter().filter(|&&i| i == 0).count(), 2);
+        assert_eq!(got.iter().filter(|&&i| i == 1).count(), 6);
+        assert!(!got.contains(&2));
+
+        // Read-your-writes: only replicas that replayed the position.
+        assert_eq!(picks(&cands, &routing, 150, 4), vec![1; 4]);
+        assert_eq!(
+            pick_replica(&cands, &routing, 250, 0),
+            Err(NoReplica::ReadYourWrites)
+        );
+        // Lag limit off: the far one qualifies by position.
+        routing.max_replica_lag = None;
+        assert_eq!(picks(&cands, &routing, 250, 3), vec![2; 3]);
+        routing.max_replica_lag = Some(std::time::Duration::from_secs(1));
+
+        // Zone affinity, and weight 0 only as a last resort.
+        let cands = [cand(&a, 1, false), cand(&b, 1, true)];
+        assert_eq!(picks(&cands, &routing, 0, 4), vec![1; 4]);
+        let cands = [cand(&a, 0, false), cand(&b, 1, false)];
+        assert_eq!(picks(&cands, &routing, 0, 4), vec![1; 4]);
+        assert_eq!(picks(&cands, &routing, 150, 2), vec![1; 2]);
+        let cands = [cand(&a, 0, false), cand(&c, 1, false)];
+        assert_eq!(picks(&cands, &routing, 0, 2), vec![0; 2]);
+
+        // Down or promoted (not in recovery): out.
+        b.set_for_tests(false, true, 200, 0, std::time::Duration::ZERO);
+        let cands = [cand(&b, 1, false)];
+        assert_eq!(pick_replica(&cands, &routing, 0, 0), Err(NoReplica::Down));
+        b.set_for_tests(true, false, 200, 0, std::time::Duration::ZERO);
+        assert_eq!(pick_replica(&cands, &routing, 0, 0), Err(NoReplica::Down));
+        let cands = [cand(&c, 1, false)];
+        assert_eq!(pick_replica(&cands, &routing, 0, 0), Err(NoReplica::Lag));
+    }
+
+    #[test]
+    fn least_outstanding() {
+        let health = Health::default();
+        let a = replica(&health, "a:1", 0, 0);
+        let b = replica(&health, "b:1", 0, 0);
+        let mut routing = routing();
+        routing.replica_selection = ReplicaSelection::LeastOutstanding;
+        let cands = [
+            Candidate {
+                health: &a,
+                weight: 1,
+                same_zone: false,
+            },
+            Candidate {
+                health: &b,
+                weight: 2,
+                same_zone: false,
+            },
+        ];
+        a.outstanding.store(1, std::sync::atomic::Ordering::Relaxed);
+        b.outstanding.store(1, std::sync::atomic::Ordering::Relaxed);
+        // Per unit of weight, b is less loaded.
+        assert_eq!(pick_replica(&cands, &routing, 0, 0), Ok(1));
+        b.outstanding.store(3, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(pick_replica(&cands, &routing, 0, 0), Ok(0));
+    }
+
     #[test]
     fn overrides() {
         let read = classify::Class::default();
