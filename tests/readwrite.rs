@@ -56,6 +56,24 @@ async fn port_ext(c: &Client, sql: &str) -> u16 {
     row.get::<_, i32>(0) as u16
 }
 
+/// Checkouts the proxy made so far: (to the primary, to replicas).
+fn routed(p: &TestProxy) -> (u64, u64) {
+    let text = shardgate::metrics::render(&p.proxy.pools);
+    let mut out = (0, 0);
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("shardgate_routed_total{"))
+    {
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        if line.contains("route=\"primary\"") {
+            out.0 += n as u64;
+        } else {
+            out.1 += n as u64;
+        }
+    }
+    out
+}
+
 async fn ran_on_primary(c: &Client, sql: &str) -> bool {
     port(c, sql).await == primary_port()
 }
@@ -156,6 +174,74 @@ fn routing_rules() {
             assert!(ran_on_primary(&fresh, sql).await, "simple: {sql}");
             let fresh = p.connect().await;
             assert_eq!(port_ext(&fresh, sql).await, primary_port(), "extended: {sql}");
+        }
+
+        // Statements whose result cannot name the server: where they ran is
+        // read from the proxy's per-route checkout counter.
+        for (sql, expect_primary) in [
+            ("explain analyze select 1", false),
+            ("explain select * from rwt", false),
+            ("explain analyze update rwt set v = v where id = 1", true),
+            ("select 1 as x into temporary rw_into", true),
+            ("listen rw_channel", true),
+            ("notify rw_channel", true),
+            ("select pg_advisory_lock(42), pg_advisory_unlock(42)", true),
+        ] {
+            let fresh = p.connect().await;
+            let (primary_before, replica_before) = routed(&p);
+            fresh.batch_execute(sql).await.expect(sql);
+            let (primary_after, replica_after) = routed(&p);
+            if expect_primary {
+                assert_eq!((primary_after - primary_before, replica_after - replica_before), (1, 0), "{sql}");
+            } else {
+                assert_eq!((primary_after - primary_before, replica_after - replica_before), (0, 1), "{sql}");
+            }
+        }
+        {
+            let fresh = p.connect().await;
+            let (primary_before, _) = routed(&p);
+            let sink = fresh.copy_in("copy rwt (id, v) from stdin").await.unwrap();
+            futures::pin_mut!(sink);
+            use futures::SinkExt;
+            sink.send(bytes::Bytes::from_static(b"777777\t1\n")).await.unwrap();
+            sink.finish().await.unwrap();
+            let (primary_after, replica_after) = routed(&p);
+            // tokio-postgres prepares the COPY first: two checkouts, both
+            // on the primary.
+            assert_eq!(primary_after - primary_before, 2, "COPY FROM STDIN");
+            assert_eq!(replica_after, routed(&p).1);
+            fresh.batch_execute("delete from rwt where id = 777777").await.unwrap();
+        }
+        {
+            // psql's \copy: COPY FROM STDIN in the simple protocol, with the
+            // read-your-writes probe that must wait for the copy to end.
+            let bin = shardgate::local::PgBin::find().expect("psql");
+            let port = p.addr.port().to_string();
+            let out = tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let mut child = std::process::Command::new(bin.tool("psql"))
+                    .args(["-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &port, "-U", "app", "-d", "app"])
+                    .args(["-c", "\\copy rwt (id, v) from stdin", "-c", "select count(*) from rwt where id between 888000 and 888999", "-At"])
+                    .env("PGPASSWORD", "app")
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let mut stdin = child.stdin.take().unwrap();
+                for i in 0..100 {
+                    writeln!(stdin, "{}\t1", 888000 + i).unwrap();
+                }
+                writeln!(stdin, "\\.").unwrap();
+                drop(stdin);
+                child.wait_with_output().unwrap()
+            })
+            .await
+            .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "psql \\copy: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(stdout.lines().any(|l| l.trim() == "100"), "{stdout}");
+            c.batch_execute("delete from rwt where id between 888000 and 888999").await.unwrap();
         }
 
         // Transactions: one server for the whole block; the primary unless

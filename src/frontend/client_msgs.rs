@@ -88,7 +88,13 @@ impl Session {
                     && self.on_replica.is_none()
                     && self.may_commit(text, class)
                 {
-                    self.push_lsn_probe();
+                    if is_copy(text) {
+                        // A query behind COPY FROM STDIN would arrive in
+                        // the middle of the copy data: probe after CopyDone.
+                        self.routing.copy_lsn = Some(true);
+                    } else {
+                        self.push_lsn_probe();
+                    }
                 }
             }
             fe::PARSE => self.on_parse(frame).await?,
@@ -131,6 +137,15 @@ impl Session {
             fe::COPY_DONE | fe::COPY_FAIL => {
                 self.forward_if_attached(&frame);
                 self.copy_in = false;
+                match self.routing.copy_lsn.take() {
+                    // Simple protocol: the COPY ends with this message.
+                    Some(true) if self.server.is_some() && self.on_replica.is_none() => {
+                        self.push_lsn_probe()
+                    }
+                    // Extended: at the Sync that follows.
+                    Some(false) => self.routing.lsn_due = true,
+                    _ => {}
+                }
             }
             fe::FUNCTION_CALL => {
                 if self.skipping || !self.ensure_server(true, false).await {
@@ -381,6 +396,12 @@ impl Session {
         }
         if self.routing.track_lsn && self.on_replica.is_none() && !self.routing.lsn_due {
             self.routing.lsn_due = match &text {
+                Some(t) if is_copy(t) => {
+                    if self.may_commit(t, None) {
+                        self.routing.copy_lsn = Some(false);
+                    }
+                    false
+                }
                 Some(t) => self.may_commit(t, None),
                 None => true,
             };
@@ -486,4 +507,10 @@ impl Session {
             }
         }
     }
+}
+
+/// A COPY statement (its FROM STDIN form must not have anything queued
+/// behind it before the copy data ends).
+fn is_copy(sql: &[u8]) -> bool {
+    crate::router::classify::leading_keyword(sql).is_some_and(|w| w.eq_ignore_ascii_case(b"copy"))
 }

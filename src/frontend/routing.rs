@@ -32,8 +32,8 @@ impl Session {
 
     /// Could running `sql` on the held primary connection commit a write
     /// (so a position probe should follow it)? Outside a transaction: any
-    /// statement not proven read-only; inside one: only COMMIT/END (or a
-    /// statement list), a cheap lexical check.
+    /// statement that may commit data (not reads, not SET); inside one:
+    /// only COMMIT/END (or a statement list), a cheap lexical check.
     pub(super) fn may_commit(&mut self, sql: &[u8], class: Option<Class>) -> bool {
         let idle = self.server.as_ref().is_some_and(|s| s.tx_status == b'I');
         if !idle {
@@ -43,7 +43,7 @@ impl Session {
             Some(c) => c,
             None => self.classify(sql),
         };
-        class.may_commit || class.write
+        class.may_commit
     }
 
     pub(super) fn wants_replica(&self, class: &Class) -> bool {

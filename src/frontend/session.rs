@@ -118,6 +118,10 @@ pub(super) struct RoutingState {
     /// A write may have committed since the last position probe: probe
     /// after the next Sync.
     pub lsn_due: bool,
+    /// A COPY may have written: probe when the client ends it (Some(true):
+    /// simple protocol, right after CopyDone; Some(false): at the next
+    /// Sync).
+    pub copy_lsn: Option<bool>,
     /// The position the in-flight probe returned.
     pub probed_lsn: Option<u64>,
     /// Round-robin counter.

@@ -40,8 +40,10 @@ pub struct Class {
     /// A BEGIN / START TRANSACTION without an access mode: read-only only
     /// when the session's `default_transaction_read_only` is on.
     pub plain_begin: bool,
-    /// The text may end a transaction with a commit (COMMIT, END, COMMIT
-    /// PREPARED): the point at which read-your-writes learns a new LSN.
+    /// Running the text may commit data: a write outside a transaction
+    /// block, COMMIT, END, COMMIT PREPARED. The point at which
+    /// read-your-writes learns a new position. (Not SET and other
+    /// session-state commands.)
     pub may_commit: bool,
     pub hint: Hint,
 }
@@ -96,6 +98,18 @@ const WRITE_KEYWORDS: &[&[u8]] = &[
     b"checkpoint",
 ];
 
+/// Of those, the ones that change only session state: they commit no data
+/// (no read-your-writes position to learn after them).
+const SESSION_KEYWORDS: &[&[u8]] = &[
+    b"reset",
+    b"discard",
+    b"deallocate",
+    b"listen",
+    b"unlisten",
+    b"lock",
+    b"prepare",
+];
+
 /// Classifies SQL text (the body of a Query or of a Parse).
 pub fn classify(sql: &[u8], catalog: &Catalog) -> Class {
     let hint = hint(sql);
@@ -109,6 +123,9 @@ pub fn classify(sql: &[u8], catalog: &Catalog) -> Class {
         if WRITE_KEYWORDS.iter().any(|w| w.eq_ignore_ascii_case(word)) {
             return Class {
                 hint,
+                may_commit: !SESSION_KEYWORDS
+                    .iter()
+                    .any(|w| w.eq_ignore_ascii_case(word)),
                 ..Class::WRITE
             };
         }
@@ -156,9 +173,17 @@ fn classify_parsed(sql: &[u8], catalog: &Catalog) -> Class {
             other => {
                 if !statement_read_only(other, catalog) {
                     class.write = true;
-                    // An unknown statement may be COMMIT PREPARED or a
-                    // procedure that commits.
-                    class.may_commit = true;
+                    // Session-state commands commit no data; anything else
+                    // may (an unknown statement may be COMMIT PREPARED or a
+                    // procedure that commits).
+                    if !matches!(
+                        other,
+                        Statement::Set(_)
+                            | Statement::Discard { .. }
+                            | Statement::Deallocate { .. }
+                    ) {
+                        class.may_commit = true;
+                    }
                 }
             }
         }
@@ -566,6 +591,10 @@ mod tests {
         assert!(!classify(b"rollback", &cat).may_commit);
         assert!(classify(b"insert into t values (1)", &cat).may_commit);
         assert!(!classify(b"select 1", &cat).may_commit);
+        assert!(!classify(b"set work_mem = '1MB'", &cat).may_commit);
+        assert!(!classify(b"reset all", &cat).may_commit);
+        assert!(!classify(b"discard all", &cat).may_commit);
+        assert!(classify(b"set work_mem = '1MB'", &cat).write);
     }
 
     #[test]
