@@ -290,6 +290,29 @@ fn routing_rules() {
         let e = c.batch_execute("show shardgate.nonsense").await.unwrap_err();
         assert_eq!(common::code(&e), "42704");
 
+        // The same through the extended protocol (tokio-postgres prepares
+        // every statement; psycopg 3 and asyncpg do too).
+        c.execute("set shardgate.target = primary", &[]).await.unwrap();
+        let shown: String = c.query_one("show shardgate.target", &[]).await.unwrap().get(0);
+        assert_eq!(shown, "primary");
+        assert_eq!(port_ext(&c, "select inet_server_port()").await, primary_port());
+        let show = c.prepare("show shardgate.target").await.unwrap();
+        c.execute("reset shardgate.target", &[]).await.unwrap();
+        let shown: String = c.query_one(&show, &[]).await.unwrap().get(0);
+        assert_eq!(shown, "auto");
+        let e = c.execute("set shardgate.target = sideways", &[]).await.unwrap_err();
+        assert_eq!(common::code(&e), "22023");
+        c.batch_execute("begin").await.unwrap();
+        let lsn: String = c.query_one("show shardgate.last_commit_lsn", &[]).await.unwrap().get(0);
+        assert!(lsn.contains('/'), "{lsn}");
+        let e = c.query_one("show shardgate.nonsense", &[]).await.unwrap_err();
+        assert_eq!(common::code(&e), "42704");
+        // Like any error, it aborted the transaction.
+        let e = c.query_one("select 1", &[]).await.unwrap_err();
+        assert_eq!(common::code(&e), "25P02");
+        c.batch_execute("rollback").await.unwrap();
+        wait_for_replica_reads(&c).await;
+
         // The same from the connection string (startup option).
         let pinned = common::connect_url(&format!(
             "{} options='-c shardgate.target=primary'",

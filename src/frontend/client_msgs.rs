@@ -101,7 +101,11 @@ impl Session {
             fe::BIND => self.on_bind(frame).await?,
             fe::DESCRIBE => self.on_describe(frame).await?,
             fe::EXECUTE => {
-                if self.skipping || !self.ensure_server(false, false).await {
+                if self.skipping {
+                    return Ok(());
+                }
+                let portal = frame.body.split(|b| *b == 0).next().unwrap_or(&[]);
+                if self.proxy_execute(portal) || !self.ensure_server(false, false).await {
                     return Ok(());
                 }
                 self.start_request();
@@ -116,6 +120,7 @@ impl Session {
                     self.forward_if_attached(&frame);
                 } else if self.server.is_some() {
                     self.skipping = false;
+                    self.routing.proxy_portals.remove(&b""[..]);
                     frame.encode(&mut self.to_server);
                     self.pipeline.push_back(Expect::Sync);
                     if self.routing.lsn_due {
@@ -128,6 +133,7 @@ impl Session {
                     // Nothing reached a server since the last Sync: the
                     // proxy answered everything itself and is idle.
                     self.skipping = false;
+                    self.routing.proxy_portals.remove(&b""[..]);
                     self.emit_ready_synthetics();
                     be::ready_for_query(b'I').encode(&mut self.to_client);
                 }
@@ -218,6 +224,12 @@ impl Session {
             return Ok(());
         }
         let parse = fe::parse_parse(&frame.body).map_err(|_| Self::malformed("Parse"))?;
+        if self.proxy_parse(parse.name, parse.query) {
+            return Ok(());
+        }
+        if parse.name.is_empty() {
+            self.routing.proxy_stmts.remove("");
+        }
         if parse.name.is_empty() || !self.renames() {
             let read = self.batch_wants_replica(Some(parse.query));
             if !self.ensure_server(false, read).await {
@@ -236,7 +248,7 @@ impl Session {
             return Ok(());
         }
         let name = parse.name.to_owned();
-        if self.statements.contains_key(&name) {
+        if self.statements.contains_key(&name) || self.routing.proxy_stmts.contains_key(&name) {
             let error = be::error_response(
                 "ERROR",
                 "42P05",
@@ -362,7 +374,7 @@ impl Session {
     /// server fail at the same point (a Bind of a statement that does not
     /// exist), so it skips the rest up to Sync and aborts an open
     /// transaction exactly as Postgres would for the real error.
-    fn fail_in_step(&mut self, error: Frame) {
+    pub(super) fn fail_in_step(&mut self, error: Frame) {
         let probe = fe::build_bind(b"", "shardgate_failed_message", &[0, 0, 0, 0, 0, 0]);
         probe.encode(&mut self.to_server);
         self.pipeline.push_back(Expect::ErrorInstead { error });
@@ -389,6 +401,9 @@ impl Session {
             return Ok(());
         }
         let bind = fe::parse_bind(&frame.body).map_err(|_| Self::malformed("Bind"))?;
+        if self.proxy_bind(bind.portal, bind.statement) {
+            return Ok(());
+        }
         let text = self.statement_text(bind.statement);
         let read = self.batch_wants_replica(text.as_deref());
         if !self.ensure_server(false, read).await {
@@ -433,6 +448,9 @@ impl Session {
         }
         let target =
             fe::parse_target(&frame.body, "Describe").map_err(|_| Self::malformed("Describe"))?;
+        if self.proxy_describe(target.kind, target.name) {
+            return Ok(());
+        }
         if self.server.is_none() {
             let text = if target.kind == b'S' {
                 self.statement_text(target.name)
@@ -469,6 +487,9 @@ impl Session {
         }
         let target =
             fe::parse_target(&frame.body, "Close").map_err(|_| Self::malformed("Close"))?;
+        if self.proxy_close(target.kind, target.name) {
+            return Ok(());
+        }
         if target.kind == b'S' && !target.name.is_empty() && self.renames() {
             // The server keeps the shared statement for other clients;
             // closing an unknown name is not an error in Postgres either.

@@ -223,6 +223,144 @@ impl Session {
         true
     }
 
+    /// A client's answer the proxy gives itself, in order with the server's.
+    fn push_synthetic(&mut self, frame: crate::protocol::Frame) {
+        self.pipeline.push_back(Expect::Synthetic {
+            frame,
+            client_name: None,
+        });
+    }
+
+    /// Fails the current extended-protocol message with `error`, the way
+    /// Postgres would: the rest up to Sync is skipped and an open
+    /// transaction is aborted.
+    fn fail_extended(&mut self, error: crate::protocol::Frame) {
+        if self.server.is_some() {
+            self.fail_in_step(error);
+        } else {
+            self.push_synthetic(error);
+            self.skipping = true;
+        }
+    }
+
+    /// Parse of a `SHOW`/`SET`/`RESET shardgate.*` text: a statement the
+    /// proxy answers. Returns false for any other text.
+    pub(super) fn proxy_parse(&mut self, name: &str, query: &[u8]) -> bool {
+        if !parse_command_bytes(query) {
+            return false;
+        }
+        if !name.is_empty()
+            && (self.statements.contains_key(name) || self.routing.proxy_stmts.contains_key(name))
+        {
+            let error = be::error_response(
+                "ERROR",
+                "42P05",
+                &format!("prepared statement \"{name}\" already exists"),
+            );
+            self.fail_extended(error);
+            return true;
+        }
+        if name.is_empty() {
+            self.unnamed_parse = None;
+        }
+        let text = String::from_utf8_lossy(query).into_owned();
+        self.routing.proxy_stmts.insert(name.to_owned(), text);
+        self.push_synthetic(be::empty(be::PARSE_COMPLETE));
+        true
+    }
+
+    /// Bind of a proxy statement. Any other Bind replaces a proxy portal of
+    /// the same name.
+    pub(super) fn proxy_bind(&mut self, portal: &[u8], statement: &str) -> bool {
+        if self.routing.proxy_stmts.is_empty() && self.routing.proxy_portals.is_empty() {
+            return false;
+        }
+        match self.routing.proxy_stmts.get(statement) {
+            Some(text) => {
+                let text = text.clone();
+                self.routing.proxy_portals.insert(portal.to_vec(), text);
+                self.push_synthetic(be::empty(be::BIND_COMPLETE));
+                true
+            }
+            None => {
+                self.routing.proxy_portals.remove(portal);
+                false
+            }
+        }
+    }
+
+    pub(super) fn proxy_describe(&mut self, kind: u8, name: &str) -> bool {
+        if self.routing.proxy_stmts.is_empty() && self.routing.proxy_portals.is_empty() {
+            return false;
+        }
+        let text = if kind == b'S' {
+            self.routing.proxy_stmts.get(name)
+        } else {
+            self.routing.proxy_portals.get(name.as_bytes())
+        };
+        let Some(text) = text.cloned() else {
+            return false;
+        };
+        if kind == b'S' {
+            self.push_synthetic(crate::protocol::Frame {
+                tag: be::PARAMETER_DESCRIPTION,
+                body: bytes::Bytes::from_static(&[0, 0]),
+            });
+        }
+        let desc = match parse_command(&text) {
+            Some(Command::Show(name)) => be::row_description_text(&[&format!("shardgate.{name}")]),
+            _ => be::empty(be::NO_DATA),
+        };
+        self.push_synthetic(desc);
+        true
+    }
+
+    pub(super) fn proxy_execute(&mut self, portal: &[u8]) -> bool {
+        if self.routing.proxy_portals.is_empty() {
+            return false;
+        }
+        let Some(text) = self.routing.proxy_portals.get(portal).cloned() else {
+            return false;
+        };
+        let Some(cmd) = parse_command(&text) else {
+            return false;
+        };
+        if self.server.as_ref().is_some_and(|s| s.tx_status == b'E') {
+            self.fail_extended(be::error_response(
+                "ERROR",
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            ));
+            return true;
+        }
+        match self.run_command(cmd) {
+            Ok(frames) => {
+                // Execute answers without the RowDescription (Describe
+                // gives it).
+                for f in frames.into_iter().filter(|f| f.tag != be::ROW_DESCRIPTION) {
+                    self.push_synthetic(f);
+                }
+            }
+            Err((code, message)) => {
+                crate::metrics::count_error(code.as_bytes());
+                self.fail_extended(be::error_response("ERROR", code, &message));
+            }
+        }
+        true
+    }
+
+    pub(super) fn proxy_close(&mut self, kind: u8, name: &str) -> bool {
+        let removed = if kind == b'S' {
+            self.routing.proxy_stmts.remove(name).is_some()
+        } else {
+            self.routing.proxy_portals.remove(name.as_bytes()).is_some()
+        };
+        if removed {
+            self.push_synthetic(be::empty(be::CLOSE_COMPLETE));
+        }
+        removed
+    }
+
     /// A `shardgate.*` setting from the startup packet.
     pub(super) fn set_startup_option(
         &mut self,

@@ -122,6 +122,10 @@ pub(super) struct RoutingState {
     /// simple protocol, right after CopyDone; Some(false): at the next
     /// Sync).
     pub copy_lsn: Option<bool>,
+    /// `shardgate.*` commands prepared through the extended protocol:
+    /// statement name -> text, portal name -> text.
+    pub proxy_stmts: HashMap<String, String>,
+    pub proxy_portals: HashMap<Vec<u8>, String>,
     /// The position the in-flight probe returned.
     pub probed_lsn: Option<u64>,
     /// Round-robin counter.
