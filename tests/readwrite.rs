@@ -585,3 +585,60 @@ fn killed_replica_under_read_load() {
         );
     });
 }
+
+/// No replica can take reads (the only one is not running): reads go to
+/// the primary, or fail with 57P03 when `routing.no_replica = "error"`;
+/// writes are unaffected either way.
+#[test]
+fn no_replica_available() {
+    let _serial = serial();
+    setup_schema();
+    let c = cluster();
+    let dead = format!("127.0.0.1:{}", shardgate::local::free_port().unwrap());
+    let config = |extra: &str| {
+        let mut text = common::config_text(&c.primary.addr(), "max_size = 4", "");
+        text.push_str(&format!("replicas = [\"{dead}\"]\n{extra}\n"));
+        start_proxy_text(&text)
+    };
+    let fallback = config("");
+    let strict = config("[routing]\nno_replica = \"error\"");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = fallback.connect().await;
+        let b = strict.connect().await;
+        // Give the probes time to find the replica down.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for _ in 0..3 {
+            assert!(ran_on_primary(&a, "select inet_server_port()").await);
+        }
+        common::eventually("57P03 once the catalog is loaded", || async {
+            match b.simple_query("select inet_server_port()").await {
+                Err(e) => common::code(&e) == "57P03",
+                Ok(_) => false,
+            }
+        })
+        .await;
+        let e = b
+            .query_one("select inet_server_port()", &[])
+            .await
+            .unwrap_err();
+        assert_eq!(common::code(&e), "57P03");
+        let message = e
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default();
+        assert!(message.contains("no replica can take reads"), "{message}");
+        assert!(
+            ran_on_primary(
+                &b,
+                "update rwt set v = v where id = 1 returning inet_server_port()"
+            )
+            .await
+        );
+        let metrics = shardgate::metrics::render(&fallback.proxy.pools);
+        assert!(
+            metrics.contains("shardgate_read_fallbacks_total{reason=\"down\"}"),
+            "{metrics}"
+        );
+    });
+}

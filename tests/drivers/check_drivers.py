@@ -35,6 +35,7 @@ Checks (the number is the item of the issue it covers; 12 and 13 are extra):
   11a-11c  cancel: psycopg 3, idle client's cancel hits nobody, asyncpg timeout
   12a/12b  prepared statements after ALTER TABLE (fresh client, asyncpg re-prepare)
   13       the same query text prepared under different search_paths
+  14       shardgate.* settings from psycopg 3, psycopg2 and asyncpg (proxy only)
 
 To make pool-dependent bugs deterministic, some checks steer clients onto a
 given server connection: a client notes pg_backend_pid() in a transaction,
@@ -1871,6 +1872,41 @@ def c13():
             for sch in _SCHEMAS:
                 c.execute(f"DROP SCHEMA IF EXISTS {sch} CASCADE")
     expect(d[0][1][0][0] == "a", f"test bug: {d[0]}")
+
+
+@check("14_shardgate_settings_from_every_driver")
+def c14():
+    """SET/SHOW/RESET shardgate.* are answered by the proxy through the
+    extended protocol (psycopg 3, asyncpg) and the simple one (psycopg2)."""
+    with pg3(PROXY, autocommit=True) as c:
+        expect(c.execute("show shardgate.target").fetchone() == ("auto",), "psycopg 3: default target")
+        c.execute("set shardgate.target = primary")
+        expect(c.execute("show shardgate.target").fetchone() == ("primary",), "psycopg 3: set")
+        c.execute("reset shardgate.target")
+        expect(c.execute("show shardgate.target").fetchone() == ("auto",), "psycopg 3: reset")
+        lsn = c.execute("show shardgate.last_commit_lsn").fetchone()[0]
+        expect("/" in lsn, f"psycopg 3: lsn {lsn!r}")
+        got = attempt(lambda: c.execute("set shardgate.target = sideways"))
+        expect(got == ("err", "22023"), f"psycopg 3: bad value gave {got!r}")
+    c = pg2(PROXY)
+    try:
+        cur = c.cursor()
+        cur.execute("set shardgate.min_lsn = '0/1'")
+        cur.execute("show shardgate.min_lsn")
+        expect(cur.fetchone() == ("0/1",), "psycopg2: min_lsn")
+    finally:
+        c.close()
+
+    async def apg():
+        conn = await asyncpg.connect(**apg_kwargs(PROXY))
+        try:
+            await conn.execute("set shardgate.target = replica")
+            got = await conn.fetchval("show shardgate.target")
+            expect(got == "replica", f"asyncpg: {got!r}")
+        finally:
+            await conn.close()
+
+    run_async(apg)
 
 
 # --------------------------------------------------------------------------
