@@ -642,3 +642,85 @@ fn no_replica_available() {
         );
     });
 }
+
+/// A simple-protocol BEGIN is answered by the proxy and sent with the next
+/// statement: transactions behave exactly as before (atomic, errors abort
+/// them, ROLLBACK undoes), an empty one never takes a server, and `BEGIN`
+/// then `SET TRANSACTION READ ONLY` starts on a replica.
+#[test]
+fn deferred_begin() {
+    let _serial = serial();
+    setup_schema();
+    let p = proxy_with("");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        wait_replicas_caught_up().await;
+        let mut c = p.connect().await;
+        wait_for_replica_reads(&c).await;
+        let d = common::direct().await;
+
+        c.batch_execute("begin").await.unwrap();
+        c.batch_execute("set transaction read only").await.unwrap();
+        let first = port(&c, "select inet_server_port()").await;
+        assert!(
+            replica_ports().contains(&first),
+            "BEGIN, then SET TRANSACTION READ ONLY"
+        );
+        assert_eq!(port(&c, "select inet_server_port()").await, first);
+        c.batch_execute("commit").await.unwrap();
+
+        // Empty transactions take no server connection.
+        let before = routed(&p);
+        c.batch_execute("begin").await.unwrap();
+        c.batch_execute("commit").await.unwrap();
+        c.batch_execute("start transaction").await.unwrap();
+        c.batch_execute("rollback").await.unwrap();
+        assert_eq!(routed(&p), before);
+
+        // Atomicity, through the simple and the extended protocol.
+        c.batch_execute("begin").await.unwrap();
+        c.batch_execute("insert into rwt values (555001, 1)")
+            .await
+            .unwrap();
+        c.execute("insert into rwt values ($1, 1)", &[&555002i64])
+            .await
+            .unwrap();
+        c.batch_execute("rollback").await.unwrap();
+        let tx = c.transaction().await.unwrap();
+        tx.execute("insert into rwt values ($1, 1)", &[&555003i64])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let rows: Vec<i64> = d
+            .query(
+                "select id from rwt where id between 555000 and 555999 order by id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(rows, vec![555003]);
+
+        // An error aborts the transaction like on Postgres.
+        c.batch_execute("begin").await.unwrap();
+        let e = c.batch_execute("select 1/0").await.unwrap_err();
+        assert_eq!(common::code(&e), "22012");
+        let e = c.batch_execute("select 1").await.unwrap_err();
+        assert_eq!(common::code(&e), "25P02");
+        c.batch_execute("rollback").await.unwrap();
+        assert_eq!(scalar(&c, "select 1").await, "1");
+
+        // Serializable is not deferred (a hot standby refuses it) and runs
+        // on the primary.
+        c.batch_execute("begin isolation level serializable")
+            .await
+            .unwrap();
+        assert!(ran_on_primary(&c, "select inet_server_port()").await);
+        c.batch_execute("commit").await.unwrap();
+        d.batch_execute("delete from rwt where id between 555000 and 555999")
+            .await
+            .unwrap();
+    });
+}

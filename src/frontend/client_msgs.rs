@@ -65,6 +65,11 @@ impl Session {
     }
 
     async fn dispatch_client_message(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if self.routing.pending_begin.is_some()
+            && !matches!(frame.tag, fe::QUERY | fe::TERMINATE | fe::FLUSH)
+        {
+            self.materialize_begin().await?;
+        }
         match frame.tag {
             fe::QUERY => {
                 if self.skipping {
@@ -73,6 +78,14 @@ impl Session {
                 let text = frame.body.strip_suffix(&[0]).unwrap_or(&frame.body);
                 if self.shardgate_command(text) {
                     return Ok(());
+                }
+                if self.server.is_none() && self.mode == PoolMode::Transaction {
+                    if let Some(begin) = self.routing.pending_begin.take() {
+                        return self.run_after_begin(&frame, begin).await;
+                    }
+                    if self.defer_begin(text) {
+                        return Ok(());
+                    }
                 }
                 let fresh = self.server.is_none();
                 let class = (fresh && self.routing.split).then(|| self.classify(text));
@@ -178,7 +191,7 @@ impl Session {
         }
     }
 
-    fn start_request(&mut self) {
+    pub(super) fn start_request(&mut self) {
         if self.request_started.is_none() {
             self.request_started = Some(Instant::now());
         }
@@ -199,7 +212,7 @@ impl Session {
     /// `read`). On failure the client gets the error (and, for a simple
     /// query, ReadyForQuery; for the extended protocol, the rest is skipped
     /// up to Sync).
-    async fn ensure_server(&mut self, simple: bool, read: bool) -> bool {
+    pub(super) async fn ensure_server(&mut self, simple: bool, read: bool) -> bool {
         if self.server.is_some() {
             return true;
         }

@@ -153,6 +153,104 @@ impl Session {
             && !self.next_request_read_only()
     }
 
+    /// A simple-protocol `BEGIN` (exactly one, with modes any server
+    /// accepts) while no server is held: answered by the proxy, and sent in
+    /// front of the client's next statement. That saves the round trip of
+    /// the BEGIN, and lets `BEGIN` followed by `SET TRANSACTION READ ONLY`
+    /// start on a replica. Returns false when `sql` is not such a BEGIN.
+    pub(super) fn defer_begin(&mut self, sql: &[u8]) -> bool {
+        let Some(word) = crate::router::classify::leading_keyword(sql) else {
+            return false;
+        };
+        if !(word.eq_ignore_ascii_case(b"begin") || word.eq_ignore_ascii_case(b"start")) {
+            return false;
+        }
+        let class = self.classify(sql);
+        if !class.single_begin {
+            return false;
+        }
+        let replica_ok = self.wants_replica(&class);
+        self.routing.pending_begin = Some((bytes::Bytes::copy_from_slice(sql), replica_ok));
+        self.push_synthetic(be::command_complete("BEGIN"));
+        self.push_synthetic(be::ready_for_query(b'T'));
+        true
+    }
+
+    /// The client's first statement after a deferred BEGIN: both go to
+    /// the server in one Query (`BEGIN; <statement>`), so a BEGIN that
+    /// fails keeps the statement from running outside the transaction. A
+    /// transaction ended before it ran anything is answered by the proxy.
+    pub(super) async fn run_after_begin(
+        &mut self,
+        frame: &crate::protocol::Frame,
+        (begin, begin_replica_ok): (bytes::Bytes, bool),
+    ) -> Result<(), super::session::SessionError> {
+        let text = frame.body.strip_suffix(&[0]).unwrap_or(&frame.body);
+        if let Some(tag) = empty_transaction_end(text) {
+            self.push_synthetic(be::command_complete(tag));
+            self.push_synthetic(be::ready_for_query(b'I'));
+            return Ok(());
+        }
+        let read = self.routing.split
+            && (begin_replica_ok || {
+                let class = self.classify(text);
+                class.read_only_tx && self.wants_replica(&class)
+            });
+        // The combined text is not replayed elsewhere: no retry.
+        self.routing.pending_copy = None;
+        if !self.ensure_server(true, read).await {
+            return Ok(());
+        }
+        let begin = begin.strip_suffix(b";").unwrap_or(&begin);
+        let mut body = bytes::BytesMut::with_capacity(begin.len() + text.len() + 4);
+        body.extend_from_slice(begin);
+        body.extend_from_slice(b";\n");
+        body.extend_from_slice(text);
+        body.extend_from_slice(&[0]);
+        crate::protocol::Frame {
+            tag: fe::QUERY,
+            body: body.freeze(),
+        }
+        .encode(&mut self.to_server);
+        self.start_request();
+        self.pool.metrics.queries.inc();
+        self.pipeline.push_back(Expect::Query);
+        self.routing.drop_begin_tag = true;
+        if self.routing.track_lsn
+            && self.on_replica.is_none()
+            && crate::router::classify::may_end_transaction(text)
+        {
+            self.push_lsn_probe();
+        }
+        Ok(())
+    }
+
+    /// A deferred BEGIN meets a message that cannot be sent with it (the
+    /// extended protocol): run the BEGIN on a server first, waiting for
+    /// its answer. If it fails the session ends: the client was told its
+    /// transaction had begun.
+    pub(super) async fn materialize_begin(&mut self) -> Result<(), super::session::SessionError> {
+        use super::session::SessionError;
+        let Some((begin, replica_ok)) = self.routing.pending_begin.take() else {
+            return Ok(());
+        };
+        self.routing.pending_copy = None;
+        let read = self.routing.split && replica_ok;
+        self.checkout(read)
+            .await
+            .map_err(|(code, message)| SessionError::Fatal { code, message })?;
+        let sql = String::from_utf8_lossy(&begin).into_owned();
+        let server = self.server.as_mut().expect("checked out");
+        match server.run_internal(&sql).await {
+            Ok(None) => Ok(()),
+            Ok(Some(e)) => Err(SessionError::Fatal {
+                code: e.code,
+                message: format!("shardgate: BEGIN failed on the server: {}", e.message),
+            }),
+            Err(_) => Err(self.server_lost()),
+        }
+    }
+
     /// Pipelines the commit-position probe behind what was just queued for
     /// the primary.
     pub(super) fn push_lsn_probe(&mut self) {
@@ -196,7 +294,11 @@ impl Session {
         let Some(cmd) = parse_command(sql) else {
             return false;
         };
-        let status = self.server.as_ref().map_or(b'I', |s| s.tx_status);
+        let status = if self.routing.pending_begin.is_some() {
+            b'T'
+        } else {
+            self.server.as_ref().map_or(b'I', |s| s.tx_status)
+        };
         let mut frames = Vec::new();
         if status == b'E' {
             frames.push(be::error_response(
@@ -431,6 +533,27 @@ fn parse_command_bytes(sql: &[u8]) -> bool {
     std::str::from_utf8(sql).is_ok_and(|s| parse_command(s).is_some())
 }
 
+/// `COMMIT`/`END`/`ROLLBACK`/`ABORT` alone: the command tag that ends an
+/// empty transaction.
+fn empty_transaction_end(sql: &[u8]) -> Option<&'static str> {
+    let text = std::str::from_utf8(sql)
+        .ok()?
+        .trim()
+        .trim_end_matches(';')
+        .trim();
+    let mut words = text.split_ascii_whitespace();
+    let first = words.next()?.to_ascii_lowercase();
+    let rest: Vec<String> = words.map(|w| w.to_ascii_lowercase()).collect();
+    if !rest.iter().all(|w| w == "work" || w == "transaction") || rest.len() > 1 {
+        return None;
+    }
+    match first.as_str() {
+        "commit" | "end" => Some("COMMIT"),
+        "rollback" | "abort" => Some("ROLLBACK"),
+        _ => None,
+    }
+}
+
 /// The first column of a DataRow as text.
 fn first_text_column(body: &[u8]) -> Option<&str> {
     let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
@@ -561,6 +684,21 @@ mod tests {
         assert_eq!(parse_command("show shardgate.target; select 1"), None);
         assert_eq!(parse_command("select 1"), None);
         assert_eq!(parse_command("set local shardgate.target = primary"), None);
+    }
+
+    #[test]
+    fn empty_transactions() {
+        assert_eq!(empty_transaction_end(b"COMMIT"), Some("COMMIT"));
+        assert_eq!(empty_transaction_end(b" end work; "), Some("COMMIT"));
+        assert_eq!(
+            empty_transaction_end(b"rollback transaction"),
+            Some("ROLLBACK")
+        );
+        assert_eq!(empty_transaction_end(b"abort"), Some("ROLLBACK"));
+        assert_eq!(empty_transaction_end(b"commit and chain"), None);
+        assert_eq!(empty_transaction_end(b"commit; select 1"), None);
+        assert_eq!(empty_transaction_end(b"rollback to savepoint a"), None);
+        assert_eq!(empty_transaction_end(b"commit prepared 'x'"), None);
     }
 
     #[test]

@@ -152,6 +152,7 @@ impl Session {
                     self.undo(e);
                 }
                 self.copy_in = false;
+                self.routing.drop_begin_tag = false;
                 let server = self.server.as_mut().expect("attached");
                 server.tx_status = status;
                 if let Some(t) = self.request_started.take() {
@@ -257,6 +258,13 @@ impl Session {
             },
             be::COMMAND_COMPLETE | be::EMPTY_QUERY | be::PORTAL_SUSPENDED => {
                 match self.pipeline.front() {
+                    Some(Expect::Query) if self.routing.drop_begin_tag => {
+                        // The deferred BEGIN's own tag: the client had it.
+                        self.routing.drop_begin_tag = false;
+                        if tag == be::COMMAND_COMPLETE && be::command_tag(body) == b"BEGIN" {
+                            return Ok(Action::Drop);
+                        }
+                    }
                     Some(Expect::Query) => {}
                     Some(Expect::Execute) => {
                         self.pipeline.pop_front();

@@ -122,6 +122,12 @@ pub(super) struct RoutingState {
     /// simple protocol, right after CopyDone; Some(false): at the next
     /// Sync).
     pub copy_lsn: Option<bool>,
+    /// A BEGIN the proxy answered itself while no server is held: its text
+    /// and whether the transaction may run on a replica. It is sent in
+    /// front of the client's next statement.
+    pub pending_begin: Option<(bytes::Bytes, bool)>,
+    /// The next CommandComplete `BEGIN` answers that deferred BEGIN.
+    pub drop_begin_tag: bool,
     /// `shardgate.*` commands prepared through the extended protocol:
     /// statement name -> text, portal name -> text.
     pub proxy_stmts: HashMap<String, String>,

@@ -15,8 +15,8 @@
 
 use super::catalog::Catalog;
 use sqlparser::ast::{
-    Expr, Query, Select, Statement, TableFactor, TransactionAccessMode, TransactionMode, Visit,
-    Visitor,
+    Expr, Query, Select, Statement, TableFactor, TransactionAccessMode, TransactionIsolationLevel,
+    TransactionMode, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -45,6 +45,13 @@ pub struct Class {
     /// read-your-writes learns a new position. (Not SET and other
     /// session-state commands.)
     pub may_commit: bool,
+    /// The text declares its transaction read-only (BEGIN READ ONLY, SET
+    /// TRANSACTION READ ONLY).
+    pub read_only_tx: bool,
+    /// The text is exactly one BEGIN / START TRANSACTION with modes any
+    /// server accepts (no SERIALIZABLE, which a hot standby refuses): the
+    /// proxy may answer it itself and send it with the next statement.
+    pub single_begin: bool,
     pub hint: Hint,
 }
 
@@ -53,6 +60,8 @@ impl Class {
         write: true,
         plain_begin: false,
         may_commit: true,
+        read_only_tx: false,
+        single_begin: false,
         hint: Hint::None,
     };
 
@@ -152,16 +161,38 @@ fn classify_parsed(sql: &[u8], catalog: &Catalog) -> Class {
     // BEGIN; SET TRANSACTION READ ONLY; ... in one text is a read-only
     // transaction.
     let mut pending_begin = false;
+    if let [Statement::StartTransaction {
+        modes,
+        modifier: None,
+        statements: inner,
+        exception: None,
+        ..
+    }] = statements.as_slice()
+    {
+        class.single_begin = inner.is_empty()
+            && modes.iter().all(|m| {
+                !matches!(
+                    m,
+                    TransactionMode::IsolationLevel(
+                        TransactionIsolationLevel::Serializable
+                            | TransactionIsolationLevel::Snapshot
+                    )
+                )
+            });
+    }
     for stmt in &statements {
         match stmt {
             Statement::StartTransaction { modes, .. } => match access_mode(modes) {
-                Some(TransactionAccessMode::ReadOnly) => {}
+                Some(TransactionAccessMode::ReadOnly) => class.read_only_tx = true,
                 Some(TransactionAccessMode::ReadWrite) => class.write = true,
                 None => pending_begin = true,
             },
             Statement::Set(sqlparser::ast::Set::SetTransaction { modes, session, .. }) => {
                 match access_mode(modes) {
-                    Some(TransactionAccessMode::ReadOnly) if !session => pending_begin = false,
+                    Some(TransactionAccessMode::ReadOnly) if !session => {
+                        pending_begin = false;
+                        class.read_only_tx = true;
+                    }
                     None if !session => {}
                     _ => class.write = true,
                 }
@@ -613,6 +644,31 @@ mod tests {
         let cat = Catalog::for_tests();
         assert!(classify(b"END", &cat).may_commit);
         assert!(classify(b"commit prepared 'x'", &cat).may_commit);
+    }
+
+    #[test]
+    fn single_begin() {
+        let cat = Catalog::for_tests();
+        for sql in [
+            "BEGIN",
+            "begin;",
+            "START TRANSACTION",
+            "begin read only",
+            "BEGIN ISOLATION LEVEL REPEATABLE READ",
+        ] {
+            assert!(classify(sql.as_bytes(), &cat).single_begin, "{sql}");
+        }
+        for sql in [
+            "begin; select 1",
+            "begin isolation level serializable",
+            "select 1",
+            "commit",
+        ] {
+            assert!(!classify(sql.as_bytes(), &cat).single_begin, "{sql}");
+        }
+        assert!(classify(b"set transaction read only", &cat).read_only_tx);
+        assert!(classify(b"begin read only", &cat).read_only_tx);
+        assert!(!classify(b"begin", &cat).read_only_tx);
     }
 
     #[test]
