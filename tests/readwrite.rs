@@ -335,6 +335,19 @@ fn routing_rules() {
             assert_eq!(l as u16, primary_port());
         }
 
+        // Unnamed statements (Parse "" + Bind + Execute + Sync in one go):
+        // the Bind refers to the Parse in the same batch, not to the
+        // session's previous unnamed statement.
+        let fresh = p.connect().await;
+        let locked = fresh
+            .query_typed("select inet_server_port() from rwt where id = 1 for update", &[])
+            .await
+            .unwrap();
+        assert_eq!(locked[0].get::<_, i32>(0) as u16, primary_port());
+        wait_for_replica_reads(&fresh).await;
+        let read = fresh.query_typed("select inet_server_port()", &[]).await.unwrap();
+        assert!(replica(read[0].get::<_, i32>(0) as u16), "unnamed read after an unnamed write");
+
         // A pipelined read and write (tokio-postgres pipelines concurrent
         // queries): the write must not follow the read to the replica.
         for _ in 0..20 {

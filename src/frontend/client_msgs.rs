@@ -244,7 +244,7 @@ impl Session {
             self.routing.proxy_stmts.remove("");
         }
         if parse.name.is_empty() || !self.renames() {
-            let read = self.batch_wants_replica(Some(parse.query));
+            let read = self.batch_wants_replica(Some(parse.query), parse.name.is_empty());
             if !self.ensure_server(false, read).await {
                 return Ok(());
             }
@@ -290,7 +290,7 @@ impl Session {
             });
             return Ok(());
         }
-        let read = self.batch_wants_replica(Some(parse.query));
+        let read = self.batch_wants_replica(Some(parse.query), false);
         if !self.ensure_server(false, read).await {
             return Ok(());
         }
@@ -418,7 +418,7 @@ impl Session {
             return Ok(());
         }
         let text = self.statement_text(bind.statement);
-        let read = self.batch_wants_replica(text.as_deref());
+        let read = self.batch_wants_replica(text.as_deref(), false);
         if !self.ensure_server(false, read).await {
             return Ok(());
         }
@@ -470,7 +470,7 @@ impl Session {
             } else {
                 None
             };
-            let read = self.batch_wants_replica(text.as_deref());
+            let read = self.batch_wants_replica(text.as_deref(), false);
             if !self.ensure_server(false, read).await {
                 return Ok(());
             }

@@ -65,13 +65,20 @@ impl Session {
     /// (a statement with text `first`) run on a replica? Every statement it
     /// parses or binds before Sync must be read-only, and the Sync must
     /// already be here: what is not here yet cannot be vouched for.
-    pub(super) fn batch_wants_replica(&mut self, first: Option<&[u8]>) -> bool {
+    /// `unnamed_parse`: the current message is a Parse of the unnamed
+    /// statement (later Binds of "" in the batch refer to it).
+    pub(super) fn batch_wants_replica(
+        &mut self,
+        first: Option<&[u8]>,
+        unnamed_parse: bool,
+    ) -> bool {
         if self.server.is_some() || !self.routing.split {
             return false;
         }
         let Some(first) = first else { return false };
         let class = self.classify(first);
-        self.wants_replica(&class) && self.buffered_batch_read_only(0, None)
+        let unnamed = unnamed_parse.then(|| first.to_vec());
+        self.wants_replica(&class) && self.buffered_batch_read_only(0, unnamed)
     }
 
     /// Is the next request in the client buffer (a simple Query, or
