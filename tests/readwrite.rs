@@ -119,6 +119,7 @@ fn setup_schema() {
                  create or replace function f_volatile() returns int language sql volatile as 'select 1';
                  create or replace function f_stable() returns int language sql stable as 'select 1';
                  create or replace function f_listed() returns int language sql volatile as 'select 1';
+                 create or replace function f_mislabeled() returns bigint language sql stable as 'select nextval(''rws'')';
                  grant all on all tables in schema public to public;
                  grant all on all sequences in schema public to public;",
             )
@@ -285,6 +286,19 @@ fn routing_rules() {
         c.batch_execute("reset shardgate.target").await.unwrap();
         wait_for_replica_reads(&c).await;
         assert_eq!(scalar(&c, "show shardgate.target").await, "auto");
+        // A function declared STABLE that writes goes to a replica by its
+        // label, is refused there (25006), and runs on the primary instead.
+        let retries = |p: &TestProxy| {
+            let m = shardgate::metrics::render(&p.proxy.pools);
+            m.lines()
+                .find(|l| l.starts_with("shardgate_read_retries_total "))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let before = retries(&p);
+        assert!(ran_on_primary(&c, "select inet_server_port(), f_mislabeled()").await);
+        assert_eq!(retries(&p), before + 1.0);
+        wait_for_replica_reads(&c).await;
         let e = c.batch_execute("set shardgate.target = sideways").await.unwrap_err();
         assert_eq!(common::code(&e), "22023");
         let e = c.batch_execute("show shardgate.nonsense").await.unwrap_err();

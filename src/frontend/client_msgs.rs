@@ -97,9 +97,12 @@ impl Session {
                 self.pool.metrics.queries.inc();
                 frame.encode(&mut self.to_server);
                 self.pipeline.push_back(Expect::Query);
+                // A replay after a replica refused the statement as a write:
+                // it writes, whatever its text looked like.
+                let wrote = std::mem::take(&mut self.routing.force_probe);
                 if self.routing.track_lsn
                     && self.on_replica.is_none()
-                    && self.may_commit(text, class)
+                    && (wrote || self.may_commit(text, class))
                 {
                     if is_copy(text) {
                         // A query behind COPY FROM STDIN would arrive in
@@ -173,6 +176,11 @@ impl Session {
                 self.start_request();
                 frame.encode(&mut self.to_server);
                 self.pipeline.push_back(Expect::FunctionCall);
+                // A fast-path function call (large objects) may write.
+                let idle = self.server.as_ref().is_some_and(|s| s.tx_status == b'I');
+                if self.routing.track_lsn && self.on_replica.is_none() && idle {
+                    self.push_lsn_probe();
+                }
             }
             fe::TERMINATE => return Err(SessionError::Terminate),
             other => {

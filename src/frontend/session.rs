@@ -132,6 +132,9 @@ pub(super) struct RoutingState {
     /// statement name -> text, portal name -> text.
     pub proxy_stmts: HashMap<String, String>,
     pub proxy_portals: HashMap<Vec<u8>, String>,
+    /// The next simple Query is a replay of a statement a replica refused
+    /// as a write: probe the commit position after it.
+    pub force_probe: bool,
     /// The position the in-flight probe returned.
     pub probed_lsn: Option<u64>,
     /// Round-robin counter.
@@ -442,6 +445,8 @@ impl Session {
             }
         }
         self.routing.replaying = Some(read);
+        // Refused as a write: learn the commit position after it runs.
+        self.routing.force_probe = !read;
         let mut result = Ok(());
         for f in frames {
             result = self.handle_client_message(f).await;
@@ -450,6 +455,7 @@ impl Session {
             }
         }
         self.routing.replaying = None;
+        self.routing.force_probe = false;
         result?;
         self.emit_ready_synthetics();
         self.flush_server().await?;
