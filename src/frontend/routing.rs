@@ -234,8 +234,8 @@ impl Session {
 
     /// A deferred BEGIN meets a message that cannot be sent with it (the
     /// extended protocol): run the BEGIN on a server first, waiting for
-    /// its answer. If it fails the session ends: the client was told its
-    /// transaction had begun.
+    /// its answer. If the BEGIN itself fails the session ends: the client
+    /// was told its transaction had begun.
     pub(super) async fn materialize_begin(&mut self) -> Result<(), super::session::SessionError> {
         use super::session::SessionError;
         let Some((begin, replica_ok)) = self.routing.pending_begin.take() else {
@@ -243,9 +243,15 @@ impl Session {
         };
         self.routing.pending_copy = None;
         let read = self.routing.split && replica_ok;
-        self.checkout(read)
-            .await
-            .map_err(|(code, message)| SessionError::Fatal { code, message })?;
+        if let Err((code, message)) = self.checkout(read).await {
+            // Like any failed checkout: this request fails (the rest is
+            // skipped up to Sync) and the session goes on, outside a
+            // transaction.
+            self.emit_ready_synthetics();
+            self.queue_error(&code, &message);
+            self.skipping = true;
+            return Ok(());
+        }
         let sql = String::from_utf8_lossy(&begin).into_owned();
         let server = self.server.as_mut().expect("checked out");
         match server.run_internal(&sql).await {
