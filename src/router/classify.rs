@@ -233,7 +233,15 @@ fn access_mode(modes: &[TransactionMode]) -> Option<TransactionAccessMode> {
 fn statement_read_only(stmt: &Statement, catalog: &Catalog) -> bool {
     let top_level_ok = match stmt {
         Statement::Query(_) => true,
-        Statement::ShowVariable { .. } | Statement::ShowVariables { .. } => true,
+        // Except the settings that say whether the server takes writes:
+        // drivers ask them to find a primary (JDBC targetServerType, libpq
+        // target_session_attrs with servers before 14), and a replica's
+        // answer would turn them away.
+        Statement::ShowVariable { variable } => !variable.iter().any(|v| {
+            v.value.eq_ignore_ascii_case("transaction_read_only")
+                || v.value.eq_ignore_ascii_case("in_hot_standby")
+        }),
+        Statement::ShowVariables { .. } => true,
         Statement::Explain {
             analyze,
             statement,
@@ -592,6 +600,8 @@ mod tests {
             "explain insert into t values (1)",
             "listen c",
             "notify c",
+            "show transaction_read_only",
+            "SHOW in_hot_standby",
             "copy t from stdin",
             "lock table t",
             "begin",
