@@ -109,9 +109,9 @@ fn build() -> Global {
         queries: reg!(IntCounterVec::new(
             Opts::new(
                 "queries_total",
-                "Queries (simple Query and Execute messages) run"
+                "Queries (simple Query and Execute messages) run, by pool and route (primary/replica)"
             ),
-            pool_labels
+            &["pool", "route"]
         )),
         tx_duration: reg!(HistogramVec::new(
             HistogramOpts::new(
@@ -203,7 +203,7 @@ impl PoolMetrics {
             connects: g.connects.with_label_values(l),
             connect_errors: g.connect_errors.with_label_values(l),
             transactions: g.transactions.with_label_values(l),
-            queries: g.queries.with_label_values(l),
+            queries: g.queries.with_label_values(&[pool, route]),
             tx_duration: g.tx_duration.with_label_values(l),
             query_duration: g.query_duration.with_label_values(l),
             routed: g.routed.with_label_values(&[route, server]),
