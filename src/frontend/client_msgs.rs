@@ -425,8 +425,15 @@ impl Session {
         if self.proxy_bind(bind.portal, bind.statement) {
             return Ok(());
         }
-        let text = self.statement_text(bind.statement);
-        let read = self.batch_wants_replica(text.as_deref(), false);
+        // The statement's text is needed only to route a new transaction
+        // or to learn commit positions (shards with replicas).
+        let routes = self.server.is_none() && self.routing.split;
+        let text = if routes || self.routing.track_lsn {
+            self.statement_text(bind.statement)
+        } else {
+            None
+        };
+        let read = routes && self.batch_wants_replica(text.as_deref(), false);
         if !self.ensure_server(false, read).await {
             return Ok(());
         }
@@ -473,7 +480,7 @@ impl Session {
             return Ok(());
         }
         if self.server.is_none() {
-            let text = if target.kind == b'S' {
+            let text = if target.kind == b'S' && self.routing.split {
                 self.statement_text(target.name)
             } else {
                 None
