@@ -301,6 +301,9 @@ impl Session {
     /// `SHOW`/`SET`/`RESET shardgate.<name>` in a simple Query: answered by
     /// the proxy. Returns false for anything else.
     pub(super) fn shardgate_command(&mut self, sql: &[u8]) -> bool {
+        if !could_be_command(sql) {
+            return false;
+        }
         let Ok(sql) = std::str::from_utf8(sql) else {
             return false;
         };
@@ -543,7 +546,21 @@ impl Session {
 }
 
 fn parse_command_bytes(sql: &[u8]) -> bool {
-    std::str::from_utf8(sql).is_ok_and(|s| parse_command(s).is_some())
+    could_be_command(sql) && std::str::from_utf8(sql).is_ok_and(|s| parse_command(s).is_some())
+}
+
+/// The cheap test every Query and Parse passes through: SHOW, SET or
+/// RESET first, and `shardgate.` somewhere.
+fn could_be_command(sql: &[u8]) -> bool {
+    let Some(word) = crate::router::classify::leading_keyword(sql) else {
+        return false;
+    };
+    (word.eq_ignore_ascii_case(b"show")
+        || word.eq_ignore_ascii_case(b"set")
+        || word.eq_ignore_ascii_case(b"reset"))
+        && sql
+            .windows(10)
+            .any(|w| w.eq_ignore_ascii_case(b"shardgate."))
 }
 
 /// `COMMIT`/`END`/`ROLLBACK`/`ABORT` alone: the command tag that ends an
@@ -697,6 +714,16 @@ mod tests {
         assert_eq!(parse_command("show shardgate.target; select 1"), None);
         assert_eq!(parse_command("select 1"), None);
         assert_eq!(parse_command("set local shardgate.target = primary"), None);
+    }
+
+    #[test]
+    fn cheap_command_test() {
+        assert!(could_be_command(b"SHOW Shardgate.target"));
+        assert!(could_be_command(b" /* x */ set shardgate.min_lsn = '0/1'"));
+        assert!(!could_be_command(
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = 1"
+        ));
+        assert!(!could_be_command(b"set work_mem = '1MB'"));
     }
 
     #[test]
