@@ -78,10 +78,19 @@ fn bench(c: &mut Criterion) {
     a.set_for_tests(true, true, 1000, 0, Duration::ZERO);
     b2.set_for_tests(true, true, 1000, 0, Duration::ZERO);
     let routing = RoutingConfig::default();
-    let class = classify(
-        b"SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
-        &cat,
-    );
+    // Built once per session (per topology change), as the session does.
+    let cands = [
+        Candidate {
+            health: a,
+            weight: 1,
+            same_zone: false,
+        },
+        Candidate {
+            health: b2,
+            weight: 1,
+            same_zone: false,
+        },
+    ];
     let mut turn = 0usize;
     c.bench_function("route/fast_path_select_to_replica", |b| {
         b.iter(|| {
@@ -91,22 +100,9 @@ fn bench(c: &mut Criterion) {
             );
             let read = wants_replica(&class, TargetOverride::Auto, false);
             turn += 1;
-            let cands = [
-                Candidate {
-                    health: &a,
-                    weight: 1,
-                    same_zone: false,
-                },
-                Candidate {
-                    health: &b2,
-                    weight: 1,
-                    same_zone: false,
-                },
-            ];
-            black_box((read, pick_replica(&cands, &routing, 500, turn)))
+            black_box((read, pick_replica(&cands, &routing, 500, turn, 0)))
         })
     });
-    black_box(class);
 }
 
 criterion_group!(benches, bench);

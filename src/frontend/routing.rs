@@ -50,15 +50,17 @@ impl Session {
         crate::router::wants_replica(class, self.routing.target, self.vars.default_read_only())
     }
 
-    /// Query text of a statement the client names in Bind or Describe.
-    pub(super) fn statement_text(&self, name: &str) -> Option<Vec<u8>> {
-        if name.is_empty() {
-            let parse = self.unnamed_parse.as_ref()?;
-            return fe::parse_parse(&parse.body).ok().map(|p| p.query.to_vec());
-        }
-        let stmt = self.statements.get(name)?;
-        let end = memchr::memchr(0, &stmt.key)?;
-        Some(stmt.key[..end].to_vec())
+    /// Query text of a statement the client names in Bind or Describe (a
+    /// slice of the stored Parse, not a copy).
+    pub(super) fn statement_text(&self, name: &str) -> Option<bytes::Bytes> {
+        let body = if name.is_empty() {
+            // Body of a Parse of the unnamed statement: "\0" query "\0" ...
+            self.unnamed_parse.as_ref()?.body.slice(1..)
+        } else {
+            self.statements.get(name)?.key.clone()
+        };
+        let end = memchr::memchr(0, &body)?;
+        Some(body.slice(..end))
     }
 
     /// May the extended-protocol batch that starts with the current message
@@ -76,9 +78,9 @@ impl Session {
             return false;
         }
         let Some(first) = first else { return false };
-        let class = self.classify(first);
-        let unnamed = unnamed_parse.then(|| first.to_vec());
-        self.wants_replica(&class) && self.buffered_batch_read_only(0, unnamed)
+        let catalog = self.catalog();
+        self.replica_ok(first, &catalog)
+            && self.buffered_batch_read_only(&catalog, unnamed_parse.then_some(first))
     }
 
     /// Is the next request in the client buffer (a simple Query, or
@@ -88,28 +90,33 @@ impl Session {
         let Ok(Some((tag, total))) = peek_header(&self.client_buf, self.max_message_size) else {
             return false;
         };
+        let catalog = self.catalog();
         if tag != fe::QUERY {
-            return self.buffered_batch_read_only(0, None);
+            return self.buffered_batch_read_only(&catalog, None);
         }
         if self.client_buf.len() < total {
             return false;
         }
-        let text = self.client_buf[5..total]
-            .strip_suffix(&[0])
-            .unwrap_or(&[])
-            .to_vec();
-        if parse_command_bytes(&text) {
-            return true;
-        }
-        let class = self.classify(&text);
-        self.wants_replica(&class)
+        let text = self.client_buf[5..total].strip_suffix(&[0]).unwrap_or(&[]);
+        parse_command_bytes(text) || self.replica_ok(text, &catalog)
     }
 
-    /// Scans buffered client messages from byte `pos` up to a Sync: every
-    /// statement parsed or bound must be read-only.
-    fn buffered_batch_read_only(&mut self, mut pos: usize, mut unnamed: Option<Vec<u8>>) -> bool {
+    /// May this statement text go to a replica (classification, hints,
+    /// session overrides)?
+    fn replica_ok(&self, sql: &[u8], catalog: &crate::router::catalog::Catalog) -> bool {
+        self.wants_replica(&classify(sql, catalog))
+    }
+
+    /// Scans the buffered client messages up to a Sync: every statement
+    /// parsed or bound must be read-only. `unnamed`: the text of the
+    /// unnamed statement the batch's current message parses, if any.
+    fn buffered_batch_read_only<'a>(
+        &'a self,
+        catalog: &crate::router::catalog::Catalog,
+        mut unnamed: Option<&'a [u8]>,
+    ) -> bool {
+        let mut rest = &self.client_buf[..];
         loop {
-            let rest = &self.client_buf[pos..];
             let Ok(Some((tag, total))) = peek_header(rest, self.max_message_size) else {
                 return false;
             };
@@ -117,35 +124,33 @@ impl Session {
                 return false;
             }
             let body = &rest[5..total];
-            let text: Option<Vec<u8>> = match tag {
+            let ok = match tag {
                 fe::SYNC => return true,
                 fe::PARSE => match fe::parse_parse(body) {
                     Ok(p) => {
                         if p.name.is_empty() {
-                            unnamed = Some(p.query.to_vec());
+                            unnamed = Some(p.query);
                         }
-                        Some(p.query.to_vec())
+                        self.replica_ok(p.query, catalog)
                     }
-                    Err(_) => return false,
+                    Err(_) => false,
                 },
                 fe::BIND => match fe::parse_bind(body) {
-                    Ok(b) if b.statement.is_empty() && unnamed.is_some() => unnamed.clone(),
-                    Ok(b) => match self.statement_text(b.statement) {
-                        Some(t) => Some(t),
-                        None => return false,
-                    },
-                    Err(_) => return false,
+                    Ok(b) if b.statement.is_empty() && unnamed.is_some() => {
+                        self.replica_ok(unnamed.unwrap_or_default(), catalog)
+                    }
+                    Ok(b) => self
+                        .statement_text(b.statement)
+                        .is_some_and(|t| self.replica_ok(&t, catalog)),
+                    Err(_) => false,
                 },
-                fe::DESCRIBE | fe::EXECUTE | fe::CLOSE | fe::FLUSH => None,
-                _ => return false,
+                fe::DESCRIBE | fe::EXECUTE | fe::CLOSE | fe::FLUSH => true,
+                _ => false,
             };
-            pos += total;
-            if let Some(t) = text {
-                let class = self.classify(&t);
-                if !self.wants_replica(&class) {
-                    return false;
-                }
+            if !ok {
+                return false;
             }
+            rest = &rest[total..];
         }
     }
 
@@ -253,7 +258,9 @@ impl Session {
             return Ok(());
         }
         let sql = String::from_utf8_lossy(&begin).into_owned();
-        let server = self.server.as_mut().expect("checked out");
+        let Some(server) = self.server.as_mut() else {
+            return Err(self.server_lost());
+        };
         match server.run_internal(&sql).await {
             Ok(None) => Ok(()),
             Ok(Some(e)) => Err(SessionError::Fatal {

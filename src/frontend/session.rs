@@ -92,12 +92,16 @@ pub struct Session {
     pub(super) cancel_slot: CancelSlot,
 }
 
-/// A replica of the session's shard: its pool and health.
+/// A replica of the session's shard: its pool, and what the router weighs.
 pub(super) struct ReplicaSlot {
     pub pool: Arc<PoolEntry>,
-    pub health: Arc<crate::health::ServerHealth>,
-    pub weight: u32,
-    pub same_zone: bool,
+    pub candidate: crate::router::Candidate,
+}
+
+impl AsRef<crate::router::Candidate> for ReplicaSlot {
+    fn as_ref(&self) -> &crate::router::Candidate {
+        &self.candidate
+    }
 }
 
 /// Read/write splitting state of one session.
@@ -402,7 +406,7 @@ impl Session {
             return Err(self.server_lost());
         };
         let replica = &self.replicas[i];
-        replica.health.mark_down("connection lost");
+        replica.candidate.health.mark_down("connection lost");
         // Its other pooled connections are most likely dead too.
         replica.pool.pool.retain(|_, _| false);
         if let Some(s) = self.server.as_mut() {
@@ -545,6 +549,7 @@ impl Session {
                                 self.routing.recording = !ends;
                             }
                             self.replicas[i]
+                                .candidate
                                 .health
                                 .outstanding
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -553,7 +558,10 @@ impl Session {
                         Err(e) if e.0.starts_with("08") => {
                             // Unreachable: out of rotation until a probe
                             // succeeds; try the next one.
-                            self.replicas[i].health.mark_down("connect failed");
+                            self.replicas[i]
+                                .candidate
+                                .health
+                                .mark_down("connect failed");
                             tried |= 1 << i.min(63);
                         }
                         Err(e) => return Err(e),
@@ -569,29 +577,20 @@ impl Session {
     fn choose_replica(&mut self, tried: u64) -> Result<Option<usize>, (String, String)> {
         let config = self.proxy.config.load();
         let routing = &config.routing;
-        let candidates: Vec<crate::router::Candidate<'_>> = self
-            .replicas
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| tried & (1 << (*i).min(63)) == 0)
-            .map(|(_, r)| crate::router::Candidate {
-                health: &r.health,
-                weight: r.weight,
-                same_zone: r.same_zone,
-            })
-            .collect();
-        // Indices of `candidates` back to `replicas`.
-        let index: Vec<usize> = (0..self.replicas.len())
-            .filter(|i| tried & (1 << (*i).min(63)) == 0)
-            .collect();
         let min_lsn = if routing.read_your_writes {
             self.routing.last_commit_lsn.max(self.routing.min_lsn)
         } else {
             self.routing.min_lsn
         };
         self.routing.turn = self.routing.turn.wrapping_add(1);
-        match crate::router::pick_replica(&candidates, routing, min_lsn, self.routing.turn) {
-            Ok(i) => Ok(Some(index[i])),
+        match crate::router::pick_replica(
+            &self.replicas,
+            routing,
+            min_lsn,
+            self.routing.turn,
+            tried,
+        ) {
+            Ok(i) => Ok(Some(i)),
             Err(reason) => {
                 crate::metrics::GLOBAL
                     .read_fallbacks
@@ -778,7 +777,8 @@ impl Session {
     fn left_server(&mut self) {
         if let Some(i) = self.on_replica.take() {
             if let Some(r) = self.replicas.get(i) {
-                r.health
+                r.candidate
+                    .health
                     .outstanding
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -919,9 +919,11 @@ fn pools_for(
         .iter()
         .map(|r| ReplicaSlot {
             pool: pool(Role::Replica, &r.addr),
-            health: proxy.health.server(&r.addr),
-            weight: r.weight,
-            same_zone: zone.is_some() && r.zone.as_deref() == zone,
+            candidate: crate::router::Candidate {
+                health: proxy.health.server(&r.addr),
+                weight: r.weight,
+                same_zone: zone.is_some() && r.zone.as_deref() == zone,
+            },
         })
         .collect();
     (pool(Role::Primary, &shard.primary), replicas)

@@ -71,10 +71,16 @@ pub fn wants_replica(
 }
 
 /// One replica as the router sees it.
-pub struct Candidate<'a> {
-    pub health: &'a ServerHealth,
+pub struct Candidate {
+    pub health: Arc<ServerHealth>,
     pub weight: u32,
     pub same_zone: bool,
+}
+
+impl AsRef<Candidate> for Candidate {
+    fn as_ref(&self) -> &Candidate {
+        self
+    }
 }
 
 /// Why a read went to the primary although the shard has replicas.
@@ -103,18 +109,23 @@ impl NoReplica {
 /// replayed at least `min_lsn`; same-zone replicas first; weight 0 only when
 /// nothing else qualifies; then round-robin by weight (`turn` is a counter
 /// the caller advances) or the fewest outstanding transactions per weight.
-pub fn pick_replica(
-    candidates: &[Candidate<'_>],
+/// Candidates whose bit is set in `skip` are left out (already tried).
+pub fn pick_replica<C: AsRef<Candidate>>(
+    candidates: &[C],
     routing: &RoutingConfig,
     min_lsn: u64,
     turn: usize,
+    skip: u64,
 ) -> Result<usize, NoReplica> {
     let mut reason = NoReplica::Down;
     // Bit i set: candidate i qualifies. (Shards have few replicas; more
     // than 64 are ignored beyond the 64th.)
     let mut ok: u64 = 0;
-    for (i, c) in candidates.iter().enumerate().take(64) {
-        let h = c.health;
+    for (i, c) in candidates.iter().map(AsRef::as_ref).enumerate().take(64) {
+        if skip & (1 << i) != 0 {
+            continue;
+        }
+        let h = &c.health;
         if !h.is_up() || !h.in_recovery() {
             continue;
         }
@@ -138,9 +149,9 @@ pub fn pick_replica(
         return Err(reason);
     }
     // Narrow to the best tier: same zone, then positive weight.
-    let narrow = |set: u64, keep: &dyn Fn(&Candidate<'_>) -> bool| -> u64 {
+    let narrow = |set: u64, keep: &dyn Fn(&Candidate) -> bool| -> u64 {
         let mut out = 0;
-        for (i, c) in candidates.iter().enumerate().take(64) {
+        for (i, c) in candidates.iter().map(AsRef::as_ref).enumerate().take(64) {
             if set & (1 << i) != 0 && keep(c) {
                 out |= 1 << i;
             }
@@ -154,7 +165,7 @@ pub fn pick_replica(
     let ok = narrow(ok, &|c| c.same_zone);
     let ok = narrow(ok, &|c| c.weight > 0);
     let members = || (0..candidates.len().min(64)).filter(move |i| ok & (1 << i) != 0);
-    let weight = |i: usize| candidates[i].weight.max(1) as usize;
+    let weight = |i: usize| candidates[i].as_ref().weight.max(1) as usize;
     match routing.replica_selection {
         ReplicaSelection::RoundRobin => {
             let total: usize = members().map(weight).sum();
@@ -173,6 +184,7 @@ pub fn pick_replica(
             Ok(members()
                 .min_by_key(|&i| {
                     let load = candidates[i]
+                        .as_ref()
                         .health
                         .outstanding
                         .load(std::sync::atomic::Ordering::Relaxed);
@@ -262,12 +274,15 @@ mod tests {
         let health = Health::default();
         let a = health.server(&"r1:1".into());
         let cands = [Candidate {
-            health: &a,
+            health: a,
             weight: 1,
             same_zone: false,
         }];
-        assert_eq!(pick_replica(&cands, &routing(), 0, 0), Err(NoReplica::Down));
-        assert!(pick_replica(&[], &routing(), 0, 0).is_err());
+        assert_eq!(
+            pick_replica(&cands, &routing(), 0, 0, 0),
+            Err(NoReplica::Down)
+        );
+        assert!(pick_replica::<Candidate>(&[], &routing(), 0, 0, 0).is_err());
     }
 
     fn replica(health: &Health, name: &str, lsn: u64, lag_ms: u64) -> Arc<ServerHealth> {
@@ -282,14 +297,9 @@ mod tests {
         h
     }
 
-    fn picks(
-        cands: &[Candidate<'_>],
-        routing: &RoutingConfig,
-        min_lsn: u64,
-        n: usize,
-    ) -> Vec<usize> {
+    fn picks(cands: &[Candidate], routing: &RoutingConfig, min_lsn: u64, n: usize) -> Vec<usize> {
         (0..n)
-            .map(|t| pick_replica(cands, routing, min_lsn, t).unwrap())
+            .map(|t| pick_replica(cands, routing, min_lsn, t, 0).unwrap())
             .collect()
     }
 
@@ -299,8 +309,8 @@ mod tests {
         let a = replica(&health, "a:1", 100, 0);
         let b = replica(&health, "b:1", 200, 0);
         let c = replica(&health, "c:1", 300, 5000);
-        let cand = |h, weight, same_zone| Candidate {
-            health: h,
+        let cand = |h: &Arc<ServerHealth>, weight, same_zone| Candidate {
+            health: h.clone(),
             weight,
             same_zone,
         };
@@ -317,7 +327,7 @@ mod tests {
         // Read-your-writes: only replicas that replayed the position.
         assert_eq!(picks(&cands, &routing, 150, 4), vec![1; 4]);
         assert_eq!(
-            pick_replica(&cands, &routing, 250, 0),
+            pick_replica(&cands, &routing, 250, 0, 0),
             Err(NoReplica::ReadYourWrites)
         );
         // Lag limit off: the far one qualifies by position.
@@ -334,14 +344,29 @@ mod tests {
         let cands = [cand(&a, 0, false), cand(&c, 1, false)];
         assert_eq!(picks(&cands, &routing, 0, 2), vec![0; 2]);
 
+        // Replicas already tried are skipped.
+        let cands = [cand(&a, 1, false), cand(&b, 1, false)];
+        assert_eq!(pick_replica(&cands, &routing, 0, 0, 0b01), Ok(1));
+        assert_eq!(pick_replica(&cands, &routing, 0, 1, 0b01), Ok(1));
+        assert_eq!(
+            pick_replica(&cands, &routing, 0, 0, 0b11),
+            Err(NoReplica::Down)
+        );
+
         // Down or promoted (not in recovery): out.
         b.set_for_tests(false, true, 200, 0, std::time::Duration::ZERO);
         let cands = [cand(&b, 1, false)];
-        assert_eq!(pick_replica(&cands, &routing, 0, 0), Err(NoReplica::Down));
+        assert_eq!(
+            pick_replica(&cands, &routing, 0, 0, 0),
+            Err(NoReplica::Down)
+        );
         b.set_for_tests(true, false, 200, 0, std::time::Duration::ZERO);
-        assert_eq!(pick_replica(&cands, &routing, 0, 0), Err(NoReplica::Down));
+        assert_eq!(
+            pick_replica(&cands, &routing, 0, 0, 0),
+            Err(NoReplica::Down)
+        );
         let cands = [cand(&c, 1, false)];
-        assert_eq!(pick_replica(&cands, &routing, 0, 0), Err(NoReplica::Lag));
+        assert_eq!(pick_replica(&cands, &routing, 0, 0, 0), Err(NoReplica::Lag));
     }
 
     #[test]
@@ -353,12 +378,12 @@ mod tests {
         routing.replica_selection = ReplicaSelection::LeastOutstanding;
         let cands = [
             Candidate {
-                health: &a,
+                health: a.clone(),
                 weight: 1,
                 same_zone: false,
             },
             Candidate {
-                health: &b,
+                health: b.clone(),
                 weight: 2,
                 same_zone: false,
             },
@@ -366,9 +391,9 @@ mod tests {
         a.outstanding.store(1, std::sync::atomic::Ordering::Relaxed);
         b.outstanding.store(1, std::sync::atomic::Ordering::Relaxed);
         // Per unit of weight, b is less loaded.
-        assert_eq!(pick_replica(&cands, &routing, 0, 0), Ok(1));
+        assert_eq!(pick_replica(&cands, &routing, 0, 0, 0), Ok(1));
         b.outstanding.store(3, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(pick_replica(&cands, &routing, 0, 0), Ok(0));
+        assert_eq!(pick_replica(&cands, &routing, 0, 0, 0), Ok(0));
     }
 
     #[test]
