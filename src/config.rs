@@ -42,6 +42,72 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    /// Absent: no sharding; every statement goes to the first shard.
+    pub sharding: Option<ShardingConfig>,
+}
+
+/// How keys map to shards (see docs/configuration.md, `[sharding]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardingConfig {
+    /// The bucket count B: key -> hash -> hash mod B -> owning shard. Fixed
+    /// when the cluster is created.
+    pub buckets: u32,
+    #[serde(default = "default_hash")]
+    pub hash: crate::sharding::hash::HashFunction,
+    /// Where tables that are neither sharded nor reference tables live;
+    /// defaults to the first shard.
+    pub default_shard: Option<String>,
+    #[serde(default)]
+    pub tables: Vec<ShardedTableConfig>,
+    /// Tables with a full copy on every shard.
+    #[serde(default)]
+    pub reference_tables: Vec<String>,
+}
+
+fn default_hash() -> crate::sharding::hash::HashFunction {
+    crate::sharding::hash::HashFunction::Postgres
+}
+
+/// A sharded table: `name` (optionally `schema.name`), its sharding column
+/// and that column's type.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardedTableConfig {
+    pub name: String,
+    pub column: String,
+    #[serde(rename = "type")]
+    pub key_type: crate::sharding::hash::KeyType,
+}
+
+/// Buckets a shard owns: a number or an inclusive range `"lo-hi"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum BucketSpec {
+    One(u32),
+    Range(String),
+}
+
+impl BucketSpec {
+    /// The inclusive range, or a description of what is wrong.
+    pub fn range(&self) -> Result<(u32, u32), String> {
+        match self {
+            BucketSpec::One(b) => Ok((*b, *b)),
+            BucketSpec::Range(s) => {
+                let bad = || format!("{s:?} is not a bucket number or a range like \"0-341\"");
+                let (lo, hi) = match s.split_once('-') {
+                    Some((lo, hi)) => (lo.trim(), hi.trim()),
+                    None => (s.trim(), s.trim()),
+                };
+                let lo: u32 = lo.parse().map_err(|_| bad())?;
+                let hi: u32 = hi.parse().map_err(|_| bad())?;
+                if lo > hi {
+                    return Err(format!("{s:?}: the range is empty"));
+                }
+                Ok((lo, hi))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -298,6 +364,10 @@ pub struct ShardConfig {
     /// `addr`, `weight` and `zone`.
     #[serde(default)]
     pub replicas: Vec<ReplicaConfig>,
+    /// With `[sharding]`: the buckets this shard owns. When no shard lists
+    /// any, the buckets are split evenly in shard order.
+    #[serde(default)]
+    pub buckets: Vec<BucketSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -482,6 +552,77 @@ impl Config {
                 "routing.catalog_refresh".into(),
                 "must be positive",
             ));
+        }
+        self.validate_sharding()
+            .map_err(|(key, problem)| invalid(key, &problem))
+    }
+
+    /// Checks `[sharding]` and the shards' bucket lists: (key, problem).
+    fn validate_sharding(&self) -> Result<(), (String, String)> {
+        let Some(sh) = &self.sharding else {
+            if let Some(i) = self.shards.iter().position(|s| !s.buckets.is_empty()) {
+                return Err((
+                    format!("shards[{i}].buckets"),
+                    "bucket lists need a [sharding] section".into(),
+                ));
+            }
+            return Ok(());
+        };
+        if sh.buckets == 0 || sh.buckets > crate::sharding::MAX_BUCKETS {
+            return Err((
+                "sharding.buckets".into(),
+                format!("must be between 1 and {}", crate::sharding::MAX_BUCKETS),
+            ));
+        }
+        if self.shards.len() > 1 && self.proxy.pool_mode == PoolMode::Session {
+            return Err((
+                "proxy.pool_mode".into(),
+                "\"session\" pins a client to one server, which cannot serve several shards; use \"transaction\"".into(),
+            ));
+        }
+        if let Some(d) = &sh.default_shard {
+            if !self.shards.iter().any(|s| &s.name == d) {
+                return Err((
+                    "sharding.default_shard".into(),
+                    format!("no [[shards]] entry is named {d:?}"),
+                ));
+            }
+        }
+        crate::sharding::map::bucket_owners(self)?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in sh.tables.iter().enumerate() {
+            if t.name.trim().is_empty() {
+                return Err((
+                    format!("sharding.tables[{i}].name"),
+                    "must not be empty".into(),
+                ));
+            }
+            if t.column.trim().is_empty() {
+                return Err((
+                    format!("sharding.tables[{i}].column"),
+                    "must not be empty".into(),
+                ));
+            }
+            if !seen.insert(crate::sharding::map::table_key(&t.name)) {
+                return Err((
+                    format!("sharding.tables[{i}].name"),
+                    format!("table {:?} is listed twice", t.name),
+                ));
+            }
+        }
+        for (i, t) in sh.reference_tables.iter().enumerate() {
+            if t.trim().is_empty() {
+                return Err((
+                    format!("sharding.reference_tables[{i}]"),
+                    "must not be empty".into(),
+                ));
+            }
+            if !seen.insert(crate::sharding::map::table_key(t)) {
+                return Err((
+                    format!("sharding.reference_tables[{i}]"),
+                    format!("table {t:?} is listed twice (or is also a sharded table)"),
+                ));
+            }
         }
         Ok(())
     }

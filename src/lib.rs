@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod proxy;
 pub mod router;
+pub mod sharding;
 pub mod sql;
 pub mod topology;
 

@@ -42,6 +42,15 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:9930")]
         metrics_listen: String,
     },
+    /// Print the bucket, shard and servers of a sharding key.
+    Locate {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        table: String,
+        #[arg(long)]
+        key: String,
+    },
     /// Stop the proxy and every server started by `up`.
     Down {
         #[arg(long, env = "SHARDGATE_HOME", default_value = DEFAULT_HOME)]
@@ -76,6 +85,16 @@ fn main() -> Result<()> {
             metrics_listen,
         } => up(&home, base_port, &listen, &metrics_listen),
         Cmd::Down { home } => down(&home),
+        Cmd::Locate { config, table, key } => {
+            let c = Config::load(&config)?;
+            match shardgate::sharding::map::locate_report(&c, &table, &key) {
+                Ok(report) => {
+                    print!("{report}");
+                    Ok(())
+                }
+                Err(e) => bail!("{e}"),
+            }
+        }
     }
 }
 

@@ -33,6 +33,7 @@ pub struct Proxy {
     pub tasks: TaskTracker,
     pub health: Arc<crate::health::Health>,
     pub catalogs: crate::router::Catalogs,
+    pub placements: crate::frontend::sharding::PlacementCache,
 }
 
 impl Proxy {
@@ -47,6 +48,7 @@ impl Proxy {
             tasks: TaskTracker::new(),
             health: Arc::default(),
             catalogs: crate::router::Catalogs::default(),
+            placements: Default::default(),
             config: ArcSwap::from_pointee(config),
         })
     }
@@ -62,6 +64,7 @@ impl Proxy {
         let epoch = self.topology.publish(Topology::from_config(&config, 0));
         self.config.store(Arc::new(config));
         self.catalogs.clear();
+        self.placements.clear();
         tracing::info!(topology_epoch = epoch, "configuration reloaded");
     }
 }

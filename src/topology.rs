@@ -4,6 +4,7 @@
 //! resharding, reload) publishes a new snapshot with a higher epoch.
 
 use crate::config::Config;
+use crate::sharding::map::ShardMap;
 use arc_swap::ArcSwap;
 use std::sync::Arc;
 
@@ -29,6 +30,9 @@ pub struct Topology {
     /// server addresses are retired by the control plane.
     pub epoch: u64,
     pub shards: Vec<Shard>,
+    /// The bucket map and table rules; None without `[sharding]` (then
+    /// everything goes to the first shard).
+    pub map: Option<Arc<ShardMap>>,
 }
 
 impl Topology {
@@ -52,7 +56,13 @@ impl Topology {
                         .collect(),
                 })
                 .collect(),
+            map: ShardMap::from_config(config).map(Arc::new),
         }
+    }
+
+    /// The map when statements must be placed on one of several shards.
+    pub fn sharded(&self) -> Option<&Arc<ShardMap>> {
+        self.map.as_ref().filter(|_| self.shards.len() > 1)
     }
 }
 
@@ -76,7 +86,7 @@ impl TopologyHandle {
     /// always one past the current one.
     pub fn publish(&self, mut next: Topology) -> u64 {
         let cur = self.current.load();
-        if cur.shards == next.shards {
+        if cur.shards == next.shards && cur.map == next.map {
             return cur.epoch;
         }
         next.epoch = cur.epoch + 1;

@@ -65,9 +65,25 @@ impl Session {
     }
 
     async fn dispatch_client_message(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let sharded = self.shard_map.is_some();
+        if sharded
+            && !self.routing.owed.is_empty()
+            && !matches!(
+                frame.tag,
+                fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::TERMINATE
+            )
+        {
+            self.settle_owed().await;
+        }
+        // With shards, a Parse waits for its Bind and the BEGIN with it
+        // (the Bind's key picks the shard).
         if self.routing.pending_begin.is_some()
             && !matches!(frame.tag, fe::QUERY | fe::TERMINATE | fe::FLUSH)
+            && !(sharded && matches!(frame.tag, fe::PARSE | fe::BIND))
         {
+            if sharded && frame.tag == fe::DESCRIBE {
+                self.route_describe(&frame);
+            }
             self.materialize_begin().await?;
         }
         match frame.tag {
@@ -80,10 +96,21 @@ impl Session {
                     return Ok(());
                 }
                 if self.server.is_none() && self.mode == PoolMode::Transaction {
-                    if let Some(begin) = self.routing.pending_begin.take() {
+                    if self.routing.pending_begin.is_some() {
+                        if let Err((code, message)) = self.route_shard(Some(text), None) {
+                            self.refuse_query(code, &message).await;
+                            return Ok(());
+                        }
+                        let begin = self.routing.pending_begin.take().expect("pending");
                         return self.run_after_begin(&frame, begin).await;
                     }
                     if self.defer_begin(text) {
+                        return Ok(());
+                    }
+                }
+                if sharded {
+                    if let Err((code, message)) = self.route_shard(Some(text), None) {
+                        self.refuse_query(code, &message).await;
                         return Ok(());
                     }
                 }
@@ -121,7 +148,13 @@ impl Session {
                     return Ok(());
                 }
                 let portal = frame.body.split(|b| *b == 0).next().unwrap_or(&[]);
-                if self.proxy_execute(portal) || !self.ensure_server(false, false).await {
+                if self.proxy_execute(portal) {
+                    return Ok(());
+                }
+                if sharded && self.server.is_none() {
+                    let _ = self.route_shard(None, None);
+                }
+                if !self.ensure_server(false, false).await {
                     return Ok(());
                 }
                 self.start_request();
@@ -225,7 +258,10 @@ impl Session {
             return true;
         }
         match self.checkout(read).await {
-            Ok(()) => true,
+            Ok(()) => {
+                self.send_owed_parses();
+                true
+            }
             Err((code, message)) => {
                 tracing::warn!(%code, %message, "no server connection for client");
                 self.emit_ready_synthetics();
@@ -250,6 +286,16 @@ impl Session {
         }
         if parse.name.is_empty() {
             self.routing.proxy_stmts.remove("");
+        }
+        let defer = self.shard_map.is_some() && self.server.is_none();
+        if defer && parse.name.is_empty() {
+            // Sent with the Bind that picks the shard.
+            self.unnamed_parse = Some(frame.clone());
+            self.unnamed_on_server = false;
+            self.routing
+                .owed
+                .push(super::sharding::Owed::Unnamed(frame));
+            return Ok(());
         }
         if parse.name.is_empty() || !self.renames() {
             let read = self.batch_wants_replica(Some(parse.query), parse.name.is_empty());
@@ -290,6 +336,13 @@ impl Session {
         let key = frame.body.slice(name.len() + 1..);
         let known_good = self.proxy.statements.is_validated(&key);
         let stmt = Arc::new(self.proxy.statements.create(&parse, key));
+        if defer && !(known_good && self.routing.owed.is_empty()) {
+            self.statements.insert(name.clone(), stmt.clone());
+            self.routing
+                .owed
+                .push(super::sharding::Owed::Named(stmt, name));
+            return Ok(());
+        }
         if self.server.is_none() && known_good {
             self.statements.insert(name.clone(), stmt);
             self.pipeline.push_back(Expect::Synthetic {
@@ -303,8 +356,20 @@ impl Session {
             return Ok(());
         }
         self.statements.insert(name.clone(), stmt.clone());
-        let server = self.server.as_mut().expect("ensured");
-        server.prepared.insert(stmt.id);
+        self.send_client_parse(stmt, name);
+        Ok(())
+    }
+
+    /// Sends a client's named Parse (under the proxy's name) to the held
+    /// server, with the Describe that records the statement's shape.
+    pub(super) fn send_client_parse(
+        &mut self,
+        stmt: Arc<super::statements::Statement>,
+        name: String,
+    ) {
+        if let Some(server) = self.server.as_mut() {
+            server.prepared.insert(stmt.id);
+        }
         stmt.parse.encode(&mut self.to_server);
         self.pipeline.push_back(Expect::Parse {
             stmt: Some(stmt.clone()),
@@ -312,7 +377,6 @@ impl Session {
             injected: false,
         });
         self.push_shape_check(stmt, true);
-        Ok(())
     }
 
     /// Injects a Describe of `stmt` whose answer records or checks its shape.
@@ -425,6 +489,19 @@ impl Session {
         if self.proxy_bind(bind.portal, bind.statement) {
             return Ok(());
         }
+        if self.shard_map.is_some() {
+            let (text, types) = self.statement_text_and_types(bind.statement);
+            let routed = self.route_shard(text.as_deref(), Some((types.as_slice(), bind.rest)));
+            if let Err((code, message)) = routed {
+                return self.refuse_extended(code, &message).await;
+            }
+            if self.routing.pending_begin.is_some() {
+                self.materialize_begin().await?;
+                if self.server.is_none() {
+                    return Ok(());
+                }
+            }
+        }
         // The statement's text is needed only to route a new transaction
         // or to learn commit positions (shards with replicas).
         let routes = self.server.is_none() && self.routing.split;
@@ -479,6 +556,9 @@ impl Session {
         if self.proxy_describe(target.kind, target.name) {
             return Ok(());
         }
+        if self.server.is_none() && self.shard_map.is_some() {
+            self.route_describe(&frame);
+        }
         if self.server.is_none() {
             let text = if target.kind == b'S' && self.routing.split {
                 self.statement_text(target.name)
@@ -530,6 +610,9 @@ impl Session {
         }
         if target.kind == b'S' && target.name.is_empty() {
             self.unnamed_parse = None;
+        }
+        if self.server.is_none() {
+            let _ = self.route_shard(None, None);
         }
         if !self.ensure_server(false, false).await {
             return Ok(());

@@ -12,6 +12,7 @@ pub mod vars;
 mod client_msgs;
 mod routing;
 mod server_msgs;
+pub mod sharding;
 
 use crate::metrics::GLOBAL;
 use crate::protocol::backend as be;

@@ -262,7 +262,11 @@ impl Session {
             return Err(self.server_lost());
         };
         match server.run_internal(&sql).await {
-            Ok(None) => Ok(()),
+            Ok(None) => {
+                // Parses held back for the shard decision follow the BEGIN.
+                self.send_owed_parses();
+                Ok(())
+            }
             Ok(Some(e)) => Err(SessionError::Fatal {
                 code: e.code,
                 message: format!("shardgate: BEGIN failed on the server: {}", e.message),
@@ -513,6 +517,14 @@ impl Session {
                     "target" => self.routing.target.as_str().to_owned(),
                     "min_lsn" => format_lsn(self.routing.min_lsn),
                     "last_commit_lsn" => format_lsn(self.routing.last_commit_lsn),
+                    "sharding_key" => match &self.routing.shard_setting {
+                        Some(super::sharding::ShardHint::Key(k)) => k.clone(),
+                        _ => String::new(),
+                    },
+                    "shard" => match &self.routing.shard_setting {
+                        Some(super::sharding::ShardHint::Shard(s)) => s.clone(),
+                        _ => String::new(),
+                    },
                     _ => return Err(unknown(&name)),
                 };
                 let column = format!("shardgate.{name}");
@@ -538,6 +550,13 @@ impl Session {
                         ))?;
                     }
                     ("min_lsn", None) => self.routing.min_lsn = 0,
+                    ("sharding_key", Some(v)) => {
+                        self.check_shard_setting(super::sharding::ShardHint::Key(v.into_owned()))?
+                    }
+                    ("shard", Some(v)) => {
+                        self.check_shard_setting(super::sharding::ShardHint::Shard(v.into_owned()))?
+                    }
+                    ("sharding_key" | "shard", None) => self.routing.shard_setting = None,
                     ("last_commit_lsn", _) => {
                         return Err((
                             "55P02",

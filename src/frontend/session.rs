@@ -63,6 +63,14 @@ pub struct Session {
     /// change).
     pub(super) primary_pool: Arc<PoolEntry>,
     pub(super) replicas: Vec<ReplicaSlot>,
+    /// The shard whose pools `primary_pool` and `replicas` are.
+    pub(super) shard: usize,
+    /// Other shards' pools, kept while the session uses another shard.
+    pub(super) parked: Vec<Option<(Arc<PoolEntry>, Vec<ReplicaSlot>)>>,
+    /// Per shard: the session's last commit position there.
+    pub(super) commit_lsns: Vec<u64>,
+    /// The bucket map when there are several shards to choose from.
+    pub(super) shard_map: Option<Arc<crate::sharding::map::ShardMap>>,
     /// Which replica the held server connection belongs to (None: the
     /// primary).
     pub(super) on_replica: Option<usize>,
@@ -168,6 +176,11 @@ pub(super) struct RoutingState {
     /// A replay is running: Some(true) routes reads again, Some(false)
     /// sends everything to the primary; no second replay is armed.
     pub replaying: Option<bool>,
+    /// Parses held back until the shard is known (sharding).
+    pub owed: Vec<super::sharding::Owed>,
+    /// `SET shardgate.sharding_key` / `shardgate.shard`: where statements
+    /// go when they carry no hint of their own.
+    pub shard_setting: Option<super::sharding::ShardHint>,
 }
 
 impl Session {
@@ -175,8 +188,14 @@ impl Session {
         let config = proxy.config.load_full();
         let (cancel_key, cancel_slot) = proxy.cancels.register();
         let topology = proxy.topology.load();
-        let (pool, replicas) = pools_for(&proxy, &login, &topology);
+        let shard_map = topology.sharded().cloned();
+        let shard = shard_map.as_ref().map_or(0, |m| m.default_shard);
+        let (pool, replicas) = pools_for(&proxy, &login, &topology, shard);
         let mut s = Session {
+            shard,
+            parked: Vec::new(),
+            commit_lsns: Vec::new(),
+            shard_map,
             mode: config.proxy.pool_mode,
             max_message_size: config.proxy.max_message_size,
             max_prepared: config.pool.max_prepared_statements,
@@ -616,9 +635,14 @@ impl Session {
     fn refresh_pools(&mut self) {
         let topology = self.proxy.topology.load();
         if topology.epoch != self.pool_epoch {
-            let (primary, replicas) = pools_for(&self.proxy, &self.login, &topology);
+            self.shard_map = topology.sharded().cloned();
+            if self.shard >= topology.shards.len() {
+                self.shard = self.shard_map.as_ref().map_or(0, |m| m.default_shard);
+            }
+            let (primary, replicas) = pools_for(&self.proxy, &self.login, &topology, self.shard);
             self.primary_pool = primary;
             self.replicas = replicas;
+            self.parked.clear();
             self.pool_epoch = topology.epoch;
             self.refresh_routing_flags();
         }
@@ -888,14 +912,14 @@ fn shutdown_error() -> SessionError {
     }
 }
 
-/// The pools of the session's shard: the primary's, and each replica's
-/// with its health entry.
-fn pools_for(
+/// The pools of one shard: the primary's, and each replica's with its
+/// health entry.
+pub(super) fn pools_for(
     proxy: &Proxy,
     login: &Login,
     topology: &crate::topology::Topology,
+    shard_index: usize,
 ) -> (Arc<PoolEntry>, Vec<ReplicaSlot>) {
-    let shard_index = 0;
     let shard = &topology.shards[shard_index];
     let config = proxy.config.load();
     let user = config.user(&login.user);

@@ -12,6 +12,7 @@
 
 pub mod catalog;
 pub mod classify;
+pub mod shard;
 
 use crate::config::{ReplicaSelection, RoutingConfig};
 use crate::health::ServerHealth;

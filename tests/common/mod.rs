@@ -20,6 +20,7 @@ pub struct Cluster {
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 static REPLICAS: OnceLock<Vec<PgServer>> = OnceLock::new();
+static SHARDS: OnceLock<Vec<PgServer>> = OnceLock::new();
 static TO_STOP: Mutex<Vec<PgServer>> = Mutex::new(Vec::new());
 static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
 
@@ -105,6 +106,39 @@ pub fn replicas() -> &'static [PgServer] {
                 r.wait_ready(Duration::from_secs(60))
                     .expect("replica ready");
                 r
+            })
+            .collect()
+    })
+}
+
+/// Two more primaries (shards s1 and s2 next to the shared primary as s0),
+/// each with the `app` login and database, made on first use.
+pub fn shard_primaries() -> &'static [PgServer] {
+    SHARDS.get_or_init(|| {
+        let c = cluster();
+        let bin = PgBin::find_or_install().expect("PostgreSQL available");
+        let opts = ServerOptions {
+            fast_unsafe: true,
+            max_connections: 100,
+            ..ServerOptions::default()
+        };
+        (1..=2)
+            .map(|i| {
+                let s = PgServer::init_primary(
+                    &bin,
+                    &c.root.join(format!("shard{i}")),
+                    free_port().unwrap(),
+                    &opts,
+                )
+                .expect("shard primary starts");
+                TO_STOP.lock().unwrap().push(s.clone());
+                for sql in [
+                    "create role app login superuser password 'app'",
+                    "create database app owner app",
+                ] {
+                    s.psql("postgres", sql).expect("shard roles created");
+                }
+                s
             })
             .collect()
     })

@@ -1,0 +1,1258 @@
+//! Which shards a statement needs.
+//!
+//! A statement is placed by the tables it names and by the sharding keys
+//! that restrict them. Every reference to a sharded table (in FROM, a join,
+//! a subquery, a CTE, or as the target of INSERT/UPDATE/DELETE) must be
+//! restricted by equality to known keys — a literal, a `$n` parameter, an
+//! `IN` list of them, or a join on the sharding key to another restricted
+//! reference — in a conjunct of its own scope's WHERE or of an inner join's
+//! ON. Only then can the statement run on the keys' shard alone and answer
+//! exactly what one unsharded database would. Anything less needs every
+//! shard ([`Placement::AllShards`]) or is refused ([`Placement::Unsupported`]).
+//!
+//! The analysis is conservative by construction: the sharded-table
+//! references it understood are counted against every relation the parser
+//! found anywhere in the statement; a reference it did not reach makes the
+//! statement need every shard rather than trust a partial analysis.
+
+use crate::sharding::hash::{KeyType, KeyValue};
+use crate::sharding::map::{ShardMap, TableRule};
+use sqlparser::ast::{
+    self, AssignmentTarget, BinaryOperator, CastKind, DataType, Expr, FromTable, JoinConstraint,
+    JoinOperator, ObjectName, OnConflictAction, OnInsert, Query, Select, SetExpr, Statement,
+    TableFactor, TableObject, TableWithJoins, UnaryOperator, Value, Visit, Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+
+/// One value a sharding column is restricted to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyExpr {
+    Value(KeyValue),
+    /// NULL: matches no row in a WHERE; an inserted NULL key lives in
+    /// bucket 0 (as with `PARTITION BY HASH`).
+    Null,
+    /// `$n` (0-based index), resolved from Bind.
+    Param(usize),
+}
+
+/// References tied together by equalities on their sharding keys: their
+/// rows all have one of `keys`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyGroup {
+    pub key_type: KeyType,
+    pub keys: Vec<KeyExpr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Names no table shardgate places (or only reference tables, read):
+    /// any shard answers.
+    Anywhere,
+    /// Names tables that live on the default shard.
+    Default,
+    /// The lexical check found no configured table name: Default or
+    /// Anywhere, not analysed further (a full analysis tells them apart
+    /// when it matters).
+    Unmentioned,
+    /// Every sharded reference is restricted to `groups`' keys; with
+    /// `default_too` the statement also names default-shard tables, so the
+    /// keys must live on the default shard.
+    Keys {
+        groups: Vec<KeyGroup>,
+        default_too: bool,
+    },
+    /// Needs every shard; `what` says why.
+    AllShards { what: String, write: bool },
+    /// Refused whatever the keys: the message for SQLSTATE 0A000.
+    Unsupported(String),
+}
+
+/// The parameters of one Bind: type OIDs from Parse (0 = unspecified),
+/// format codes and values as the Bind message carries them.
+pub struct Params<'a> {
+    pub types: &'a [u32],
+    pub formats: &'a [i16],
+    pub values: &'a [Option<&'a [u8]>],
+}
+
+/// Where a placement resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Any shard (prefer the one already held).
+    Anywhere,
+    Shard(usize),
+    /// Several shards; `what` describes the statement for error messages.
+    Shards(Vec<usize>, String),
+    Refuse(String),
+}
+
+impl Placement {
+    /// Resolves against the map (and the Bind parameters, if any).
+    pub fn resolve(&self, map: &ShardMap, params: Option<&Params>) -> Target {
+        match self {
+            Placement::Anywhere => Target::Anywhere,
+            Placement::Default | Placement::Unmentioned => Target::Shard(map.default_shard),
+            Placement::Unsupported(m) => Target::Refuse(m.clone()),
+            Placement::AllShards { what, .. } => {
+                Target::Shards((0..shard_count(map)).collect(), what.clone())
+            }
+            Placement::Keys {
+                groups,
+                default_too,
+            } => {
+                let mut shards: Vec<usize> = Vec::new();
+                for g in groups {
+                    for k in &g.keys {
+                        let Some(shard) = key_shard(map, g.key_type, k, params) else {
+                            return Target::Shards(
+                                (0..shard_count(map)).collect(),
+                                "a sharding key parameter that cannot be read".into(),
+                            );
+                        };
+                        if !shards.contains(&shard) {
+                            shards.push(shard);
+                        }
+                    }
+                }
+                if *default_too && !shards.iter().all(|s| *s == map.default_shard) {
+                    return Target::Refuse(
+                        "a statement joining sharded rows on another shard with tables of the default shard is not supported"
+                            .into(),
+                    );
+                }
+                match shards.as_slice() {
+                    [] => Target::Shard(map.default_shard),
+                    [one] => Target::Shard(*one),
+                    _ => {
+                        shards.sort_unstable();
+                        Target::Shards(shards, "keys on several shards".into())
+                    }
+                }
+            }
+        }
+    }
+
+    /// The placement of two statements run together (one Query string).
+    fn and(self, other: Placement) -> Placement {
+        use Placement::*;
+        match (self, other) {
+            (Unsupported(m), _) | (_, Unsupported(m)) => Unsupported(m),
+            (AllShards { what, write }, AllShards { write: w2, .. }) => AllShards {
+                what,
+                write: write || w2,
+            },
+            (a @ AllShards { .. }, _) | (_, a @ AllShards { .. }) => a,
+            (
+                Keys {
+                    mut groups,
+                    default_too,
+                },
+                Keys {
+                    groups: g2,
+                    default_too: d2,
+                },
+            ) => {
+                groups.extend(g2);
+                Keys {
+                    groups,
+                    default_too: default_too || d2,
+                }
+            }
+            (Keys { groups, .. }, Default | Unmentioned)
+            | (Default | Unmentioned, Keys { groups, .. }) => Keys {
+                groups,
+                default_too: true,
+            },
+            (k @ Keys { .. }, Anywhere) | (Anywhere, k @ Keys { .. }) => k,
+            (Default, _) | (_, Default) => Default,
+            (Unmentioned, _) | (_, Unmentioned) => Unmentioned,
+            (Anywhere, Anywhere) => Anywhere,
+        }
+    }
+}
+
+fn shard_count(map: &ShardMap) -> usize {
+    map.owner.iter().map(|o| *o as usize + 1).max().unwrap_or(1)
+}
+
+/// The shard of one key; None when a parameter's value cannot be read as
+/// the column's type exactly (the caller then assumes any shard).
+fn key_shard(map: &ShardMap, ty: KeyType, k: &KeyExpr, params: Option<&Params>) -> Option<usize> {
+    match k {
+        KeyExpr::Value(v) => Some(map.locate(ty, v).shard),
+        KeyExpr::Null => Some(map.null_location().shard),
+        KeyExpr::Param(i) => {
+            let p = params?;
+            let value = *p.values.get(*i)?;
+            let Some(value) = value else {
+                return Some(map.null_location().shard);
+            };
+            let format = match p.formats {
+                [] => 0,
+                [one] => *one,
+                many => *many.get(*i)?,
+            };
+            let oid = p.types.get(*i).copied().unwrap_or(0);
+            let v = if format == 0 {
+                let text = std::str::from_utf8(value).ok()?;
+                if !text_param_type_ok(ty, oid) {
+                    return None;
+                }
+                ty.parse_text(text).ok()?
+            } else {
+                if !binary_param_type_ok(ty, oid) {
+                    return None;
+                }
+                ty.parse_binary(value).ok()?
+            };
+            Some(map.locate(ty, &v).shard)
+        }
+    }
+}
+
+const INT2: u32 = 21;
+const INT4: u32 = 23;
+const INT8: u32 = 20;
+const TEXT: u32 = 25;
+const VARCHAR: u32 = 1043;
+const UUID: u32 = 2950;
+const NUMERIC: u32 = 1700;
+const UNKNOWN: u32 = 705;
+
+/// A text parameter of declared type `oid` compares with the column as its
+/// parsed value would (0: the server infers the column's type).
+fn text_param_type_ok(ty: KeyType, oid: u32) -> bool {
+    match ty {
+        // Text that parses as an integer is that integer as numeric too.
+        KeyType::Int2 | KeyType::Int4 | KeyType::Int8 => {
+            matches!(
+                oid,
+                0 | INT2 | INT4 | INT8 | NUMERIC | TEXT | VARCHAR | UNKNOWN
+            )
+        }
+        KeyType::Text | KeyType::Varchar => matches!(oid, 0 | TEXT | VARCHAR | UNKNOWN),
+        KeyType::Uuid => matches!(oid, 0 | UUID | TEXT | VARCHAR | UNKNOWN),
+    }
+}
+
+/// A binary parameter is read by its declared type: only the column's own
+/// family is understood.
+fn binary_param_type_ok(ty: KeyType, oid: u32) -> bool {
+    match ty {
+        KeyType::Int2 | KeyType::Int4 | KeyType::Int8 => matches!(oid, 0 | INT2 | INT4 | INT8),
+        KeyType::Text | KeyType::Varchar => matches!(oid, 0 | TEXT | VARCHAR),
+        KeyType::Uuid => matches!(oid, 0 | UUID),
+    }
+}
+
+/// The placement of a whole Query string or Parse text.
+pub fn place(map: &ShardMap, sql: &str) -> Placement {
+    if !map.has_tables() || !map.mentions_table(sql.as_bytes()) {
+        return Placement::Unmentioned;
+    }
+    analyse(map, sql)
+}
+
+/// The placement from a full parse (no lexical shortcut).
+pub fn analyse(map: &ShardMap, sql: &str) -> Placement {
+    let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(s) => s,
+        Err(_) => {
+            let tables = map.mentioned_tables(sql);
+            if tables.is_empty() {
+                return Placement::Default;
+            }
+            return Placement::Unsupported(format!(
+                "shardgate cannot analyse this statement, and it names the sharded or reference table(s) {}; add a /* shardgate: shard=N */ or /* shardgate: key=K */ hint",
+                tables.join(", ")
+            ));
+        }
+    };
+    statements
+        .iter()
+        .map(|s| place_statement(map, s))
+        .reduce(Placement::and)
+        .unwrap_or(Placement::Anywhere)
+}
+
+/// How one relation name is placed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sharded,
+    Reference,
+    Unknown,
+    Cte,
+}
+
+fn relation_kind(map: &ShardMap, ctes: &HashSet<String>, name: &ObjectName) -> Kind {
+    let (schema, table) = split_object_name(name);
+    if schema.is_none() && ctes.contains(&table) {
+        return Kind::Cte;
+    }
+    match map.table(schema.as_deref(), &table) {
+        Some(TableRule::Sharded { .. }) => Kind::Sharded,
+        Some(TableRule::Reference) => Kind::Reference,
+        None => Kind::Unknown,
+    }
+}
+
+fn fold_ident(i: &ast::Ident) -> String {
+    if i.quote_style.is_some() {
+        i.value.clone()
+    } else {
+        i.value.to_lowercase()
+    }
+}
+
+fn split_object_name(name: &ObjectName) -> (Option<String>, String) {
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .map(|p| match p.as_ident() {
+            Some(i) => fold_ident(i),
+            None => p.to_string(),
+        })
+        .collect();
+    match parts.as_slice() {
+        [] => (None, String::new()),
+        [t] => (None, t.clone()),
+        [.., s, t] => (Some(s.clone()), t.clone()),
+    }
+}
+
+fn place_statement(map: &ShardMap, stmt: &Statement) -> Placement {
+    if let Statement::Explain { statement, .. } = stmt {
+        return place_statement(map, statement);
+    }
+    let ctes = cte_names(stmt);
+    if let Some(clash) = ctes.iter().find(|c| map.table(None, c).is_some()) {
+        return Placement::Unsupported(format!(
+            "a WITH query named like the sharded or reference table {clash} is not supported"
+        ));
+    }
+    let mut sharded = 0usize;
+    let mut reference = 0usize;
+    let mut unknown = 0usize;
+    let _ = ast::visit_relations(stmt, |name| {
+        match relation_kind(map, &ctes, name) {
+            Kind::Sharded => sharded += 1,
+            Kind::Reference => reference += 1,
+            Kind::Unknown => unknown += 1,
+            Kind::Cte => {}
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    let written = written_tables(map, &ctes, stmt);
+    let data_statement = matches!(
+        stmt,
+        Statement::Query(_) | Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_)
+    );
+    if written.contains(&Kind::Reference) || (!data_statement && reference > 0) {
+        if sharded > 0 {
+            return Placement::Unsupported(
+                "a statement that writes a reference table and reads sharded tables is not supported"
+                    .into(),
+            );
+        }
+        return Placement::AllShards {
+            what: "a write to a reference table".into(),
+            write: true,
+        };
+    }
+    if sharded == 0 {
+        return if unknown > 0 {
+            Placement::Default
+        } else {
+            Placement::Anywhere
+        };
+    }
+    if !data_statement {
+        return Placement::AllShards {
+            what: format!("{} on a sharded table", statement_kind(stmt)),
+            write: true,
+        };
+    }
+    let mut w = Walker {
+        map,
+        ctes: &ctes,
+        factors: Vec::new(),
+        parent: Vec::new(),
+        scopes: Vec::new(),
+        problem: None,
+    };
+    w.statement(stmt);
+    if let Some(p) = w.problem {
+        return Placement::Unsupported(p);
+    }
+    let write = !matches!(stmt, Statement::Query(_)) || !written.is_empty();
+    if w.factors.len() != sharded {
+        return Placement::AllShards {
+            what: "sharded tables without a usable sharding key".into(),
+            write,
+        };
+    }
+    // Every group of key-joined references needs keys.
+    let mut groups: Vec<(usize, KeyGroup)> = Vec::new();
+    for i in 0..w.factors.len() {
+        let root = w.find(i);
+        if groups.iter().any(|(r, _)| *r == root) {
+            continue;
+        }
+        let members: Vec<usize> = (0..w.factors.len())
+            .filter(|j| w.find(*j) == root)
+            .collect();
+        let best = members
+            .iter()
+            .filter_map(|m| w.factors[*m].keys.as_ref())
+            .min_by_key(|k| k.len());
+        let Some(keys) = best else {
+            let f = &w.factors[root];
+            return Placement::AllShards {
+                what: format!(
+                    "table {} without an equality on its sharding column {}",
+                    f.table, f.column
+                ),
+                write,
+            };
+        };
+        groups.push((
+            root,
+            KeyGroup {
+                key_type: w.factors[root].key_type,
+                keys: keys.clone(),
+            },
+        ));
+    }
+    Placement::Keys {
+        groups: groups.into_iter().map(|(_, g)| g).collect(),
+        default_too: unknown > 0,
+    }
+}
+
+fn statement_kind(stmt: &Statement) -> String {
+    let text = stmt.to_string();
+    let words: Vec<&str> = text.split_whitespace().take(2).collect();
+    words.join(" ").to_uppercase()
+}
+
+/// Names of every WITH query in the statement.
+fn cte_names(stmt: &Statement) -> HashSet<String> {
+    struct V(HashSet<String>);
+    impl Visitor for V {
+        type Break = ();
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+            if let Some(with) = &q.with {
+                for cte in &with.cte_tables {
+                    self.0.insert(fold_ident(&cte.alias.name));
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut v = V(HashSet::new());
+    let _ = stmt.visit(&mut v);
+    v.0
+}
+
+/// The kinds of the tables the statement (or a data-modifying CTE in it)
+/// writes.
+fn written_tables(map: &ShardMap, ctes: &HashSet<String>, stmt: &Statement) -> Vec<Kind> {
+    struct V<'a> {
+        map: &'a ShardMap,
+        ctes: &'a HashSet<String>,
+        kinds: Vec<Kind>,
+    }
+    impl Visitor for V<'_> {
+        type Break = ();
+        fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
+            let target = match s {
+                Statement::Insert(i) => match &i.table {
+                    TableObject::TableName(n) => Some(n.clone()),
+                    _ => None,
+                },
+                Statement::Update(u) => match &u.table.relation {
+                    TableFactor::Table { name, .. } => Some(name.clone()),
+                    _ => None,
+                },
+                Statement::Delete(d) => match &d.from {
+                    FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => {
+                        t.first().and_then(|t| match &t.relation {
+                            TableFactor::Table { name, .. } => Some(name.clone()),
+                            _ => None,
+                        })
+                    }
+                },
+                _ => None,
+            };
+            if let Some(n) = target {
+                self.kinds.push(relation_kind(self.map, self.ctes, &n));
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut v = V {
+        map,
+        ctes,
+        kinds: Vec::new(),
+    };
+    let _ = stmt.visit(&mut v);
+    v.kinds
+}
+
+/// A reference to a sharded table met by the walker.
+struct Factor {
+    table: String,
+    column: String,
+    key_type: KeyType,
+    /// Keys its rows are restricted to, if any.
+    keys: Option<Vec<KeyExpr>>,
+}
+
+/// One FROM entry visible to column references: its name (alias, or the
+/// table name) and the sharded factor behind it.
+struct Entry {
+    name: String,
+    factor: Option<usize>,
+}
+
+struct Walker<'a> {
+    map: &'a ShardMap,
+    ctes: &'a HashSet<String>,
+    factors: Vec<Factor>,
+    /// Union-find over factors joined on their keys.
+    parent: Vec<usize>,
+    scopes: Vec<Vec<Entry>>,
+    problem: Option<String>,
+}
+
+impl Walker<'_> {
+    fn find(&self, mut i: usize) -> usize {
+        while self.parent[i] != i {
+            i = self.parent[i];
+        }
+        i
+    }
+
+    fn union(&mut self, a: usize, b: usize) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra != rb {
+            self.parent[rb] = ra;
+        }
+    }
+
+    fn refuse(&mut self, message: String) {
+        if self.problem.is_none() {
+            self.problem = Some(message);
+        }
+    }
+
+    fn statement(&mut self, stmt: &Statement) {
+        match stmt {
+            Statement::Query(q) => self.query(q),
+            Statement::Insert(i) => self.insert(i),
+            Statement::Update(u) => self.update(u),
+            Statement::Delete(d) => self.delete(d),
+            // Counted as relations but not understood: every shard.
+            _ => {}
+        }
+    }
+
+    fn query(&mut self, q: &Query) {
+        if let Some(with) = &q.with {
+            for cte in &with.cte_tables {
+                self.query(&cte.query);
+            }
+        }
+        self.set_expr(&q.body);
+        if let Some(order) = &q.order_by {
+            self.nested(order);
+        }
+        if let Some(limit) = &q.limit_clause {
+            self.nested(limit);
+        }
+    }
+
+    fn set_expr(&mut self, body: &SetExpr) {
+        match body {
+            SetExpr::Select(s) => self.select(s),
+            SetExpr::Query(q) => self.query(q),
+            SetExpr::SetOperation { left, right, .. } => {
+                self.set_expr(left);
+                self.set_expr(right);
+            }
+            SetExpr::Values(v) => self.nested(v),
+            SetExpr::Insert(s) | SetExpr::Update(s) | SetExpr::Delete(s) => self.statement(s),
+            SetExpr::Merge(_) | SetExpr::Table(_) => {}
+        }
+    }
+
+    /// Walks the queries nested in `node` (not inside each other: each is
+    /// walked once, with the current scopes visible for correlation).
+    fn nested<V: Visit>(&mut self, node: &V) {
+        for q in top_level_queries(node) {
+            self.query(&q);
+        }
+    }
+
+    /// Registers a FROM entry; returns the ON conjuncts of inner joins and
+    /// the lateral subqueries to walk once the scope is complete.
+    fn add_from_entry(
+        &mut self,
+        twj: &TableWithJoins,
+        entries: &mut Vec<Entry>,
+        conjuncts: &mut Vec<Expr>,
+        later: &mut Vec<Query>,
+        on_exprs: &mut Vec<JoinOperator>,
+    ) {
+        self.factor(&twj.relation, entries, conjuncts, later, on_exprs);
+        for j in &twj.joins {
+            self.factor(&j.relation, entries, conjuncts, later, on_exprs);
+            match &j.join_operator {
+                JoinOperator::Join(JoinConstraint::On(e))
+                | JoinOperator::Inner(JoinConstraint::On(e)) => split_and(e, conjuncts),
+                _ => {}
+            }
+            on_exprs.push(j.join_operator.clone());
+        }
+    }
+
+    fn factor(
+        &mut self,
+        tf: &TableFactor,
+        entries: &mut Vec<Entry>,
+        conjuncts: &mut Vec<Expr>,
+        later: &mut Vec<Query>,
+        on_exprs: &mut Vec<JoinOperator>,
+    ) {
+        match tf {
+            TableFactor::Table { name, alias, .. } => {
+                let (_, table) = split_object_name(name);
+                let entry_name = alias
+                    .as_ref()
+                    .map(|a| fold_ident(&a.name))
+                    .unwrap_or_else(|| table.clone());
+                let factor = self.sharded_factor(name);
+                entries.push(Entry {
+                    name: entry_name,
+                    factor,
+                });
+            }
+            TableFactor::Derived {
+                lateral,
+                subquery,
+                alias,
+                ..
+            } => {
+                if *lateral {
+                    later.push((**subquery).clone());
+                } else {
+                    // Cannot see this scope's other entries.
+                    self.query(subquery);
+                }
+                entries.push(Entry {
+                    name: alias
+                        .as_ref()
+                        .map(|a| fold_ident(&a.name))
+                        .unwrap_or_default(),
+                    factor: None,
+                });
+            }
+            TableFactor::NestedJoin {
+                table_with_joins, ..
+            } => self.add_from_entry(table_with_joins, entries, conjuncts, later, on_exprs),
+            // Table functions and the rest: relations inside are not
+            // reached, so the count check sends the statement everywhere.
+            _ => {}
+        }
+    }
+
+    fn sharded_factor(&mut self, name: &ObjectName) -> Option<usize> {
+        if relation_kind(self.map, self.ctes, name) != Kind::Sharded {
+            return None;
+        }
+        let (schema, table) = split_object_name(name);
+        let Some(TableRule::Sharded { column, key_type }) =
+            self.map.table(schema.as_deref(), &table)
+        else {
+            return None;
+        };
+        self.factors.push(Factor {
+            table,
+            column: column.clone(),
+            key_type: *key_type,
+            keys: None,
+        });
+        self.parent.push(self.factors.len() - 1);
+        Some(self.factors.len() - 1)
+    }
+
+    /// A scope: FROM entries, WHERE (and inner-join ON) conjuncts, and the
+    /// subqueries of its expressions.
+    fn scope(
+        &mut self,
+        from: &[TableWithJoins],
+        selection: Option<&Expr>,
+        extra_entries: Vec<Entry>,
+        nested: &mut dyn FnMut(&mut Self),
+    ) {
+        let mut entries = extra_entries;
+        let mut conjuncts = Vec::new();
+        let mut later = Vec::new();
+        let mut joins = Vec::new();
+        for twj in from {
+            self.add_from_entry(twj, &mut entries, &mut conjuncts, &mut later, &mut joins);
+        }
+        if let Some(s) = selection {
+            split_and(s, &mut conjuncts);
+        }
+        self.scopes.push(entries);
+        for q in &later {
+            self.query(q);
+        }
+        for c in &conjuncts {
+            self.conjunct(c);
+        }
+        for j in &joins {
+            self.nested(j);
+        }
+        if let Some(s) = selection {
+            self.nested(s);
+        }
+        nested(self);
+        self.scopes.pop();
+    }
+
+    fn select(&mut self, s: &Select) {
+        self.scope(&s.from, s.selection.as_ref(), Vec::new(), &mut |w| {
+            w.nested(&s.projection);
+            w.nested(&s.group_by);
+            w.nested(&s.having);
+            w.nested(&s.qualify);
+        });
+    }
+
+    fn insert(&mut self, i: &ast::Insert) {
+        let TableObject::TableName(name) = &i.table else {
+            return;
+        };
+        let Some(f) = self.sharded_factor(name) else {
+            // Not sharded: the source (VALUES subqueries or a SELECT) is
+            // what may touch sharded tables.
+            if let Some(src) = &i.source {
+                self.query(src);
+            }
+            self.nested(&i.on);
+            self.nested(&i.returning);
+            return;
+        };
+        let (table, column) = (
+            self.factors[f].table.clone(),
+            self.factors[f].column.clone(),
+        );
+        let Some(pos) = i.columns.iter().position(|c| {
+            c.0.last()
+                .and_then(|p| p.as_ident())
+                .is_some_and(|id| fold_ident(id) == column)
+        }) else {
+            return self.refuse(format!(
+                "INSERT into sharded table {table} must list its sharding column {column}"
+            ));
+        };
+        let Some(src) = &i.source else {
+            return self.refuse(format!("INSERT into sharded table {table} needs VALUES"));
+        };
+        let SetExpr::Values(values) = src.body.as_ref() else {
+            return self.refuse(format!(
+                "INSERT ... SELECT into sharded table {table} is not supported; insert the rows with VALUES"
+            ));
+        };
+        if src.with.is_some() {
+            self.refuse(format!(
+                "INSERT with WITH into sharded table {table} is not supported"
+            ));
+        }
+        let ty = self.factors[f].key_type;
+        let mut keys = Vec::new();
+        for row in &values.rows {
+            match row.content.get(pos).and_then(|e| key_value(e, ty)) {
+                Some(k) => keys.push(k),
+                None => {
+                    return self.refuse(format!(
+                        "INSERT into sharded table {table}: the sharding column {column} must be a constant or a $n parameter in every row"
+                    ))
+                }
+            }
+        }
+        self.factors[f].keys = Some(keys);
+        self.nested(values);
+        if let Some(OnInsert::OnConflict(c)) = &i.on {
+            if let OnConflictAction::DoUpdate(u) = &c.action {
+                if assigns_column(&u.assignments, &column) {
+                    return self.refuse(format!(
+                        "ON CONFLICT DO UPDATE of the sharding column {column} of {table} is not supported"
+                    ));
+                }
+            }
+        }
+        let alias = i
+            .table_alias
+            .as_ref()
+            .map(|a| fold_ident(&a.alias))
+            .unwrap_or(table);
+        self.scopes.push(vec![Entry {
+            name: alias,
+            factor: Some(f),
+        }]);
+        self.nested(&i.on);
+        self.nested(&i.returning);
+        self.scopes.pop();
+    }
+
+    fn update(&mut self, u: &ast::Update) {
+        let from: Vec<TableWithJoins> = match &u.from {
+            Some(ast::UpdateTableFromKind::AfterSet(t))
+            | Some(ast::UpdateTableFromKind::BeforeSet(t)) => t.clone(),
+            None => Vec::new(),
+        };
+        let mut all = vec![u.table.clone()];
+        all.extend(from);
+        let before = self.factors.len();
+        self.scope(&all, u.selection.as_ref(), Vec::new(), &mut |w| {
+            w.nested(&u.assignments);
+            w.nested(&u.returning);
+        });
+        // The target is the first factor registered, if it is sharded.
+        if let TableFactor::Table { name, .. } = &u.table.relation {
+            if relation_kind(self.map, self.ctes, name) == Kind::Sharded
+                && self.factors.len() > before
+            {
+                let f = &self.factors[before];
+                if assigns_column(&u.assignments, &f.column) {
+                    let msg = format!(
+                        "UPDATE of the sharding column {} of table {} is not supported (it could move the row to another shard); delete the row and insert it again",
+                        f.column, f.table
+                    );
+                    self.refuse(msg);
+                }
+            }
+        }
+    }
+
+    fn delete(&mut self, d: &ast::Delete) {
+        let mut all = match &d.from {
+            FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t.clone(),
+        };
+        if let Some(using) = &d.using {
+            all.extend(using.iter().cloned());
+        }
+        self.scope(&all, d.selection.as_ref(), Vec::new(), &mut |w| {
+            w.nested(&d.returning);
+        });
+    }
+
+    /// Learns from one conjunct: a key restriction or a key join.
+    fn conjunct(&mut self, e: &Expr) {
+        match e {
+            Expr::Nested(inner) => self.conjunct(inner),
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::Eq,
+                right,
+            } => {
+                let (l, r) = (self.key_column(left), self.key_column(right));
+                match (l, r) {
+                    (Some(a), Some(b)) => {
+                        if compatible(self.factors[a].key_type, self.factors[b].key_type) {
+                            self.union(a, b);
+                        }
+                    }
+                    (Some(f), None) => self.restrict(f, right, std::slice::from_ref(&**right)),
+                    (None, Some(f)) => self.restrict(f, left, std::slice::from_ref(&**left)),
+                    (None, None) => {}
+                }
+            }
+            Expr::In {
+                expr,
+                target: ast::InTarget::List(list),
+                negated: false,
+                ..
+            } => {
+                if let Some(f) = self.key_column(expr) {
+                    self.restrict(f, expr, list);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn restrict(&mut self, f: usize, _column: &Expr, values: &[Expr]) {
+        let ty = self.factors[f].key_type;
+        let keys: Option<Vec<KeyExpr>> = values.iter().map(|v| key_value(v, ty)).collect();
+        let Some(keys) = keys else {
+            return;
+        };
+        let slot = &mut self.factors[f].keys;
+        if slot.as_ref().is_none_or(|k| keys.len() < k.len()) {
+            *slot = Some(keys);
+        }
+    }
+
+    /// The sharded factor whose sharding column `e` names, if any.
+    fn key_column(&self, e: &Expr) -> Option<usize> {
+        match e {
+            Expr::Nested(inner) => self.key_column(inner),
+            Expr::Identifier(id) => {
+                // Unqualified: only the innermost scope, and only when one
+                // sharded entry there has a sharding column of that name.
+                let col = fold_ident(id);
+                let scope = self.scopes.last()?;
+                let mut hits = scope
+                    .iter()
+                    .filter_map(|e| e.factor)
+                    .filter(|f| self.factors[*f].column == col);
+                let first = hits.next()?;
+                hits.next().is_none().then_some(first)
+            }
+            Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
+                let col = fold_ident(&parts[parts.len() - 1]);
+                let qualifier = fold_ident(&parts[parts.len() - 2]);
+                for scope in self.scopes.iter().rev() {
+                    let found: Vec<&Entry> = scope.iter().filter(|e| e.name == qualifier).collect();
+                    match found.as_slice() {
+                        [] => continue,
+                        [one] => {
+                            let f = one.factor?;
+                            return (self.factors[f].column == col).then_some(f);
+                        }
+                        _ => return None,
+                    }
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Whether two key types hash equal values alike (all integers do).
+fn compatible(a: KeyType, b: KeyType) -> bool {
+    let family = |t: KeyType| match t {
+        KeyType::Int2 | KeyType::Int4 | KeyType::Int8 => 0,
+        KeyType::Text | KeyType::Varchar => 1,
+        KeyType::Uuid => 2,
+    };
+    family(a) == family(b)
+}
+
+fn assigns_column(assignments: &[ast::Assignment], column: &str) -> bool {
+    assignments.iter().any(|a| {
+        let names: Vec<&ObjectName> = match &a.target {
+            AssignmentTarget::ColumnName(n) => vec![n],
+            AssignmentTarget::Tuple(t) => t.iter().collect(),
+        };
+        names.iter().any(|n| {
+            n.0.last()
+                .and_then(|p| p.as_ident())
+                .is_some_and(|id| fold_ident(id) == column)
+        })
+    })
+}
+
+/// A sharding-key value: a literal of the column's type (possibly cast to
+/// a type that cannot change it) or a parameter.
+fn key_value(e: &Expr, ty: KeyType) -> Option<KeyExpr> {
+    let int = matches!(ty, KeyType::Int2 | KeyType::Int4 | KeyType::Int8);
+    match e {
+        Expr::Nested(inner) => key_value(inner, ty),
+        Expr::Value(v) => match &v.value {
+            Value::Placeholder(p) => {
+                let n: usize = p.strip_prefix('$')?.parse().ok()?;
+                Some(KeyExpr::Param(n.checked_sub(1)?))
+            }
+            Value::Null => Some(KeyExpr::Null),
+            Value::Number(n, _) if int => ty.parse_text(n).ok().map(KeyExpr::Value),
+            Value::SingleQuotedString(s) => ty.parse_text(s).ok().map(KeyExpr::Value),
+            _ => None,
+        },
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } if int => match expr.as_ref() {
+            Expr::Value(v) => match &v.value {
+                Value::Number(n, _) => ty.parse_text(&format!("-{n}")).ok().map(KeyExpr::Value),
+                _ => None,
+            },
+            // `-7::int8` is `-(7::int8)`.
+            other => match key_value(other, ty)? {
+                KeyExpr::Value(KeyValue::Int(n)) => {
+                    Some(KeyExpr::Value(KeyValue::Int(n.checked_neg()?)))
+                }
+                _ => None,
+            },
+        },
+        Expr::Cast {
+            kind: CastKind::Cast | CastKind::DoubleColon,
+            expr,
+            data_type,
+            format: None,
+        } => {
+            let keeps = match data_type {
+                DataType::SmallInt(_)
+                | DataType::Int2(_)
+                | DataType::Int(_)
+                | DataType::Int4(_)
+                | DataType::Integer(_)
+                | DataType::BigInt(_)
+                | DataType::Int8(_) => int,
+                DataType::Text | DataType::Varchar(None) | DataType::CharacterVarying(None) => {
+                    matches!(ty, KeyType::Text | KeyType::Varchar)
+                }
+                DataType::Uuid => ty == KeyType::Uuid,
+                _ => false,
+            };
+            if !keeps {
+                return None;
+            }
+            // A narrowing cast keeps the value or fails the statement on
+            // every shard alike.
+            key_value(expr, ty)
+        }
+        _ => None,
+    }
+}
+
+fn split_and(e: &Expr, out: &mut Vec<Expr>) {
+    match e {
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            split_and(left, out);
+            split_and(right, out);
+        }
+        Expr::Nested(inner)
+            if matches!(
+                **inner,
+                Expr::BinaryOp {
+                    op: BinaryOperator::And,
+                    ..
+                }
+            ) =>
+        {
+            split_and(inner, out)
+        }
+        other => out.push(other.clone()),
+    }
+}
+
+/// The outermost queries inside `node`.
+fn top_level_queries<V: Visit>(node: &V) -> Vec<Query> {
+    struct C {
+        depth: usize,
+        found: Vec<Query>,
+    }
+    impl Visitor for C {
+        type Break = ();
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+            if self.depth == 0 {
+                self.found.push(q.clone());
+            }
+            self.depth += 1;
+            ControlFlow::Continue(())
+        }
+        fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.depth -= 1;
+            ControlFlow::Continue(())
+        }
+    }
+    let mut c = C {
+        depth: 0,
+        found: Vec::new(),
+    };
+    let _ = node.visit(&mut c);
+    c.found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn map() -> ShardMap {
+        let text = r#"
+[[users]]
+name = "app"
+password = "app"
+[[shards]]
+name = "a"
+primary = "127.0.0.1:1"
+[[shards]]
+name = "b"
+primary = "127.0.0.1:2"
+[[shards]]
+name = "c"
+primary = "127.0.0.1:3"
+[sharding]
+buckets = 1024
+reference_tables = ["countries"]
+[[sharding.tables]]
+name = "orders"
+column = "customer_id"
+type = "int8"
+[[sharding.tables]]
+name = "items"
+column = "customer_id"
+type = "int4"
+[[sharding.tables]]
+name = "users"
+column = "name"
+type = "text"
+"#;
+        ShardMap::from_config(&Config::parse(text, "t.toml").unwrap()).unwrap()
+    }
+
+    fn int(v: i64) -> KeyExpr {
+        KeyExpr::Value(KeyValue::Int(v))
+    }
+
+    fn keys(p: &Placement) -> Option<Vec<Vec<KeyExpr>>> {
+        match p {
+            Placement::Keys { groups, .. } => Some(groups.iter().map(|g| g.keys.clone()).collect()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn single_key_statements() {
+        let m = map();
+        for (sql, want) in [
+            ("SELECT * FROM orders WHERE customer_id = 42", vec![vec![int(42)]]),
+            ("select * from orders where customer_id = $1", vec![vec![KeyExpr::Param(0)]]),
+            ("select * from orders where customer_id = '42'", vec![vec![int(42)]]),
+            ("select * from orders where customer_id = -7::int8 and total > 3", vec![vec![int(-7)]]),
+            ("select * from orders where customer_id in (1, 2, $3)", vec![vec![int(1), int(2), KeyExpr::Param(2)]]),
+            ("select * from orders o join items i on o.customer_id = i.customer_id where o.customer_id = 7", vec![vec![int(7)]]),
+            ("select * from orders o join countries c on c.code = o.country where o.customer_id = 7", vec![vec![int(7)]]),
+            ("with x as (select * from orders where customer_id = 5) select * from x", vec![vec![int(5)]]),
+            ("select * from orders o where o.customer_id = 5 and exists (select 1 from items i where i.customer_id = o.customer_id)", vec![vec![int(5)]]),
+            ("select * from orders, lateral (select * from items where items.customer_id = orders.customer_id) x where orders.customer_id = 3", vec![vec![int(3)]]),
+            ("select * from orders where customer_id = 5 union all select * from orders where customer_id = 6", vec![vec![int(5)], vec![int(6)]]),
+            ("insert into orders (customer_id, total) values (1, 2), ($1, 3) returning *", vec![vec![int(1), KeyExpr::Param(0)]]),
+            ("insert into orders (total, customer_id) values (1, 2) on conflict (id) do update set total = 9", vec![vec![int(2)]]),
+            ("update orders set total = total + 1 where customer_id = 1", vec![vec![int(1)]]),
+            ("delete from orders where customer_id = 1 returning id", vec![vec![int(1)]]),
+            ("select count(*) from users where name = 'ann'", vec![vec![KeyExpr::Value(KeyValue::Text("ann".into()))]]),
+            ("explain select * from orders where customer_id = 4", vec![vec![int(4)]]),
+            ("begin; select * from orders where customer_id = 4; commit", vec![vec![int(4)]]),
+        ] {
+            assert_eq!(keys(&place(&m, sql)), Some(want), "{sql}");
+        }
+    }
+
+    #[test]
+    fn statements_that_need_every_shard() {
+        let m = map();
+        for sql in [
+            "select * from orders",
+            "select * from orders where customer_id = 1 or total = 2",
+            "select * from orders where not (customer_id = 1)",
+            "select * from orders o join items i on o.id = i.order_id where o.customer_id = 7",
+            "select * from orders where customer_id = 7 and total > (select avg(total) from orders)",
+            "select * from orders left join items on orders.customer_id = items.customer_id where orders.customer_id = 5",
+            "select * from orders where customer_id = 42.5",
+            "select * from orders where customer_id::text = '42'",
+            "select * from orders where customer_id = abs(-4)",
+            "select * from generate_series(1, 2) g, lateral (select * from orders where customer_id = g) x",
+            "select * from users where name = 42",
+            "update orders set total = 1",
+            "create index on orders (total)",
+            "truncate orders",
+            "insert into countries values ('x')",
+            "update countries set name = 'y'",
+        ] {
+            assert!(
+                matches!(place(&m, sql), Placement::AllShards { .. }),
+                "{sql}: {:?}",
+                place(&m, sql)
+            );
+        }
+    }
+
+    #[test]
+    fn refused_and_unplaced() {
+        let m = map();
+        for sql in [
+            "insert into orders values (1, 2)",
+            "insert into orders (total) values (1)",
+            "insert into orders (customer_id) values (default)",
+            "insert into orders (customer_id) select 1",
+            "update orders set customer_id = 2 where customer_id = 1",
+            "insert into orders (customer_id) values (1) on conflict (id) do update set customer_id = 3",
+            "selec * from orders",
+            "table orders",
+            "with orders as (select 1) select * from orders",
+            "insert into countries select * from orders",
+        ] {
+            assert!(
+                matches!(place(&m, sql), Placement::Unsupported(_)),
+                "{sql}: {:?}",
+                place(&m, sql)
+            );
+        }
+        assert_eq!(place(&m, "select * from foo"), Placement::Unmentioned);
+        assert_eq!(analyse(&m, "select * from foo"), Placement::Default);
+        assert_eq!(analyse(&m, "select now(); set x = 1"), Placement::Anywhere);
+        assert_eq!(analyse(&m, "select * from countries"), Placement::Anywhere);
+        assert_eq!(analyse(&m, "selec * from foo"), Placement::Default);
+        assert!(matches!(
+            analyse(
+                &m,
+                "select * from foo join orders using (x) where customer_id = 1"
+            ),
+            Placement::Keys {
+                default_too: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn resolution_by_literal_text_and_binary_parameters() {
+        let m = map();
+        let p = place(&m, "select * from orders where customer_id = $1");
+        let by_literal =
+            place(&m, "select * from orders where customer_id = 123456").resolve(&m, None);
+        let text = Params {
+            types: &[],
+            formats: &[],
+            values: &[Some(b"123456")],
+        };
+        let bin = 123456i64.to_be_bytes();
+        let binary = Params {
+            types: &[INT8],
+            formats: &[1],
+            values: &[Some(&bin)],
+        };
+        assert_eq!(p.resolve(&m, Some(&text)), by_literal);
+        assert_eq!(p.resolve(&m, Some(&binary)), by_literal);
+        // A float8 parameter in binary is not an integer's bytes.
+        let float = Params {
+            types: &[701],
+            formats: &[1],
+            values: &[Some(&bin)],
+        };
+        assert!(matches!(p.resolve(&m, Some(&float)), Target::Shards(..)));
+        // Keys spread over shards, and the same key twice.
+        let spread = place(
+            &m,
+            "select * from orders where customer_id in (1,2,3,4,5,6,7,8,9,10)",
+        );
+        assert!(matches!(spread.resolve(&m, None), Target::Shards(s, _) if s.len() > 1));
+        let same = place(&m, "select * from orders where customer_id in (5, 5)").resolve(&m, None);
+        assert!(matches!(same, Target::Shard(_)));
+    }
+}

@@ -1,0 +1,502 @@
+//! Sharding against three real primaries: rows land on exactly the shard
+//! the bucket map names (checked on each shard directly, and by Postgres
+//! computing each row's bucket itself), keys route alike from literals,
+//! text Bind values and binary Bind values, and what cannot run on one
+//! shard is refused with 0A000 — never answered from the wrong shard.
+
+mod common;
+
+use common::{cluster, code, connect_url, scalar, shard_primaries, start_proxy_text, TestProxy};
+use shardgate::config::Config;
+use shardgate::sharding::hash::{bucket_sql, HashFunction, KeyType, KeyValue};
+use shardgate::sharding::map::ShardMap;
+use std::sync::OnceLock;
+use tokio_postgres::Client;
+
+const BUCKETS: u32 = 64;
+
+fn config_text() -> String {
+    let c = cluster();
+    let s = shard_primaries();
+    let mut text = common::config_text(
+        &c.primary.addr(),
+        "max_size = 10\ncheckout_timeout = \"5s\"",
+        "",
+    );
+    // Uneven, interleaved ownership: s0 0-9 and 40-63, s1 10-29, s2 30-39.
+    text.push_str("buckets = [\"0-9\", \"40-63\"]\n");
+    text.push_str(&format!(
+        r#"
+[[shards]]
+name = "s1"
+primary = "{}"
+buckets = ["10-29"]
+
+[[shards]]
+name = "s2"
+primary = "{}"
+buckets = ["30-39"]
+
+[sharding]
+buckets = {BUCKETS}
+reference_tables = ["sg_countries"]
+
+[[sharding.tables]]
+name = "sg_orders"
+column = "customer_id"
+type = "int8"
+
+[[sharding.tables]]
+name = "sg_items"
+column = "customer_id"
+type = "int8"
+
+[[sharding.tables]]
+name = "sg_users"
+column = "name"
+type = "text"
+
+[[sharding.tables]]
+name = "sg_devices"
+column = "id"
+type = "uuid"
+
+[[sharding.tables]]
+name = "sg_small"
+column = "k"
+type = "int2"
+
+[[sharding.tables]]
+name = "sg_mid"
+column = "k"
+type = "int4"
+"#,
+        s[0].addr(),
+        s[1].addr()
+    ));
+    text
+}
+
+const SCHEMA: &str = "
+drop table if exists sg_orders, sg_items, sg_users, sg_devices, sg_small, sg_mid, sg_countries, sg_plain;
+create table sg_orders (id bigserial, customer_id bigint not null, total numeric, country text);
+create table sg_items (customer_id bigint not null, sku text);
+create table sg_users (name text primary key, age int);
+create table sg_devices (id uuid primary key, label text);
+create table sg_small (k smallint primary key);
+create table sg_mid (k int primary key);
+create table sg_countries (code text primary key, name text);
+insert into sg_countries values ('de', 'Germany'), ('fr', 'France');
+";
+
+struct Setup {
+    proxy: TestProxy,
+    map: ShardMap,
+}
+
+/// The proxy, with the schema created on every shard directly (DDL
+/// through shardgate on sharded tables is refused until it can run on
+/// every shard atomically).
+fn setup() -> &'static Setup {
+    static SETUP: OnceLock<Setup> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        for s in servers() {
+            s.psql("app", SCHEMA).expect("schema on shard");
+        }
+        let text = config_text();
+        let map = ShardMap::from_config(&Config::parse(&text, "t.toml").unwrap()).unwrap();
+        Setup {
+            proxy: start_proxy_text(&text),
+            map,
+        }
+    })
+}
+
+fn servers() -> Vec<&'static shardgate::local::PgServer> {
+    let mut v = vec![&cluster().primary];
+    v.extend(shard_primaries().iter());
+    v
+}
+
+async fn shard_client(i: usize) -> Client {
+    let port = servers()[i].port;
+    connect_url(&format!(
+        "host=127.0.0.1 port={port} user=app password=app dbname=app"
+    ))
+    .await
+    .expect("direct connection to a shard")
+}
+
+fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+/// The tests share the tables: one at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn truncate_all() {
+    for i in 0..3 {
+        shard_client(i)
+            .await
+            .batch_execute("truncate sg_orders, sg_items, sg_users, sg_devices, sg_small, sg_mid")
+            .await
+            .unwrap();
+    }
+}
+
+/// Checks on every shard, directly, that each row of `table` is on the
+/// shard the map names for its key, and that Postgres itself computes the
+/// same bucket for it (`bucket_sql`). Returns the rows per shard.
+async fn check_placement(map: &ShardMap, table: &str, column: &str, ty: KeyType) -> Vec<usize> {
+    let expr = bucket_sql(HashFunction::Postgres, ty, column, BUCKETS).unwrap();
+    let mut per_shard = Vec::new();
+    for i in 0..3 {
+        let c = shard_client(i).await;
+        let rows = c
+            .query(&format!("select {column}::text, {expr} from {table}"), &[])
+            .await
+            .unwrap();
+        for r in &rows {
+            let key: String = r.get(0);
+            let pg_bucket: i64 = r.get(1);
+            let v = ty.parse_text(&key).unwrap();
+            let loc = map.locate(ty, &v);
+            assert_eq!(loc.bucket as i64, pg_bucket, "{table} key {key}: bucket");
+            assert_eq!(
+                loc.shard, i,
+                "{table} key {key} (bucket {}) is on shard {i}",
+                loc.bucket
+            );
+        }
+        per_shard.push(rows.len());
+    }
+    per_shard
+}
+
+#[test]
+fn rows_land_where_the_map_says() {
+    let _s = serial();
+    let st = setup();
+    rt().block_on(async {
+        truncate_all().await;
+        let c = st.proxy.connect().await;
+        // int8 keys: literals (simple protocol), binary Bind (tokio-postgres
+        // sends i64 in binary), and text Bind values (raw protocol below).
+        for k in -150i64..150 {
+            c.simple_query(&format!(
+                "insert into sg_orders (customer_id, total) values ({k}, {k}.5)"
+            ))
+            .await
+            .unwrap();
+        }
+        let ins = c
+            .prepare("insert into sg_orders (customer_id, total) values ($1, 1)")
+            .await
+            .unwrap();
+        for k in [i64::MIN, i64::MAX, i32::MIN as i64, 1 << 40, 987_654_321] {
+            c.execute(&ins, &[&k]).await.unwrap();
+        }
+        // Multi-row VALUES on one shard: keys 7 and 7.
+        c.simple_query("insert into sg_orders (customer_id, total) values (7, 1), (7, 2)")
+            .await
+            .unwrap();
+        for i in 0..200i32 {
+            let name = format!("user-{i}-ü");
+            c.execute(
+                "insert into sg_users (name, age) values ($1, $2)",
+                &[&name, &i],
+            )
+            .await
+            .unwrap();
+        }
+        c.simple_query("insert into sg_users (name) values ('')")
+            .await
+            .unwrap();
+        c.simple_query("insert into sg_users (name) values ('O''Brien')")
+            .await
+            .unwrap();
+        for i in 0..100u32 {
+            let id = format!(
+                "{:08x}-0000-4000-8000-{:012x}",
+                i.wrapping_mul(2654435761),
+                i
+            );
+            c.simple_query(&format!(
+                "insert into sg_devices (id, label) values ('{id}', 'd{i}')"
+            ))
+            .await
+            .unwrap();
+            // The same key written another way reaches the same row (a
+            // second shard would take it as a new row).
+            let other = format!("{{{}}}", id.to_uppercase().replace('-', ""));
+            c.simple_query(&format!(
+                "insert into sg_devices (id, label) values ('{other}', 'x') on conflict do nothing"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{other}: {e}"));
+        }
+        for k in [-32768i16, -1, 0, 1, 32767] {
+            c.execute("insert into sg_small (k) values ($1)", &[&k])
+                .await
+                .unwrap();
+        }
+        for k in [i32::MIN, -5, 0, 5, i32::MAX] {
+            c.execute("insert into sg_mid (k) values ($1)", &[&k])
+                .await
+                .unwrap();
+        }
+
+        let orders = check_placement(&st.map, "sg_orders", "customer_id", KeyType::Int8).await;
+        assert_eq!(orders.iter().sum::<usize>(), 300 + 5 + 2);
+        assert!(
+            orders.iter().all(|n| *n > 0),
+            "every shard has rows: {orders:?}"
+        );
+        let users = check_placement(&st.map, "sg_users", "name", KeyType::Text).await;
+        assert_eq!(users.iter().sum::<usize>(), 202);
+        let devices = check_placement(&st.map, "sg_devices", "id", KeyType::Uuid).await;
+        assert_eq!(devices.iter().sum::<usize>(), 100);
+        check_placement(&st.map, "sg_small", "k", KeyType::Int2).await;
+        check_placement(&st.map, "sg_mid", "k", KeyType::Int4).await;
+
+        // Every key reads back through the proxy, by literal and by
+        // parameter, with exactly its own rows.
+        for k in -150i64..150 {
+            let n = scalar(
+                &c,
+                &format!("select count(*) from sg_orders where customer_id = {k}"),
+            )
+            .await;
+            assert_eq!(n, if k == 7 { "3" } else { "1" }, "key {k}");
+            let row = c
+                .query_one(
+                    "select count(*) from sg_orders where customer_id = $1",
+                    &[&k],
+                )
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, i64>(0), if k == 7 { 3 } else { 1 });
+        }
+        let n = scalar(&c, "select count(*) from sg_users where name = 'O''Brien'").await;
+        assert_eq!(n, "1");
+        let n = scalar(&c, "select age from sg_users where name = 'user-42-ü'").await;
+        assert_eq!(n, "42");
+    });
+}
+
+/// A Bind with one text-format parameter, through the raw protocol.
+fn text_bind(stmt: &str, value: &str) -> shardgate::protocol::Frame {
+    let mut rest = vec![0, 0, 0, 1];
+    rest.extend_from_slice(&(value.len() as i32).to_be_bytes());
+    rest.extend_from_slice(value.as_bytes());
+    rest.extend_from_slice(&[0, 0]);
+    shardgate::protocol::frontend::build_bind(b"", stmt, &rest)
+}
+
+#[test]
+fn text_bind_values_route_like_literals() {
+    use common::raw::{execute, parse, sync, Raw};
+    let _s = serial();
+    let st = setup();
+    rt().block_on(async {
+        truncate_all().await;
+        let (mut r, _) = Raw::login(st.proxy.addr, &[]).await;
+        for k in [-3i64, 0, 11, 12345, 99_999_999_999] {
+            r.send(&[
+                parse(
+                    "",
+                    "insert into sg_orders (customer_id, total) values ($1, 1)",
+                ),
+                text_bind("", &format!(" {k} ")),
+                execute(),
+                sync(),
+            ])
+            .await;
+            let frames = r.read_until_ready().await;
+            assert_eq!(Raw::tags(&frames), "12CZ", "key {k}");
+        }
+        check_placement(&st.map, "sg_orders", "customer_id", KeyType::Int8).await;
+        let c = st.proxy.connect().await;
+        assert_eq!(
+            scalar(
+                &c,
+                "select count(*) from sg_orders where customer_id = 12345"
+            )
+            .await,
+            "1"
+        );
+    });
+}
+
+#[test]
+fn what_one_shard_cannot_answer_is_refused() {
+    let _s = serial();
+    let st = setup();
+    rt().block_on(async {
+        truncate_all().await;
+        let mut c = st.proxy.connect().await;
+        // Keys 1..=40 cover every shard.
+        for k in 1..=40 {
+            c.simple_query(&format!("insert into sg_orders (customer_id) values ({k})"))
+                .await
+                .unwrap();
+        }
+        let (a, b) = two_keys_on_different_shards(&st.map);
+        for sql in [
+            "select count(*) from sg_orders".to_string(),
+            "select * from sg_orders where customer_id > 3".into(),
+            format!("select * from sg_orders where customer_id in ({a}, {b})"),
+            format!("insert into sg_orders (customer_id) values ({a}), ({b})"),
+            "update sg_orders set total = 1".into(),
+            "update sg_orders set customer_id = 5 where customer_id = 4".into(),
+            "insert into sg_orders (total) values (1)".into(),
+            "insert into sg_orders (customer_id) select 1".into(),
+            "create index on sg_orders (total)".into(),
+            "insert into sg_countries values ('it', 'Italy')".into(),
+            format!("select * from sg_orders o join sg_items i on o.id = i.customer_id where o.customer_id = {a}"),
+        ] {
+            let e = c.simple_query(&sql).await.expect_err(&sql);
+            assert_eq!(code(&e), "0A000", "{sql}: {e}");
+            // Extended protocol too (tokio-postgres prepares, then binds).
+            let e = c.query(sql.as_str(), &[]).await.expect_err(&sql);
+            assert_eq!(code(&e), "0A000", "{sql} (extended): {e}");
+        }
+        // Nothing was half-done: still 40 rows, none changed.
+        let mut total = 0;
+        for i in 0..3 {
+            let d = shard_client(i).await;
+            let n: i64 = d
+                .query_one("select count(*) from sg_orders where total is null", &[])
+                .await
+                .unwrap()
+                .get(0);
+            total += n;
+        }
+        assert_eq!(total, 40);
+
+        // A transaction stays on its shard; a statement for another shard
+        // fails it, as any error would.
+        c.simple_query("begin").await.unwrap();
+        c.simple_query(&format!("insert into sg_orders (customer_id, total) values ({a}, 9)"))
+            .await
+            .unwrap();
+        let e = c
+            .simple_query(&format!("insert into sg_orders (customer_id, total) values ({b}, 9)"))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "0A000");
+        let e = c.simple_query("select 1").await.unwrap_err();
+        assert_eq!(code(&e), "25P02", "the transaction is aborted");
+        c.simple_query("rollback").await.unwrap();
+        let n = scalar(&c, &format!("select count(*) from sg_orders where customer_id = {a} and total = 9")).await;
+        assert_eq!(n, "0", "the aborted transaction left nothing");
+
+        // The same in the extended protocol.
+        let tx = c.transaction().await.unwrap();
+        tx.execute("insert into sg_orders (customer_id, total) values ($1, 9)", &[&a])
+            .await
+            .unwrap();
+        let e = tx
+            .execute("insert into sg_orders (customer_id, total) values ($1, 9)", &[&b])
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "0A000");
+        drop(tx);
+        let n = scalar(&c, &format!("select count(*) from sg_orders where customer_id = {a} and total = 9")).await;
+        assert_eq!(n, "0");
+
+        // Same-shard transactions commit normally; statements without
+        // tables run on the transaction's shard.
+        c.simple_query("begin").await.unwrap();
+        c.simple_query(&format!("update sg_orders set total = 3 where customer_id = {a}"))
+            .await
+            .unwrap();
+        c.simple_query("select now(), 1 + 1").await.unwrap();
+        c.simple_query(&format!("select * from sg_orders where customer_id = {a}"))
+            .await
+            .unwrap();
+        c.simple_query("commit").await.unwrap();
+        let n = scalar(&c, &format!("select total from sg_orders where customer_id = {a}")).await;
+        assert_eq!(n, "3");
+    });
+}
+
+/// Two keys whose rows live on different shards.
+fn two_keys_on_different_shards(map: &ShardMap) -> (i64, i64) {
+    let shard = |k: i64| map.locate(KeyType::Int8, &KeyValue::Int(k)).shard;
+    let b = (2..100).find(|k| shard(*k) != shard(1)).unwrap();
+    (1, b)
+}
+
+#[test]
+fn hints_settings_reference_and_unsharded_tables() {
+    let _s = serial();
+    let st = setup();
+    rt().block_on(async {
+        truncate_all().await;
+        let c = st.proxy.connect().await;
+        for k in 1..=60 {
+            c.simple_query(&format!("insert into sg_orders (customer_id) values ({k})"))
+                .await
+                .unwrap();
+        }
+        let mut direct_counts = Vec::new();
+        for i in 0..3 {
+            let d = shard_client(i).await;
+            let n: i64 = d.query_one("select count(*) from sg_orders", &[]).await.unwrap().get(0);
+            direct_counts.push(n.to_string());
+        }
+        for (i, name) in ["s0", "s1", "s2"].iter().enumerate() {
+            let by_name = scalar(&c, &format!("/* shardgate: shard={name} */ select count(*) from sg_orders")).await;
+            assert_eq!(by_name, direct_counts[i], "shard {name}");
+            let by_index = scalar(&c, &format!("select count(*) from sg_orders /* shardgate: shard={i} */")).await;
+            assert_eq!(by_index, direct_counts[i]);
+        }
+        // key= hint and the session setting pick the key's shard.
+        let k = 17i64;
+        let shard = st.map.locate(KeyType::Int8, &KeyValue::Int(k)).shard;
+        let hinted = scalar(&c, &format!("/* shardgate: key={k} */ select count(*) from sg_orders")).await;
+        assert_eq!(hinted, direct_counts[shard]);
+        c.simple_query(&format!("set shardgate.sharding_key = '{k}'")).await.unwrap();
+        assert_eq!(scalar(&c, "show shardgate.sharding_key").await, k.to_string());
+        assert_eq!(scalar(&c, "select count(*) from sg_orders").await, direct_counts[shard]);
+        let row = c.query_one("select count(*) from sg_orders", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0).to_string(), direct_counts[shard]);
+        c.simple_query("reset shardgate.sharding_key").await.unwrap();
+        let e = c.simple_query("select count(*) from sg_orders").await.unwrap_err();
+        assert_eq!(code(&e), "0A000");
+        let e = c.simple_query("set shardgate.shard = 'nope'").await.unwrap_err();
+        assert_eq!(code(&e), "22023");
+
+        // Reference tables are read from any shard; joined with a key.
+        assert_eq!(scalar(&c, "select name from sg_countries where code = 'de'").await, "Germany");
+        let n = scalar(&c, "select count(*) from sg_orders o join sg_countries c on c.code = 'fr' where o.customer_id = 5").await;
+        assert_eq!(n, "1");
+
+        // Tables shardgate does not know live on the default shard (s0).
+        c.simple_query("create table sg_plain (x int); insert into sg_plain values (1), (2)")
+            .await
+            .unwrap();
+        assert_eq!(scalar(&c, "select count(*) from sg_plain").await, "2");
+        for i in 0..3 {
+            let d = shard_client(i).await;
+            let exists: bool = d
+                .query_one("select to_regclass('sg_plain') is not null", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(exists, i == 0, "sg_plain on shard {i}");
+        }
+        c.simple_query("drop table sg_plain").await.unwrap();
+    });
+}
