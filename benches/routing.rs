@@ -32,6 +32,7 @@ fn catalog() -> Catalog {
             functions,
             volatile_operators: Vec::new(),
             volatile_casts: false,
+            aggregates: Vec::new(),
         },
         FunctionPolicy::default(),
     )

@@ -34,6 +34,11 @@ pub struct Global {
     pub replica_lag_bytes: IntGaugeVec,
     pub replica_lag_seconds: GaugeVec,
     pub read_retries: IntCounter,
+    /// Cross-shard SELECTs by how their rows were combined.
+    pub scatter_queries: IntCounterVec,
+    /// Statements refused because they need several shards in a way
+    /// shardgate does not support.
+    pub cross_shard_refusals: IntCounter,
 }
 
 /// Latency buckets from 50 µs to 10 s.
@@ -139,6 +144,17 @@ fn build() -> Global {
                 "Server checkouts (transactions) by route and server"
             ),
             &["route", "server"]
+        )),
+        scatter_queries: reg!(IntCounterVec::new(
+            Opts::new(
+                "scatter_queries_total",
+                "Cross-shard SELECTs, by merge (concat: rows concatenated; final: combined by a second query)"
+            ),
+            &["merge"]
+        )),
+        cross_shard_refusals: reg!(IntCounter::new(
+            "cross_shard_refusals_total",
+            "Statements refused with 0A000 because they need several shards in an unsupported way"
         )),
         read_fallbacks: reg!(IntCounterVec::new(
             Opts::new(

@@ -34,6 +34,7 @@ pub struct Proxy {
     pub health: Arc<crate::health::Health>,
     pub catalogs: crate::router::Catalogs,
     pub placements: crate::frontend::sharding::PlacementCache,
+    pub type_names: crate::frontend::scatter::TypeNames,
 }
 
 impl Proxy {
@@ -49,6 +50,7 @@ impl Proxy {
             health: Arc::default(),
             catalogs: crate::router::Catalogs::default(),
             placements: Default::default(),
+            type_names: Default::default(),
             config: ArcSwap::from_pointee(config),
         })
     }

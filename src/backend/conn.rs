@@ -275,6 +275,56 @@ impl ServerConn {
         }
     }
 
+    /// Sends `request` and returns every message up to and including
+    /// ReadyForQuery (cross-shard queries, whose answers the proxy
+    /// combines before the client sees them).
+    pub async fn exchange(
+        &mut self,
+        request: &[u8],
+        max_message: usize,
+    ) -> Result<Vec<Frame>, ConnectError> {
+        if let Err(source) = self.stream.write_all(request).await {
+            self.broken = true;
+            return Err(ConnectError::Io {
+                addr: self.addr.to_string(),
+                source,
+            });
+        }
+        let mut frames = Vec::new();
+        loop {
+            let frame = match decode_frame(&mut self.read_buf, max_message) {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    self.read_buf.reserve(16384);
+                    let source = match self.stream.read_buf(&mut self.read_buf).await {
+                        Ok(n) if n > 0 => continue,
+                        Ok(_) => std::io::ErrorKind::UnexpectedEof.into(),
+                        Err(e) => e,
+                    };
+                    self.broken = true;
+                    return Err(ConnectError::Io {
+                        addr: self.addr.to_string(),
+                        source,
+                    });
+                }
+                Err(e) => {
+                    self.broken = true;
+                    return Err(self.protocol(e.to_string()));
+                }
+            };
+            match frame.tag {
+                be::PARAMETER_STATUS => self.note_parameter(&frame.body),
+                be::READY_FOR_QUERY => {
+                    self.tx_status = frame.body.first().copied().unwrap_or(b'I');
+                    frames.push(frame);
+                    return Ok(frames);
+                }
+                _ => {}
+            }
+            frames.push(frame);
+        }
+    }
+
     pub fn note_parameter(&mut self, body: &[u8]) {
         if let Some((k, v)) = be::parse_parameter_status(body) {
             if self.params.get(k).map(String::as_str) != Some(v) {
@@ -349,7 +399,7 @@ impl ServerConn {
 }
 
 /// The text values of a DataRow (None for NULL).
-fn parse_data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+pub fn parse_data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
     let n = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
     let mut rest = &body[2..];
     let mut out = Vec::with_capacity(n.max(0) as usize);

@@ -97,7 +97,12 @@ impl Session {
                 }
                 if self.server.is_none() && self.mode == PoolMode::Transaction {
                     if self.routing.pending_begin.is_some() {
-                        if let Err((code, message)) = self.route_shard(Some(text), None) {
+                        let refused = match self.route_shard(Some(text), None) {
+                            Ok(None) => None,
+                            Ok(Some(shards)) => Some(self.cross_shard_refusal(&shards)),
+                            Err(e) => Some(e),
+                        };
+                        if let Some((code, message)) = refused {
                             self.refuse_query(code, &message).await;
                             return Ok(());
                         }
@@ -109,7 +114,17 @@ impl Session {
                     }
                 }
                 if sharded {
-                    if let Err((code, message)) = self.route_shard(Some(text), None) {
+                    let refused = match self.route_shard(Some(text), None) {
+                        Ok(None) => None,
+                        Ok(Some(shards)) if self.server.is_none() && self.is_read(text) => {
+                            let sql = String::from_utf8_lossy(text).into_owned();
+                            self.scatter_query(&sql, &shards).await;
+                            return Ok(());
+                        }
+                        Ok(Some(shards)) => Some(self.cross_shard_refusal(&shards)),
+                        Err(e) => Some(e),
+                    };
+                    if let Some((code, message)) = refused {
                         self.refuse_query(code, &message).await;
                         return Ok(());
                     }
@@ -151,6 +166,15 @@ impl Session {
                 if self.proxy_execute(portal) {
                     return Ok(());
                 }
+                if self.routing.scatter_portal.is_some() {
+                    let max_rows = frame
+                        .body
+                        .get(portal.len() + 1..portal.len() + 5)
+                        .map_or(0, |b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                    if self.scatter_execute(portal, max_rows) {
+                        return Ok(());
+                    }
+                }
                 if sharded && self.server.is_none() {
                     let _ = self.route_shard(None, None);
                 }
@@ -169,6 +193,7 @@ impl Session {
                     self.forward_if_attached(&frame);
                 } else if self.server.is_some() {
                     self.skipping = false;
+                    self.routing.scatter_portal = None;
                     self.routing.proxy_portals.remove(&b""[..]);
                     frame.encode(&mut self.to_server);
                     self.pipeline.push_back(Expect::Sync);
@@ -182,6 +207,7 @@ impl Session {
                     // Nothing reached a server since the last Sync: the
                     // proxy answered everything itself and is idle.
                     self.skipping = false;
+                    self.routing.scatter_portal = None;
                     self.routing.proxy_portals.remove(&b""[..]);
                     self.emit_ready_synthetics();
                     be::ready_for_query(b'I').encode(&mut self.to_client);
@@ -492,7 +518,20 @@ impl Session {
         if self.shard_map.is_some() {
             let (text, types) = self.statement_text_and_types(bind.statement);
             let routed = self.route_shard(text.as_deref(), Some((types.as_slice(), bind.rest)));
-            if let Err((code, message)) = routed {
+            let refused = match routed {
+                Ok(None) => None,
+                Ok(Some(shards))
+                    if self.server.is_none()
+                        && self.routing.pending_begin.is_none()
+                        && text.as_deref().is_some_and(|t| self.is_read(t)) =>
+                {
+                    let text = text.expect("checked");
+                    return self.scatter_bind(&bind, &text, types, &shards).await;
+                }
+                Ok(Some(shards)) => Some(self.cross_shard_refusal(&shards)),
+                Err(e) => Some(e),
+            };
+            if let Some((code, message)) = refused {
                 return self.refuse_extended(code, &message).await;
             }
             if self.routing.pending_begin.is_some() {
@@ -553,7 +592,9 @@ impl Session {
         }
         let target =
             fe::parse_target(&frame.body, "Describe").map_err(|_| Self::malformed("Describe"))?;
-        if self.proxy_describe(target.kind, target.name) {
+        if self.proxy_describe(target.kind, target.name)
+            || self.scatter_describe(target.kind, target.name)
+        {
             return Ok(());
         }
         if self.server.is_none() && self.shard_map.is_some() {
@@ -595,7 +636,9 @@ impl Session {
         }
         let target =
             fe::parse_target(&frame.body, "Close").map_err(|_| Self::malformed("Close"))?;
-        if self.proxy_close(target.kind, target.name) {
+        if self.proxy_close(target.kind, target.name)
+            || self.scatter_close(target.kind, target.name)
+        {
             return Ok(());
         }
         if target.kind == b'S' && !target.name.is_empty() && self.renames() {

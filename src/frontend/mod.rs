@@ -11,6 +11,7 @@ pub mod vars;
 
 mod client_msgs;
 mod routing;
+pub mod scatter;
 mod server_msgs;
 pub mod sharding;
 

@@ -181,6 +181,9 @@ pub(super) struct RoutingState {
     /// `SET shardgate.sharding_key` / `shardgate.shard`: where statements
     /// go when they carry no hint of their own.
     pub shard_setting: Option<super::sharding::ShardHint>,
+    /// The result of a cross-shard statement bound but not yet executed
+    /// (gone at Sync, like the portal it stands for).
+    pub scatter_portal: Option<super::scatter::ScatterPortal>,
 }
 
 impl Session {
@@ -798,7 +801,7 @@ impl Session {
     }
 
     /// Bookkeeping when the server connection is given up.
-    fn left_server(&mut self) {
+    pub(super) fn left_server(&mut self) {
         if let Some(i) = self.on_replica.take() {
             if let Some(r) = self.replicas.get(i) {
                 r.candidate

@@ -185,14 +185,16 @@ impl Session {
     /// checks it against the held server's shard otherwise. `text` is the
     /// statement text (None: anywhere will do); `bind` its Parse parameter
     /// types and the Bind's formats and values. Err is the message of a
-    /// 0A000 (or other) refusal: (SQLSTATE, message).
+    /// 0A000 (or other) refusal: (SQLSTATE, message). Ok(Some(shards)):
+    /// the statement needs several shards (a cross-shard read may run
+    /// them; see [`Self::cross_shard_refusal`] otherwise).
     pub(super) fn route_shard(
         &mut self,
         text: Option<&[u8]>,
         bind: Option<(&[u32], &[u8])>,
-    ) -> Result<(), (&'static str, String)> {
+    ) -> Result<Option<Vec<usize>>, (&'static str, String)> {
         let Some(map) = self.shard_map() else {
-            return Ok(());
+            return Ok(None);
         };
         let target = match text {
             None => Target::Anywhere,
@@ -203,19 +205,10 @@ impl Session {
                 if self.server.is_none() {
                     self.select_shard(map.default_shard);
                 }
-                return Ok(());
+                return Ok(None);
             }
             Target::Shard(s) => s,
-            Target::Shards(shards, what) => {
-                let names: Vec<String> = shards.iter().map(|s| self.shard_name(*s)).collect();
-                return Err((
-                    "0A000",
-                    format!(
-                        "shardgate: this statement needs shards {} ({what}); queries across shards are not supported yet — restrict it to one sharding key, or name a shard with /* shardgate: shard=NAME */",
-                        names.join(", ")
-                    ),
-                ));
-            }
+            Target::Shards(shards, _) => return Ok(Some(shards)),
             Target::Refuse(m) => return Err(("0A000", format!("shardgate: {m}"))),
         };
         if self.server.is_some() {
@@ -229,10 +222,29 @@ impl Session {
                     ),
                 ));
             }
-            return Ok(());
+            return Ok(None);
         }
         self.select_shard(want);
-        Ok(())
+        Ok(None)
+    }
+
+    /// Why a statement that needs `shards` cannot run: inside a
+    /// transaction (which holds one shard), or as a write.
+    pub(super) fn cross_shard_refusal(&self, shards: &[usize]) -> (&'static str, String) {
+        crate::metrics::GLOBAL.cross_shard_refusals.inc();
+        let names: Vec<String> = shards.iter().map(|s| self.shard_name(*s)).collect();
+        let why = if self.server.is_some() || self.routing.pending_begin.is_some() {
+            "statements across shards inside a transaction are not supported yet"
+        } else {
+            "writes across shards are not supported yet"
+        };
+        (
+            "0A000",
+            format!(
+                "shardgate: this statement needs shards {}: {why} — restrict it to one sharding key, or name a shard with /* shardgate: shard=NAME */",
+                names.join(", ")
+            ),
+        )
     }
 
     fn target_of(

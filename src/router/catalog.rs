@@ -109,6 +109,7 @@ pub struct Catalog {
     functions: HashMap<String, bool>,
     volatile_operators: HashSet<String>,
     volatile_casts: bool,
+    aggregates: HashSet<String>,
     plain_operators_read_only: bool,
     policy: FunctionPolicy,
     cache: Mutex<HashMap<Box<[u8]>, Class>>,
@@ -120,6 +121,8 @@ pub struct CatalogRows {
     pub functions: Vec<(String, bool)>,
     pub volatile_operators: Vec<String>,
     pub volatile_casts: bool,
+    /// Names of aggregate functions (built-in and user-defined).
+    pub aggregates: Vec<String>,
 }
 
 /// Run on the primary of a database, in one round trip: function names with
@@ -132,7 +135,9 @@ SELECT DISTINCT 'o', o.oprname::text, '' FROM pg_catalog.pg_operator o \
   JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode WHERE p.provolatile = 'v' \
 UNION ALL \
 SELECT 'c', '', (count(*) > 0)::text FROM pg_catalog.pg_cast c \
-  JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc WHERE p.provolatile = 'v'";
+  JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc WHERE p.provolatile = 'v' \
+UNION ALL \
+SELECT DISTINCT 'a', proname::text, '' FROM pg_catalog.pg_proc WHERE prokind = 'a'";
 
 impl CatalogRows {
     /// Reads the rows of [`LOAD_SQL`].
@@ -141,6 +146,7 @@ impl CatalogRows {
             functions: Vec::new(),
             volatile_operators: Vec::new(),
             volatile_casts: false,
+            aggregates: Vec::new(),
         };
         for row in rows {
             let [Some(kind), Some(name), Some(value)] =
@@ -152,6 +158,7 @@ impl CatalogRows {
                 "f" => out.functions.push((name, value == "true")),
                 "o" => out.volatile_operators.push(name),
                 "c" => out.volatile_casts = value == "true",
+                "a" => out.aggregates.push(name),
                 _ => {}
             }
         }
@@ -170,6 +177,7 @@ impl Catalog {
             functions: rows.functions.into_iter().collect(),
             volatile_operators,
             volatile_casts: rows.volatile_casts,
+            aggregates: rows.aggregates.into_iter().collect(),
             policy,
             cache: Mutex::new(HashMap::new()),
             loaded_at: Instant::now(),
@@ -184,11 +192,17 @@ impl Catalog {
             functions: HashMap::new(),
             volatile_operators: HashSet::new(),
             volatile_casts: true,
+            aggregates: HashSet::new(),
             plain_operators_read_only: false,
             policy: FunctionPolicy::default(),
             cache: Mutex::new(HashMap::new()),
             loaded_at: Instant::now(),
         }
+    }
+
+    /// Whether `name` is an aggregate function in this database.
+    pub fn is_aggregate(&self, name: &str) -> bool {
+        self.aggregates.contains(name)
     }
 
     pub fn is_loaded(&self) -> bool {
@@ -266,6 +280,7 @@ impl Catalog {
                 functions,
                 volatile_operators: Vec::new(),
                 volatile_casts: false,
+                aggregates: Vec::new(),
             },
             FunctionPolicy::default(),
         )
@@ -291,6 +306,7 @@ mod tests {
                 ],
                 volatile_operators: vec!["@@@".into()],
                 volatile_casts: false,
+                aggregates: Vec::new(),
             },
             policy,
         );

@@ -12,6 +12,7 @@
 
 pub mod catalog;
 pub mod classify;
+pub mod scatter;
 pub mod shard;
 
 use crate::config::{ReplicaSelection, RoutingConfig};

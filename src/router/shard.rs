@@ -333,18 +333,8 @@ fn place_statement(map: &ShardMap, stmt: &Statement) -> Placement {
             "a WITH query named like the sharded or reference table {clash} is not supported"
         ));
     }
-    let mut sharded = 0usize;
-    let mut reference = 0usize;
-    let mut unknown = 0usize;
-    let _ = ast::visit_relations(stmt, |name| {
-        match relation_kind(map, &ctes, name) {
-            Kind::Sharded => sharded += 1,
-            Kind::Reference => reference += 1,
-            Kind::Unknown => unknown += 1,
-            Kind::Cte => {}
-        }
-        ControlFlow::<()>::Continue(())
-    });
+    let rels = Relations::of(map, &ctes, stmt);
+    let (sharded, reference, unknown) = (rels.sharded.len(), rels.reference, rels.unknown.len());
     let written = written_tables(map, &ctes, stmt);
     let data_statement = matches!(
         stmt,
@@ -375,15 +365,7 @@ fn place_statement(map: &ShardMap, stmt: &Statement) -> Placement {
             write: true,
         };
     }
-    let mut w = Walker {
-        map,
-        ctes: &ctes,
-        factors: Vec::new(),
-        parent: Vec::new(),
-        scopes: Vec::new(),
-        problem: None,
-    };
-    w.statement(stmt);
+    let w = Walker::run(map, &ctes, stmt);
     if let Some(p) = w.problem {
         return Placement::Unsupported(p);
     }
@@ -429,6 +411,79 @@ fn place_statement(map: &ShardMap, stmt: &Statement) -> Placement {
     Placement::Keys {
         groups: groups.into_iter().map(|(_, g)| g).collect(),
         default_too: unknown > 0,
+    }
+}
+
+/// Whether a SELECT that needs several shards can be computed shard by
+/// shard: every sharded table sits in the statement's own FROM (not in a
+/// subquery, CTE or derived table), all of them joined on their sharding
+/// keys (so each joined row lives on exactly one shard), and no table of
+/// the default shard takes part. Err names what stands in the way.
+pub fn scatter_check(map: &ShardMap, sql: &str) -> Result<(), String> {
+    let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+        .map_err(|_| "a statement shardgate cannot analyse".to_string())?;
+    let [stmt @ Statement::Query(_)] = stmts.as_slice() else {
+        return Err("a statement other than one SELECT".into());
+    };
+    let ctes = cte_names(stmt);
+    let Relations {
+        sharded, unknown, ..
+    } = Relations::of(map, &ctes, stmt);
+    if let Some(u) = unknown.first() {
+        return Err(format!(
+            "a query joining sharded tables with {u}, which is not sharded (it lives on the default shard)"
+        ));
+    }
+    let w = Walker::run(map, &ctes, stmt);
+    if let Some(p) = w.problem {
+        return Err(p);
+    }
+    if w.factors.len() != sharded.len() {
+        return Err(format!(
+            "sharded tables ({}) where shardgate cannot split the query",
+            sharded.join(", ")
+        ));
+    }
+    if let Some(f) = w.factors.iter().find(|f| f.depth != 1) {
+        return Err(format!(
+            "a subquery, CTE or derived table over sharded table {} in a query across shards",
+            f.table
+        ));
+    }
+    let root = w.find(0);
+    if let Some(i) = (0..w.factors.len()).find(|i| w.find(*i) != root) {
+        return Err(format!(
+            "a join of sharded tables {} and {} that is not on their sharding keys",
+            w.factors[root].table, w.factors[i].table
+        ));
+    }
+    Ok(())
+}
+
+/// Every relation a statement names, by kind.
+struct Relations {
+    sharded: Vec<String>,
+    reference: usize,
+    unknown: Vec<String>,
+}
+
+impl Relations {
+    fn of(map: &ShardMap, ctes: &HashSet<String>, stmt: &Statement) -> Relations {
+        let mut r = Relations {
+            sharded: Vec::new(),
+            reference: 0,
+            unknown: Vec::new(),
+        };
+        let _ = ast::visit_relations(stmt, |name| {
+            match relation_kind(map, ctes, name) {
+                Kind::Sharded => r.sharded.push(name.to_string()),
+                Kind::Reference => r.reference += 1,
+                Kind::Unknown => r.unknown.push(name.to_string()),
+                Kind::Cte => {}
+            }
+            ControlFlow::<()>::Continue(())
+        });
+        r
     }
 }
 
@@ -509,6 +564,8 @@ struct Factor {
     key_type: KeyType,
     /// Keys its rows are restricted to, if any.
     keys: Option<Vec<KeyExpr>>,
+    /// Queries it is nested in (1: the statement's own SELECT).
+    depth: usize,
 }
 
 /// One FROM entry visible to column references: its name (alias, or the
@@ -526,9 +583,26 @@ struct Walker<'a> {
     parent: Vec<usize>,
     scopes: Vec<Vec<Entry>>,
     problem: Option<String>,
+    /// Queries being walked, outermost first.
+    nesting: usize,
 }
 
-impl Walker<'_> {
+impl<'a> Walker<'a> {
+    /// Walks `stmt`, registering its sharded references and their keys.
+    fn run(map: &'a ShardMap, ctes: &'a HashSet<String>, stmt: &Statement) -> Walker<'a> {
+        let mut w = Walker {
+            map,
+            ctes,
+            factors: Vec::new(),
+            parent: Vec::new(),
+            scopes: Vec::new(),
+            problem: None,
+            nesting: 0,
+        };
+        w.statement(stmt);
+        w
+    }
+
     fn find(&self, mut i: usize) -> usize {
         while self.parent[i] != i {
             i = self.parent[i];
@@ -561,6 +635,12 @@ impl Walker<'_> {
     }
 
     fn query(&mut self, q: &Query) {
+        self.nesting += 1;
+        self.query_body(q);
+        self.nesting -= 1;
+    }
+
+    fn query_body(&mut self, q: &Query) {
         if let Some(with) = &q.with {
             for cte in &with.cte_tables {
                 self.query(&cte.query);
@@ -684,6 +764,7 @@ impl Walker<'_> {
             column: column.clone(),
             key_type: *key_type,
             keys: None,
+            depth: self.nesting,
         });
         self.parent.push(self.factors.len() - 1);
         Some(self.factors.len() - 1)
@@ -1218,6 +1299,41 @@ type = "text"
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn what_can_be_computed_shard_by_shard() {
+        let m = map();
+        for sql in [
+            "select * from orders",
+            "select count(*) from orders o join items i on o.customer_id = i.customer_id",
+            "select * from orders o join countries c on c.code = o.country where o.total > 1",
+            "select * from orders o where exists (select 1 from countries c where c.code = o.country)",
+        ] {
+            assert_eq!(scatter_check(&m, sql), Ok(()), "{sql}");
+        }
+        for (sql, what) in [
+            (
+                "select * from orders o join items i on o.id = i.order_id",
+                "not on their sharding keys",
+            ),
+            (
+                "select * from orders where total > (select avg(total) from orders)",
+                "subquery",
+            ),
+            (
+                "select count(*) from (select distinct country from orders) x",
+                "derived table",
+            ),
+            ("select * from orders o join foo f on f.id = o.id", "foo"),
+            (
+                "select * from orders o where o.customer_id in (select customer_id from items)",
+                "subquery",
+            ),
+        ] {
+            let e = scatter_check(&m, sql).unwrap_err();
+            assert!(e.contains(what), "{sql}: {e}");
+        }
     }
 
     #[test]
