@@ -239,6 +239,12 @@ pub struct ProxyConfig {
     pub worker_threads: usize,
     /// This proxy's zone: replicas in the same zone are preferred for reads.
     pub zone: Option<String>,
+    /// Where this proxy keeps state that must survive a restart (the
+    /// two-phase commit decision log).
+    pub state_dir: std::path::PathBuf,
+    /// This proxy's number (0-1023), unique among the proxies of a
+    /// cluster: it names the two-phase transactions it owns.
+    pub node_id: u16,
 }
 
 impl Default for ProxyConfig {
@@ -253,6 +259,8 @@ impl Default for ProxyConfig {
             shutdown_timeout: Duration::from_secs(30),
             worker_threads: 1,
             zone: None,
+            state_dir: "shardgate-state".into(),
+            node_id: 0,
         }
     }
 }
@@ -551,6 +559,12 @@ impl Config {
             return Err(invalid(
                 "routing.catalog_refresh".into(),
                 "must be positive",
+            ));
+        }
+        if self.proxy.node_id > 1023 {
+            return Err(invalid(
+                "proxy.node_id".into(),
+                "must be between 0 and 1023",
             ));
         }
         self.validate_sharding()

@@ -13,6 +13,8 @@
 //! - [`metrics`]: Prometheus metrics and the /metrics, /healthz endpoint.
 //! - [`proxy`]: shared state, listener, signals, shutdown.
 //! - [`config`]: the TOML configuration.
+//! - [`sharding`]: keys, hashes and the bucket map.
+//! - [`twophase`]: the decision log and recovery of cross-shard commits.
 //! - [`sql`]: lexical SQL helpers (statement splitting, keywords).
 //! - [`local`]: starts a local topology of real Postgres servers
 //!   (`shardgate up` / `down`, and the test harness).
@@ -31,6 +33,7 @@ pub mod router;
 pub mod sharding;
 pub mod sql;
 pub mod topology;
+pub mod twophase;
 
 /// Locks a mutex, ignoring poisoning: the data behind our locks stays
 /// consistent even if a holder panicked (each critical section is a single

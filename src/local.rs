@@ -175,7 +175,10 @@ impl PgServer {
             r?;
             s.append_conf(&[
                 "listen_addresses = '127.0.0.1'".into(),
-                "wal_level = replica".into(),
+                // logical: online resharding streams changes between shards.
+                "wal_level = logical".into(),
+                // Writes across shards commit with PREPARE TRANSACTION.
+                "max_prepared_transactions = 64".into(),
                 "max_wal_senders = 10".into(),
                 "hot_standby = on".into(),
                 "wal_keep_size = '256MB'".into(),

@@ -39,6 +39,8 @@ pub struct Global {
     /// Statements refused because they need several shards in a way
     /// shardgate does not support.
     pub cross_shard_refusals: IntCounter,
+    /// Writes across shards by outcome (committed, rolled_back).
+    pub twophase: IntCounterVec,
 }
 
 /// Latency buckets from 50 µs to 10 s.
@@ -151,6 +153,13 @@ fn build() -> Global {
                 "Cross-shard SELECTs, by merge (concat: rows concatenated; final: combined by a second query)"
             ),
             &["merge"]
+        )),
+        twophase: reg!(IntCounterVec::new(
+            Opts::new(
+                "twophase_transactions_total",
+                "Writes across shards (two-phase commit), by outcome"
+            ),
+            &["outcome"]
         )),
         cross_shard_refusals: reg!(IntCounter::new(
             "cross_shard_refusals_total",

@@ -35,6 +35,9 @@ pub struct Proxy {
     pub catalogs: crate::router::Catalogs,
     pub placements: crate::frontend::sharding::PlacementCache,
     pub type_names: crate::frontend::scatter::TypeNames,
+    /// The two-phase commit decision log (None: it could not be opened;
+    /// writes across shards are refused).
+    pub twophase: Option<crate::twophase::DecisionLog>,
 }
 
 impl Proxy {
@@ -51,6 +54,7 @@ impl Proxy {
             catalogs: crate::router::Catalogs::default(),
             placements: Default::default(),
             type_names: Default::default(),
+            twophase: open_decision_log(&config),
             config: ArcSwap::from_pointee(config),
         })
     }
@@ -68,6 +72,21 @@ impl Proxy {
         self.catalogs.clear();
         self.placements.clear();
         tracing::info!(topology_epoch = epoch, "configuration reloaded");
+    }
+}
+
+/// The decision log, when there are shards to write across.
+fn open_decision_log(config: &Config) -> Option<crate::twophase::DecisionLog> {
+    if config.sharding.is_none() || config.shards.len() < 2 {
+        return None;
+    }
+    let dir = &config.proxy.state_dir;
+    match crate::twophase::DecisionLog::open(dir, config.proxy.node_id) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot open the two-phase commit log; writes across shards are refused");
+            None
+        }
     }
 }
 
@@ -168,6 +187,9 @@ pub async fn start(
             }
         }
     });
+    // Prepared transactions left by a crash, then retries of unfinished
+    // commits.
+    proxy.tasks.spawn(crate::twophase::run(proxy.clone()));
     // Health probes, until shutdown.
     let p = proxy.clone();
     tokio::spawn(async move {

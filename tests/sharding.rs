@@ -18,10 +18,11 @@ const BUCKETS: u32 = 64;
 fn config_text() -> String {
     let c = cluster();
     let s = shard_primaries();
+    let state = std::env::temp_dir().join(format!("shardgate-test-state-{}", std::process::id()));
     let mut text = common::config_text(
         &c.primary.addr(),
         "max_size = 10\ncheckout_timeout = \"5s\"",
-        "",
+        &format!("state_dir = \"{}\"", state.display()),
     );
     // Uneven, interleaved ownership: s0 0-9 and 40-63, s1 10-29, s2 30-39.
     text.push_str("buckets = [\"0-9\", \"40-63\"]\n");
@@ -356,13 +357,10 @@ fn what_one_shard_cannot_answer_is_refused() {
             "select customer_id, rank() over (order by total) from sg_orders".to_string(),
             "select * from sg_orders where total = (select max(total) from sg_orders)".into(),
             format!("select * from sg_orders where customer_id in ({a}, {b}) for update"),
-            format!("insert into sg_orders (customer_id) values ({a}), ({b})"),
-            "update sg_orders set total = 1".into(),
             "update sg_orders set customer_id = 5 where customer_id = 4".into(),
             "insert into sg_orders (total) values (1)".into(),
             "insert into sg_orders (customer_id) select 1".into(),
-            "create index on sg_orders (total)".into(),
-            "insert into sg_countries values ('it', 'Italy')".into(),
+            format!("with x as (insert into sg_orders (customer_id) values ({a}), ({b}) returning *) select * from x"),
             format!("select * from sg_orders o join sg_items i on o.id = i.customer_id where o.customer_id = {a}"),
         ] {
             let e = c.simple_query(&sql).await.expect_err(&sql);
@@ -675,4 +673,135 @@ impl<'a> tokio_postgres::types::FromSql<'a> for PgNumeric {
     fn accepts(ty: &tokio_postgres::types::Type) -> bool {
         *ty == tokio_postgres::types::Type::NUMERIC
     }
+}
+
+#[test]
+fn writes_across_shards_are_atomic() {
+    let _s = serial();
+    let st = setup();
+    rt().block_on(async {
+        truncate_all().await;
+        let c = st.proxy.connect().await;
+        let (a, b) = two_keys_on_different_shards(&st.map);
+        // A multi-row INSERT split by shard, with RETURNING and the summed
+        // command tag.
+        let rows = c
+            .simple_query(&format!(
+                "insert into sg_orders (customer_id, total) values ({a}, 1), ({b}, 2), (3, 3), (4, 4), (5, 5) returning customer_id"
+            ))
+            .await
+            .unwrap();
+        let returned = rows
+            .iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count();
+        assert_eq!(returned, 5);
+        assert!(matches!(rows.last(), Some(tokio_postgres::SimpleQueryMessage::CommandComplete(5))));
+        // The same through the extended protocol, parameters renumbered
+        // per shard.
+        let n = c
+            .execute(
+                "insert into sg_orders (customer_id, total) values ($1, $2), ($3, $4)",
+                &[&a, &rust_decimal_free(10), &b, &rust_decimal_free(20)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        let placement = check_placement(&st.map, "sg_orders", "customer_id", KeyType::Int8).await;
+        assert_eq!(placement.iter().sum::<usize>(), 7);
+        // UPDATE and DELETE without a key run on every shard.
+        let n = c.execute("update sg_orders set total = total * 10 where total < 10", &[]).await.unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(scalar(&c, "select sum(total) from sg_orders").await, "180");
+        // DDL and reference tables reach every shard.
+        c.simple_query("create index sg_orders_total on sg_orders (total)").await.unwrap();
+        c.simple_query("insert into sg_countries values ('it', 'Italy')").await.unwrap();
+        for i in 0..3 {
+            let d = shard_client(i).await;
+            let idx: bool = d
+                .query_one("select to_regclass('sg_orders_total') is not null", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert!(idx, "index on shard {i}");
+            let n: i64 = d
+                .query_one("select count(*) from sg_countries where code = 'it'", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 1, "reference row on shard {i}");
+        }
+        c.simple_query("drop index sg_orders_total").await.unwrap();
+        c.simple_query("delete from sg_countries where code = 'it'").await.unwrap();
+
+        // One shard refuses its part: nothing is written anywhere.
+        let n = c.execute("delete from sg_orders", &[]).await.unwrap();
+        assert_eq!(n, 7);
+        c.simple_query("create unique index sg_orders_uniq on sg_orders (customer_id, total)")
+            .await
+            .unwrap();
+        c.simple_query(&format!("insert into sg_orders (customer_id, total) values ({b}, 200)"))
+            .await
+            .unwrap();
+        let e = c
+            .simple_query(&format!(
+                "insert into sg_orders (customer_id, total) values ({a}, 777), ({b}, 200)"
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "23505", "{e}");
+        assert_eq!(
+            scalar(&c, "select count(*) from sg_orders where total = 777").await,
+            "0",
+            "the other shard's part was rolled back"
+        );
+        c.simple_query("drop index sg_orders_uniq").await.unwrap();
+        for i in 0..3 {
+            let d = shard_client(i).await;
+            let n: i64 = d
+                .query_one("select count(*) from pg_prepared_xacts", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 0, "no prepared transaction left on shard {i}");
+        }
+        // Inside a transaction, another shard is still refused.
+        c.simple_query("begin").await.unwrap();
+        c.simple_query(&format!("insert into sg_orders (customer_id) values ({a})")).await.unwrap();
+        let e = c
+            .simple_query(&format!("insert into sg_orders (customer_id) values ({a}), ({b})"))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "0A000");
+        c.simple_query("rollback").await.unwrap();
+    });
+}
+
+/// A numeric parameter without a decimal crate: bound as text.
+fn rust_decimal_free(v: i64) -> NumericText {
+    NumericText(v.to_string())
+}
+
+#[derive(Debug)]
+struct NumericText(String);
+
+impl tokio_postgres::types::ToSql for NumericText {
+    fn to_sql(
+        &self,
+        _: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        // Numeric binary: one base-10000 digit group is enough here.
+        let v: i16 = self.0.parse()?;
+        out.extend_from_slice(&1i16.to_be_bytes()); // ndigits
+        out.extend_from_slice(&0i16.to_be_bytes()); // weight
+        out.extend_from_slice(&0u16.to_be_bytes()); // sign
+        out.extend_from_slice(&0i16.to_be_bytes()); // dscale
+        out.extend_from_slice(&v.to_be_bytes());
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::NUMERIC
+    }
+    tokio_postgres::types::to_sql_checked!();
 }

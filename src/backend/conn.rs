@@ -283,6 +283,18 @@ impl ServerConn {
         request: &[u8],
         max_message: usize,
     ) -> Result<Vec<Frame>, ConnectError> {
+        self.exchange_n(request, max_message, 1).await
+    }
+
+    /// [`Self::exchange`] for a request of `readies` pipelined parts: reads
+    /// up to the last of their ReadyForQuery messages.
+    pub async fn exchange_n(
+        &mut self,
+        request: &[u8],
+        max_message: usize,
+        readies: usize,
+    ) -> Result<Vec<Frame>, ConnectError> {
+        let mut readies = readies.max(1);
         if let Err(source) = self.stream.write_all(request).await {
             self.broken = true;
             return Err(ConnectError::Io {
@@ -317,7 +329,11 @@ impl ServerConn {
                 be::READY_FOR_QUERY => {
                     self.tx_status = frame.body.first().copied().unwrap_or(b'I');
                     frames.push(frame);
-                    return Ok(frames);
+                    readies -= 1;
+                    if readies == 0 {
+                        return Ok(frames);
+                    }
+                    continue;
                 }
                 _ => {}
             }

@@ -116,9 +116,10 @@ impl Session {
                 if sharded {
                     let refused = match self.route_shard(Some(text), None) {
                         Ok(None) => None,
-                        Ok(Some(shards)) if self.server.is_none() && self.is_read(text) => {
+                        Ok(Some(shards)) if self.server.is_none() => {
                             let sql = String::from_utf8_lossy(text).into_owned();
-                            self.scatter_query(&sql, &shards).await;
+                            let write = !self.is_read(text);
+                            self.scatter_query(&sql, &shards, write).await;
                             return Ok(());
                         }
                         Ok(Some(shards)) => Some(self.cross_shard_refusal(&shards)),
@@ -523,10 +524,11 @@ impl Session {
                 Ok(Some(shards))
                     if self.server.is_none()
                         && self.routing.pending_begin.is_none()
-                        && text.as_deref().is_some_and(|t| self.is_read(t)) =>
+                        && text.is_some() =>
                 {
                     let text = text.expect("checked");
-                    return self.scatter_bind(&bind, &text, types, &shards).await;
+                    let write = !self.is_read(&text);
+                    return self.scatter_bind(&bind, &text, types, &shards, write).await;
                 }
                 Ok(Some(shards)) => Some(self.cross_shard_refusal(&shards)),
                 Err(e) => Some(e),

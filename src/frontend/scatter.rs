@@ -461,8 +461,11 @@ impl Session {
 
     /// A statement that only reads (the cross-shard candidates).
     pub(super) fn is_read(&self, sql: &[u8]) -> bool {
-        crate::router::classify::leading_keyword(sql)
-            .is_some_and(|w| w.eq_ignore_ascii_case(b"select"))
+        crate::router::classify::leading_keyword(sql).is_some_and(|w| {
+            [&b"select"[..], b"with", b"values", b"table"]
+                .iter()
+                .any(|k| w.eq_ignore_ascii_case(k))
+        })
     }
 
     /// A Bind of a statement that needs several shards, outside a
@@ -474,6 +477,7 @@ impl Session {
         text: &[u8],
         types: Vec<u32>,
         shards: &[usize],
+        write: bool,
     ) -> Result<(), super::session::SessionError> {
         let Some((params, result_formats)) = split_bind(bind.rest) else {
             return Err(super::session::SessionError::Fatal {
@@ -482,17 +486,17 @@ impl Session {
             });
         };
         let sql = String::from_utf8_lossy(text).into_owned();
-        let answer = self
-            .run_scatter(
-                &sql,
-                shards,
-                Some(&ScatterBind {
-                    types,
-                    params,
-                    result_formats,
-                }),
-            )
-            .await;
+        let portal = bind.portal.to_vec();
+        let bind = ScatterBind {
+            types,
+            params,
+            result_formats,
+        };
+        let answer = if write {
+            self.run_multi_write(&sql, shards, Some(&bind)).await
+        } else {
+            self.run_scatter(&sql, shards, Some(&bind)).await
+        };
         // Parses held back for the shard decision: the statement text was
         // analysed (and run) above; the server that runs it later
         // prepares it again.
@@ -509,7 +513,7 @@ impl Session {
             Ok((description, rows, complete)) => {
                 self.push_reply(be::empty(be::BIND_COMPLETE));
                 self.routing.scatter_portal = Some(ScatterPortal {
-                    name: bind.portal.to_vec(),
+                    name: portal,
                     description,
                     rows,
                     complete,
@@ -585,16 +589,24 @@ impl Session {
         });
     }
 
-    /// A simple Query that needs several shards, outside a transaction.
-    pub(super) async fn scatter_query(&mut self, sql: &str, shards: &[usize]) {
-        let answer = self.run_scatter(sql, shards, None).await;
+    /// A simple Query that needs several shards, outside a transaction: a
+    /// read (`write` false) or a write.
+    pub(super) async fn scatter_query(&mut self, sql: &str, shards: &[usize], write: bool) {
+        let answer = if write {
+            self.run_multi_write(sql, shards, None).await
+        } else {
+            self.run_scatter(sql, shards, None).await
+        };
         self.emit_ready_synthetics();
         for n in answer.notices {
             n.encode(&mut self.to_client);
         }
         match answer.result {
             Ok((description, rows, complete)) => {
-                description.encode(&mut self.to_client);
+                // The simple protocol has no NoData.
+                if description.tag != be::NO_DATA {
+                    description.encode(&mut self.to_client);
+                }
                 for r in rows {
                     r.encode(&mut self.to_client);
                 }

@@ -242,13 +242,13 @@ impl Session {
                 Some(Expect::ShapeCheck { .. }) => {
                     if let Some(Expect::ShapeCheck { stmt, record }) = self.pipeline.pop_front() {
                         let shape = if tag == be::ROW_DESCRIPTION {
-                            body
+                            super::statements::shape_of(body)
                         } else {
-                            &[][..]
+                            bytes::Bytes::new()
                         };
                         if record {
-                            let _ = stmt.shape.set(bytes::Bytes::copy_from_slice(shape));
-                        } else if stmt.shape.get().is_some_and(|known| known[..] != *shape) {
+                            let _ = stmt.shape.set(shape);
+                        } else if stmt.shape.get().is_some_and(|known| *known != shape) {
                             stmt.stale.store(true, std::sync::atomic::Ordering::Relaxed);
                         }
                     }

@@ -329,6 +329,18 @@ impl Session {
             .map_or_else(|| i.to_string(), |s| s.name.clone())
     }
 
+    /// Records a commit position the session reached on `shard`.
+    pub(super) fn note_commit_lsn(&mut self, shard: usize, lsn: u64) {
+        if shard == self.shard {
+            self.routing.last_commit_lsn = self.routing.last_commit_lsn.max(lsn);
+            return;
+        }
+        if self.commit_lsns.len() <= shard {
+            self.commit_lsns.resize(shard + 1, 0);
+        }
+        self.commit_lsns[shard] = self.commit_lsns[shard].max(lsn);
+    }
+
     /// Makes shard `i` the session's (no server may be held).
     pub(super) fn select_shard(&mut self, i: usize) {
         if i == self.shard || self.server.is_some() {

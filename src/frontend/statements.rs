@@ -85,3 +85,30 @@ impl StatementRegistry {
         }
     }
 }
+
+/// A statement's result shape from its RowDescription: column names,
+/// types, type modifiers and formats — without each column's table OID
+/// and column number, which differ between shards that hold the same
+/// table (so a statement described on one shard runs on another).
+pub fn shape_of(row_description: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(row_description.len());
+    let Some(head) = row_description.get(..2) else {
+        return Bytes::copy_from_slice(row_description);
+    };
+    out.extend_from_slice(head);
+    let mut at = 2;
+    while at < row_description.len() {
+        let Some(end) = memchr::memchr(0, &row_description[at..]).map(|e| at + e) else {
+            return Bytes::copy_from_slice(row_description);
+        };
+        let Some(field) = row_description.get(end + 1..end + 19) else {
+            return Bytes::copy_from_slice(row_description);
+        };
+        out.extend_from_slice(&row_description[at..=end]);
+        // Table OID (4) and column number (2) left out; type OID, size,
+        // modifier and format kept.
+        out.extend_from_slice(&field[6..]);
+        at = end + 19;
+    }
+    Bytes::from(out)
+}

@@ -457,7 +457,204 @@ pub fn scatter_check(map: &ShardMap, sql: &str) -> Result<(), String> {
             w.factors[root].table, w.factors[i].table
         ));
     }
+    if let Statement::Query(q) = stmt {
+        if let SetExpr::Select(s) = q.body.as_ref() {
+            for twj in &s.from {
+                preserved_sides(map, &ctes, twj)?;
+            }
+        }
+    }
     Ok(())
+}
+
+/// Every shard joins its own rows: an outer join whose preserved side has
+/// no sharded table (a reference table LEFT JOIN a sharded one) would
+/// repeat that side's unmatched rows once per shard. Returns whether the
+/// FROM item holds a sharded table.
+fn preserved_sides(
+    map: &ShardMap,
+    ctes: &HashSet<String>,
+    twj: &TableWithJoins,
+) -> Result<bool, String> {
+    let factor = |tf: &TableFactor| -> Result<bool, String> {
+        Ok(match tf {
+            TableFactor::NestedJoin {
+                table_with_joins, ..
+            } => preserved_sides(map, ctes, table_with_joins)?,
+            other => {
+                let mut found = false;
+                let _ = ast::visit_relations(other, |n| {
+                    found |= relation_kind(map, ctes, n) == Kind::Sharded;
+                    ControlFlow::<()>::Continue(())
+                });
+                found
+            }
+        })
+    };
+    let mut left = factor(&twj.relation)?;
+    for j in &twj.joins {
+        let right = factor(&j.relation)?;
+        let unsafe_join = match &j.join_operator {
+            JoinOperator::Left(_)
+            | JoinOperator::LeftOuter(_)
+            | JoinOperator::LeftSemi(_)
+            | JoinOperator::LeftAnti(_) => !left && right,
+            JoinOperator::Right(_)
+            | JoinOperator::RightOuter(_)
+            | JoinOperator::RightSemi(_)
+            | JoinOperator::RightAnti(_) => left && !right,
+            JoinOperator::FullOuter(_) => left != right,
+            _ => false,
+        };
+        if unsafe_join {
+            return Err(
+                "an outer join that keeps every row of a table that is not sharded (a reference table) while joining a sharded one"
+                    .into(),
+            );
+        }
+        left |= right;
+    }
+    Ok(left)
+}
+
+/// One shard's part of a write that spans shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WritePart {
+    pub shard: usize,
+    pub sql: String,
+    /// The client's parameters this part uses, in its own `$1..` order
+    /// (0-based indexes into the client's Bind); None: all of them, as
+    /// numbered by the client.
+    pub params: Option<Vec<usize>>,
+}
+
+/// Splits a write that needs `shards` into per-shard statements: the rows
+/// of a multi-row INSERT go to their own shards (with parameters
+/// renumbered); any other write runs unchanged on each shard.
+pub fn split_write(
+    map: &ShardMap,
+    sql: &str,
+    shards: &[usize],
+    params: Option<&Params>,
+) -> Result<Vec<WritePart>, String> {
+    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+        .map_err(|_| "a statement shardgate cannot analyse".to_string())?;
+    if stmts.len() != 1 {
+        return Err("several statements in one query string across shards".into());
+    }
+    let stmt = stmts.pop().expect("one");
+    let whole = |shards: &[usize]| {
+        shards
+            .iter()
+            .map(|s| WritePart {
+                shard: *s,
+                sql: sql.to_string(),
+                params: None,
+            })
+            .collect()
+    };
+    let Statement::Insert(insert) = &stmt else {
+        if let Statement::Query(_) = stmt {
+            return Err("a data-modifying query across shards".into());
+        }
+        return Ok(whole(shards));
+    };
+    let TableObject::TableName(name) = &insert.table else {
+        return Ok(whole(shards));
+    };
+    let (schema, table) = split_object_name(name);
+    let Some(TableRule::Sharded { column, key_type }) = map.table(schema.as_deref(), &table) else {
+        // A reference table (every shard) or a statement placed otherwise.
+        return Ok(whole(shards));
+    };
+    let pos = insert
+        .columns
+        .iter()
+        .position(|c| {
+            c.0.last()
+                .and_then(|p| p.as_ident())
+                .is_some_and(|id| fold_ident(id) == *column)
+        })
+        .ok_or_else(|| format!("INSERT into sharded table {table} must list {column}"))?;
+    let Some(SetExpr::Values(values)) = insert.source.as_ref().map(|s| s.body.as_ref()) else {
+        return Err(format!(
+            "INSERT ... SELECT into sharded table {table} across shards"
+        ));
+    };
+    if insert.returning.is_some() && has_placeholders(&insert.returning) {
+        return Err("RETURNING with parameters across shards".into());
+    }
+    if has_placeholders(&insert.on) {
+        return Err("ON CONFLICT with parameters across shards".into());
+    }
+    // Rows by shard, in shard order.
+    let mut by_shard: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (r, row) in values.rows.iter().enumerate() {
+        let key = row
+            .content
+            .get(pos)
+            .and_then(|e| key_value(e, *key_type))
+            .ok_or_else(|| {
+                format!("INSERT into {table}: {column} must be a constant or a $n parameter")
+            })?;
+        let shard = key_shard(map, *key_type, &key, params)
+            .ok_or_else(|| format!("a sharding key parameter of {table} that cannot be read"))?;
+        match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+            Some((_, rows)) => rows.push(r),
+            None => by_shard.push((shard, vec![r])),
+        }
+    }
+    by_shard.sort_by_key(|(s, _)| *s);
+    let mut parts = Vec::new();
+    for (shard, rows) in by_shard {
+        let mut part = stmt.clone();
+        let Statement::Insert(ins) = &mut part else {
+            unreachable!()
+        };
+        let Some(src) = ins.source.as_mut() else {
+            unreachable!()
+        };
+        let SetExpr::Values(v) = src.body.as_mut() else {
+            unreachable!()
+        };
+        v.rows = rows.iter().map(|r| values.rows[*r].clone()).collect();
+        // Renumber the parameters this part uses: $1.. in order of first use.
+        let mut used: Vec<usize> = Vec::new();
+        let _ = ast::visit_expressions_mut(&mut part, |e| {
+            if let Expr::Value(v) = e {
+                if let Value::Placeholder(p) = &mut v.value {
+                    if let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+                        let i = match used.iter().position(|u| *u == n - 1) {
+                            Some(i) => i,
+                            None => {
+                                used.push(n - 1);
+                                used.len() - 1
+                            }
+                        };
+                        *p = format!("${}", i + 1);
+                    }
+                }
+            }
+            ControlFlow::<()>::Continue(())
+        });
+        parts.push(WritePart {
+            shard,
+            sql: part.to_string(),
+            params: Some(used),
+        });
+    }
+    Ok(parts)
+}
+
+fn has_placeholders<V: Visit>(node: &V) -> bool {
+    let mut found = false;
+    let _ = ast::visit_expressions(node, |e| {
+        if matches!(e, Expr::Value(v) if matches!(v.value, Value::Placeholder(_))) {
+            found = true;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    found
 }
 
 /// Every relation a statement names, by kind.
@@ -1302,6 +1499,67 @@ type = "text"
     }
 
     #[test]
+    fn multi_row_inserts_split_by_shard() {
+        let m = map();
+        let shard = |k: i64| m.locate(KeyType::Int8, &KeyValue::Int(k)).shard;
+        let (a, b) = (1i64, (2..100).find(|k| shard(*k) != shard(1)).unwrap());
+        let sql =
+            format!("insert into orders (customer_id, total) values ({a}, 1), ({b}, 2), ({a}, $1)");
+        let e = split_write(
+            &m,
+            "insert into orders (customer_id) values ($1), (2)",
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.contains("parameter"), "{e}");
+        let text = Params {
+            types: &[],
+            formats: &[],
+            values: &[Some(b"9")],
+        };
+        let parts = split_write(&m, &sql, &[], Some(&text)).unwrap();
+        assert_eq!(parts.len(), 2);
+        let pa = parts.iter().find(|p| p.shard == shard(a)).unwrap();
+        assert_eq!(
+            pa.sql,
+            format!("INSERT INTO orders (customer_id, total) VALUES ({a}, 1), ({a}, $1)")
+        );
+        assert_eq!(pa.params, Some(vec![0]));
+        let pb = parts.iter().find(|p| p.shard == shard(b)).unwrap();
+        assert_eq!(pb.params, Some(vec![]));
+        // Parameters renumbered per part.
+        let parts = split_write(
+            &m,
+            "insert into orders (customer_id, total) values ($1, $2), ($3, $4)",
+            &[],
+            Some(&Params {
+                types: &[],
+                formats: &[],
+                values: &[
+                    Some(format!("{a}").as_bytes()),
+                    Some(b"1"),
+                    Some(format!("{b}").as_bytes()),
+                    Some(b"2"),
+                ],
+            }),
+        )
+        .unwrap();
+        let pb = parts.iter().find(|p| p.shard == shard(b)).unwrap();
+        assert_eq!(
+            pb.sql,
+            "INSERT INTO orders (customer_id, total) VALUES ($1, $2)"
+        );
+        assert_eq!(pb.params, Some(vec![2, 3]));
+        // Other writes run whole on each shard.
+        let parts = split_write(&m, "update orders set total = 0", &[0, 1, 2], None).unwrap();
+        assert_eq!(parts.len(), 3);
+        assert!(parts
+            .iter()
+            .all(|p| p.params.is_none() && p.sql == "update orders set total = 0"));
+    }
+
+    #[test]
     fn what_can_be_computed_shard_by_shard() {
         let m = map();
         for sql in [
@@ -1309,6 +1567,8 @@ type = "text"
             "select count(*) from orders o join items i on o.customer_id = i.customer_id",
             "select * from orders o join countries c on c.code = o.country where o.total > 1",
             "select * from orders o where exists (select 1 from countries c where c.code = o.country)",
+            "select * from orders o left join countries c on o.country = c.code",
+            "select * from countries c right join orders o on o.country = c.code",
         ] {
             assert_eq!(scatter_check(&m, sql), Ok(()), "{sql}");
         }
@@ -1329,6 +1589,18 @@ type = "text"
             (
                 "select * from orders o where o.customer_id in (select customer_id from items)",
                 "subquery",
+            ),
+            (
+                "select * from countries c left join orders o on o.country = c.code",
+                "outer join",
+            ),
+            (
+                "select * from orders o right join countries c on o.country = c.code",
+                "outer join",
+            ),
+            (
+                "select * from orders o full join countries c on o.country = c.code",
+                "outer join",
             ),
         ] {
             let e = scatter_check(&m, sql).unwrap_err();

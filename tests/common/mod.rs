@@ -33,6 +33,9 @@ extern "C" fn stop_servers() {
     if let Some(c) = CLUSTER.get() {
         let _ = std::fs::remove_dir_all(&c.root);
     }
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("shardgate-test-state-{}", std::process::id())),
+    );
 }
 
 /// The shared primary, with logins for every server auth method:
@@ -158,12 +161,25 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 /// settings). Users app (scram), md5client (md5 client auth, server login
 /// app), trustclient (trust) and the server-auth users are included.
 pub fn config_text(primary: &str, pool: &str, proxy_extra: &str) -> String {
+    // State (the two-phase commit log) in the temp dir, not the working
+    // directory, unless the test chose a place.
+    let state = if proxy_extra.contains("state_dir") {
+        String::new()
+    } else {
+        format!(
+            "state_dir = \"{}\"",
+            std::env::temp_dir()
+                .join(format!("shardgate-test-state-{}", std::process::id()))
+                .display()
+        )
+    };
     format!(
         r#"
 [proxy]
 listen = "127.0.0.1:0"
 handshake_timeout = "3s"
 shutdown_timeout = "5s"
+{state}
 {proxy_extra}
 
 [pool]

@@ -1,0 +1,488 @@
+//! Running a write that spans shards (a multi-row INSERT whose rows belong
+//! to several shards, an UPDATE/DELETE without a sharding key, DDL on a
+//! sharded or reference table, a write to a reference table) as one atomic
+//! statement: each shard's part in its own transaction on the shard's
+//! primary, every part prepared, the decision logged (`twophase`), then
+//! every part committed. Any part failing rolls every part back, and the
+//! client gets that part's error.
+//!
+//! Only outside a transaction (a transaction holds one shard's server).
+
+use super::scatter::{ScatterAnswer, ScatterBind};
+use super::session::Session;
+use crate::backend::pool::PooledConn;
+use crate::protocol::backend as be;
+use crate::protocol::frontend as fe;
+use crate::protocol::Frame;
+use crate::router::shard::WritePart;
+use bytes::{BufMut, BytesMut};
+
+/// Pauses for the crash tests (`SHARDGATE_FAILPOINT`): the test kills the
+/// proxy while it waits after every part is prepared (`twophase-prepared`,
+/// before the decision) or after the decision is logged
+/// (`twophase-decided`, before any COMMIT PREPARED).
+async fn failpoint(name: &str, gid: &str) {
+    static F: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let armed = F.get_or_init(|| std::env::var("SHARDGATE_FAILPOINT").ok());
+    if armed.as_deref() == Some(name) {
+        tracing::warn!(%gid, failpoint = name, "pausing at failpoint");
+        std::future::pending::<()>().await;
+    }
+}
+
+/// One shard's part: what it answered, and whether it is prepared.
+struct PartOutcome {
+    frames: Vec<Frame>,
+    error: Option<Frame>,
+    prepared: bool,
+}
+
+fn query(sql: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    fe::build_query(sql).encode(&mut out);
+    out
+}
+
+/// A part in the extended protocol with the client's parameters it uses.
+fn part_request(part: &WritePart, bind: &ScatterBind) -> Option<BytesMut> {
+    let values = super::sharding::bind_values(&bind.params)?;
+    let (types, formats, params) = match &part.params {
+        None => (
+            bind.types.clone(),
+            values.formats.clone(),
+            values.values.clone(),
+        ),
+        Some(used) => {
+            let format_of = |i: usize| match values.formats.as_slice() {
+                [] => 0,
+                [one] => *one,
+                many => many.get(i).copied().unwrap_or(0),
+            };
+            let types: Vec<u32> = used
+                .iter()
+                .map(|i| bind.types.get(*i).copied().unwrap_or(0))
+                .collect();
+            let formats: Vec<i16> = used.iter().map(|i| format_of(*i)).collect();
+            let params: Vec<Option<&[u8]>> = used
+                .iter()
+                .map(|i| values.values.get(*i).copied().flatten())
+                .collect();
+            (types, formats, params)
+        }
+    };
+    let mut type_bytes = Vec::new();
+    type_bytes.extend_from_slice(&(types.len() as i16).to_be_bytes());
+    for t in &types {
+        type_bytes.extend_from_slice(&t.to_be_bytes());
+    }
+    let mut out = BytesMut::new();
+    fe::build_parse("", part.sql.as_bytes(), &type_bytes).encode(&mut out);
+    let mut rest = BytesMut::new();
+    rest.put_i16(formats.len() as i16);
+    for f in &formats {
+        rest.put_i16(*f);
+    }
+    rest.put_i16(params.len() as i16);
+    for p in &params {
+        match p {
+            None => rest.put_i32(-1),
+            Some(v) => {
+                rest.put_i32(v.len() as i32);
+                rest.put_slice(v);
+            }
+        }
+    }
+    rest.put_i16(bind.result_formats.len() as i16);
+    for f in &bind.result_formats {
+        rest.put_i16(*f);
+    }
+    fe::build_bind(b"", "", &rest).encode(&mut out);
+    fe::build_target(fe::DESCRIBE, b'P', "").encode(&mut out);
+    let mut exec = BytesMut::new();
+    exec.put_u8(0);
+    exec.put_i32(0);
+    Frame {
+        tag: fe::EXECUTE,
+        body: exec.freeze(),
+    }
+    .encode(&mut out);
+    Frame {
+        tag: fe::SYNC,
+        body: bytes::Bytes::new(),
+    }
+    .encode(&mut out);
+    Some(out)
+}
+
+/// Runs BEGIN, the part, and PREPARE TRANSACTION (or ROLLBACK after an
+/// error) on one connection.
+async fn run_part(conn: &mut PooledConn, request: &[u8], gid: &str, max: usize) -> PartOutcome {
+    let failed = |e: String| PartOutcome {
+        frames: Vec::new(),
+        error: Some(be::error_response(
+            "ERROR",
+            "08006",
+            &format!("shardgate: a shard connection failed: {e}"),
+        )),
+        prepared: false,
+    };
+    match conn.exchange(&query("BEGIN"), max).await {
+        Ok(f) if !f.iter().any(|f| f.tag == be::ERROR_RESPONSE) => {}
+        Ok(f) => {
+            return PartOutcome {
+                error: f.into_iter().find(|f| f.tag == be::ERROR_RESPONSE),
+                frames: Vec::new(),
+                prepared: false,
+            }
+        }
+        Err(e) => return failed(e.to_string()),
+    }
+    let frames = match conn.exchange(request, max).await {
+        Ok(f) => f,
+        Err(e) => return failed(e.to_string()),
+    };
+    let error = frames.iter().find(|f| f.tag == be::ERROR_RESPONSE).cloned();
+    if error.is_some() {
+        let _ = conn.exchange(&query("ROLLBACK"), max).await;
+        return PartOutcome {
+            frames,
+            error,
+            prepared: false,
+        };
+    }
+    match conn
+        .exchange(&query(&format!("PREPARE TRANSACTION '{gid}'")), max)
+        .await
+    {
+        Ok(f) => {
+            let error = f.into_iter().find(|f| f.tag == be::ERROR_RESPONSE);
+            PartOutcome {
+                prepared: error.is_none(),
+                frames,
+                error,
+            }
+        }
+        Err(e) => failed(e.to_string()),
+    }
+}
+
+/// Adds up the row counts of the parts' command tags (`INSERT 0 n`,
+/// `UPDATE n`, `DELETE n`); other tags are the first part's.
+fn combined_tag(tags: &[String]) -> String {
+    let Some(first) = tags.first() else {
+        return String::new();
+    };
+    let Some((head, _)) = first.rsplit_once(' ') else {
+        return first.clone();
+    };
+    let counts: Option<Vec<u64>> = tags
+        .iter()
+        .map(|t| t.rsplit_once(' ').and_then(|(_, n)| n.parse().ok()))
+        .collect();
+    match counts {
+        Some(c)
+            if matches!(
+                head.split(' ').next(),
+                Some("INSERT" | "UPDATE" | "DELETE" | "MERGE")
+            ) =>
+        {
+            format!("{head} {}", c.iter().sum::<u64>())
+        }
+        _ => first.clone(),
+    }
+}
+
+impl Session {
+    /// Runs a write across shards atomically. Never holds a server
+    /// afterwards.
+    pub(super) async fn run_multi_write(
+        &mut self,
+        sql: &str,
+        shards: &[usize],
+        bind: Option<&ScatterBind>,
+    ) -> ScatterAnswer {
+        let fail = |code: &str, message: String| ScatterAnswer {
+            notices: Vec::new(),
+            result: Err(be::error_response("ERROR", code, &message)),
+        };
+        let Some(map) = self.shard_map() else {
+            return fail("0A000", "shardgate: no shard map".into());
+        };
+        if self.proxy.twophase.is_none() {
+            return fail(
+                "0A000",
+                "shardgate: writes across shards need the two-phase commit log (proxy.state_dir), which could not be opened".into(),
+            );
+        }
+        let values = bind.and_then(|b| super::sharding::bind_values(&b.params));
+        let params = match (bind, &values) {
+            (Some(b), Some(v)) => Some(crate::router::shard::Params {
+                types: &b.types,
+                formats: &v.formats,
+                values: &v.values,
+            }),
+            _ => None,
+        };
+        let parts = match crate::router::shard::split_write(&map, sql, shards, params.as_ref()) {
+            Ok(p) => p,
+            Err(what) => return fail("0A000", format!("shardgate: {what} is not supported")),
+        };
+        if parts.len() == 1 {
+            // All rows on one shard after all (keys resolved by value).
+            return self.run_single_part(&parts[0], bind).await;
+        }
+        let mut conns = Vec::with_capacity(parts.len());
+        for p in &parts {
+            self.select_shard(p.shard);
+            if let Err((code, message)) = self.checkout(false).await {
+                return fail(&code, message);
+            }
+            self.pool.metrics.queries.inc();
+            if let Some(c) = self.server.take() {
+                self.left_server();
+                conns.push(c);
+            }
+        }
+        *crate::lock(&self.cancel_slot) = None;
+        let proxy = self.proxy.clone();
+        let log = proxy.twophase.as_ref().expect("checked");
+        let gid = log.new_gid();
+        let max = self.max_message_size;
+        let mut tasks = Vec::new();
+        for (mut conn, part) in conns.into_iter().zip(&parts) {
+            let request = match bind {
+                None => Some(query(&part.sql)),
+                Some(b) => part_request(part, b),
+            };
+            let gid = gid.clone();
+            tasks.push(tokio::spawn(async move {
+                let outcome = match request {
+                    Some(r) => run_part(&mut conn, &r, &gid, max).await,
+                    None => PartOutcome {
+                        frames: Vec::new(),
+                        error: Some(be::error_response("ERROR", "08P01", "invalid Bind message")),
+                        prepared: false,
+                    },
+                };
+                (conn, outcome)
+            }));
+        }
+        let mut done = Vec::new();
+        for t in tasks {
+            if let Ok(r) = t.await {
+                done.push(r);
+            }
+        }
+        let all_prepared = done.len() == parts.len() && done.iter().all(|(_, o)| o.prepared);
+        crate::metrics::GLOBAL
+            .twophase
+            .with_label_values(&[if all_prepared {
+                "committed"
+            } else {
+                "rolled_back"
+            }])
+            .inc();
+        if !all_prepared {
+            // Roll back what was prepared; the client gets the first error.
+            let error = done
+                .iter()
+                .find_map(|(_, o)| o.error.clone())
+                .unwrap_or_else(|| {
+                    be::error_response("ERROR", "08006", "shardgate: a shard part was lost")
+                });
+            for (conn, o) in &mut done {
+                if o.prepared {
+                    let _ = conn
+                        .exchange(&query(&format!("ROLLBACK PREPARED '{gid}'")), max)
+                        .await;
+                }
+            }
+            release(done.into_iter().map(|(c, _)| c));
+            return ScatterAnswer {
+                notices: Vec::new(),
+                result: Err(error),
+            };
+        }
+        failpoint("twophase-prepared", &gid).await;
+        if let Err(e) = log.commit(&gid) {
+            for (conn, _) in &mut done {
+                let _ = conn
+                    .exchange(&query(&format!("ROLLBACK PREPARED '{gid}'")), max)
+                    .await;
+            }
+            release(done.into_iter().map(|(c, _)| c));
+            return fail(
+                "58030",
+                format!("shardgate: cannot record the commit decision: {e}"),
+            );
+        }
+        failpoint("twophase-decided", &gid).await;
+        let mut tasks = Vec::new();
+        for ((mut conn, outcome), part) in done.into_iter().zip(&parts) {
+            let gid = gid.clone();
+            let shard = part.shard;
+            tasks.push(tokio::spawn(async move {
+                // The commit, then the position read-your-writes needs.
+                let mut request = query(&format!("COMMIT PREPARED '{gid}'"));
+                request.extend_from_slice(&query(LSN_SQL));
+                let r = conn.exchange_n(&request, max, 2).await;
+                let ok = matches!(&r, Ok(f) if !f.iter().any(|f| f.tag == be::ERROR_RESPONSE));
+                let lsn = r.ok().and_then(|f| commit_position(&f));
+                (conn, outcome, ok, shard, lsn)
+            }));
+        }
+        let mut outcomes = Vec::new();
+        let mut all_committed = true;
+        let mut conns = Vec::new();
+        for t in tasks {
+            match t.await {
+                Ok((conn, o, ok, shard, lsn)) => {
+                    all_committed &= ok;
+                    conns.push(conn);
+                    outcomes.push(o);
+                    if let Some(lsn) = lsn {
+                        self.note_commit_lsn(shard, lsn);
+                    }
+                }
+                Err(_) => all_committed = false,
+            }
+        }
+        release(conns.into_iter());
+        if all_committed {
+            let _ = log.done(&gid);
+        } else {
+            // Decided: the background recovery finishes it.
+            tracing::warn!(%gid, "COMMIT PREPARED did not reach every shard; recovery will retry");
+        }
+        ScatterAnswer {
+            notices: Vec::new(),
+            result: Ok(merge_outcomes(outcomes)),
+        }
+    }
+
+    /// A write whose rows all belong to one shard: run like any statement
+    /// there (no two-phase commit needed).
+    async fn run_single_part(
+        &mut self,
+        part: &WritePart,
+        bind: Option<&ScatterBind>,
+    ) -> ScatterAnswer {
+        let fail = |code: &str, message: String| ScatterAnswer {
+            notices: Vec::new(),
+            result: Err(be::error_response("ERROR", code, &message)),
+        };
+        self.select_shard(part.shard);
+        if let Err((code, message)) = self.checkout(false).await {
+            return fail(&code, message);
+        }
+        let Some(mut conn) = self.server.take() else {
+            return fail("08006", "shardgate: no connection".into());
+        };
+        self.left_server();
+        let request = match bind {
+            None => Some(query(&part.sql)),
+            Some(b) => part_request(part, b),
+        };
+        let Some(request) = request else {
+            return fail("08P01", "invalid Bind message".into());
+        };
+        let max = self.max_message_size;
+        let mut request = request;
+        request.extend_from_slice(&query(LSN_SQL));
+        let outcome = match conn.exchange_n(&request, max, 2).await {
+            Ok(mut frames) => {
+                // The position probe's answer is the proxy's.
+                let probe_at = frames
+                    .iter()
+                    .position(|f| f.tag == be::READY_FOR_QUERY)
+                    .map_or(frames.len(), |i| i + 1);
+                let probe = frames.split_off(probe_at);
+                if let Some(lsn) = commit_position(&probe) {
+                    self.note_commit_lsn(part.shard, lsn);
+                }
+                PartOutcome {
+                    error: frames.iter().find(|f| f.tag == be::ERROR_RESPONSE).cloned(),
+                    frames,
+                    prepared: true,
+                }
+            }
+            Err(e) => PartOutcome {
+                frames: Vec::new(),
+                error: Some(be::error_response("ERROR", "08006", &e.to_string())),
+                prepared: false,
+            },
+        };
+        release(std::iter::once(conn));
+        if let Some(e) = outcome.error {
+            return ScatterAnswer {
+                notices: Vec::new(),
+                result: Err(e),
+            };
+        }
+        ScatterAnswer {
+            notices: Vec::new(),
+            result: Ok(merge_outcomes(vec![outcome])),
+        }
+    }
+}
+
+/// The commit position read after a write (read-your-writes).
+const LSN_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text";
+
+/// The position in the answer to [`LSN_SQL`].
+fn commit_position(frames: &[Frame]) -> Option<u64> {
+    let row = frames.iter().rev().find(|f| f.tag == be::DATA_ROW)?;
+    let values = crate::backend::conn::parse_data_row(&row.body)?;
+    crate::health::parse_lsn(values.first()?.as_deref()?)
+}
+
+/// The parts' answers as one: the first RowDescription (or NoData), every
+/// row, and a command tag with the summed count.
+fn merge_outcomes(outcomes: Vec<PartOutcome>) -> (Frame, Vec<Frame>, Frame) {
+    let mut description = None;
+    let mut rows = Vec::new();
+    let mut tags = Vec::new();
+    for o in outcomes {
+        for f in o.frames {
+            match f.tag {
+                be::ROW_DESCRIPTION | be::NO_DATA if description.is_none() => description = Some(f),
+                be::DATA_ROW => rows.push(f),
+                be::COMMAND_COMPLETE => {
+                    let tag = f.body.strip_suffix(&[0]).unwrap_or(&f.body);
+                    tags.push(String::from_utf8_lossy(tag).into_owned());
+                }
+                _ => {}
+            }
+        }
+    }
+    (
+        description.unwrap_or_else(|| be::empty(be::NO_DATA)),
+        rows,
+        be::command_complete(&combined_tag(&tags)),
+    )
+}
+
+/// Returns connections to their pools (closing any left mid-transaction).
+fn release(conns: impl Iterator<Item = PooledConn>) {
+    for mut c in conns {
+        if c.broken || c.tx_status != b'I' {
+            drop(deadpool::managed::Object::take(c));
+        } else {
+            c.last_released = std::time::Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_add_up() {
+        let t = |v: &[&str]| combined_tag(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(t(&["INSERT 0 2", "INSERT 0 3"]), "INSERT 0 5");
+        assert_eq!(t(&["UPDATE 1", "UPDATE 0", "UPDATE 4"]), "UPDATE 5");
+        assert_eq!(t(&["CREATE TABLE", "CREATE TABLE"]), "CREATE TABLE");
+        assert_eq!(t(&["CREATE INDEX", "CREATE INDEX"]), "CREATE INDEX");
+    }
+}
