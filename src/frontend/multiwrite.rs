@@ -70,13 +70,6 @@ fn part_request(part: &WritePart, bind: &ScatterBind) -> Option<BytesMut> {
             (types, formats, params)
         }
     };
-    let mut type_bytes = Vec::new();
-    type_bytes.extend_from_slice(&(types.len() as i16).to_be_bytes());
-    for t in &types {
-        type_bytes.extend_from_slice(&t.to_be_bytes());
-    }
-    let mut out = BytesMut::new();
-    fe::build_parse("", part.sql.as_bytes(), &type_bytes).encode(&mut out);
     let mut rest = BytesMut::new();
     rest.put_i16(formats.len() as i16);
     for f in &formats {
@@ -92,26 +85,12 @@ fn part_request(part: &WritePart, bind: &ScatterBind) -> Option<BytesMut> {
             }
         }
     }
-    rest.put_i16(bind.result_formats.len() as i16);
-    for f in &bind.result_formats {
-        rest.put_i16(*f);
-    }
-    fe::build_bind(b"", "", &rest).encode(&mut out);
-    fe::build_target(fe::DESCRIBE, b'P', "").encode(&mut out);
-    let mut exec = BytesMut::new();
-    exec.put_u8(0);
-    exec.put_i32(0);
-    Frame {
-        tag: fe::EXECUTE,
-        body: exec.freeze(),
-    }
-    .encode(&mut out);
-    Frame {
-        tag: fe::SYNC,
-        body: bytes::Bytes::new(),
-    }
-    .encode(&mut out);
-    Some(out)
+    Some(super::scatter::extended_request(
+        &part.sql,
+        &types,
+        &rest,
+        &bind.result_formats,
+    ))
 }
 
 /// Runs BEGIN, the part, and PREPARE TRANSACTION (or ROLLBACK after an

@@ -120,7 +120,12 @@ fn columns(desc: &Frame) -> Option<Vec<(String, u32)>> {
 }
 
 /// A request in the extended protocol: Parse/Bind/Describe/Execute/Sync.
-fn extended_request(sql: &str, types: &[u32], params: &[u8], formats: &[i16]) -> BytesMut {
+pub(super) fn extended_request(
+    sql: &str,
+    types: &[u32],
+    params: &[u8],
+    formats: &[i16],
+) -> BytesMut {
     let mut out = BytesMut::new();
     let mut type_bytes = Vec::with_capacity(2 + 4 * types.len());
     type_bytes.extend_from_slice(&(types.len() as i16).to_be_bytes());
