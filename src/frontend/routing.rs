@@ -517,6 +517,10 @@ impl Session {
                     "target" => self.routing.target.as_str().to_owned(),
                     "min_lsn" => format_lsn(self.routing.min_lsn),
                     "last_commit_lsn" => format_lsn(self.routing.last_commit_lsn),
+                    "next_id" => {
+                        let node = self.proxy.config.load().proxy.node_id;
+                        crate::sharding::ids::next_id(node).to_string()
+                    }
                     "sharding_key" => match &self.routing.shard_setting {
                         Some(super::sharding::ShardHint::Key(k)) => k.clone(),
                         _ => String::new(),

@@ -36,6 +36,8 @@ pub enum KeyExpr {
     Null,
     /// `$n` (0-based index), resolved from Bind.
     Param(usize),
+    /// `= ANY($n)`: every element of the array parameter.
+    AnyParam(usize),
 }
 
 /// References tied together by equalities on their sharding keys: their
@@ -106,14 +108,16 @@ impl Placement {
                 let mut shards: Vec<usize> = Vec::new();
                 for g in groups {
                     for k in &g.keys {
-                        let Some(shard) = key_shard(map, g.key_type, k, params) else {
+                        let Some(found) = key_shards(map, g.key_type, k, params) else {
                             return Target::Shards(
                                 (0..shard_count(map)).collect(),
                                 "a sharding key parameter that cannot be read".into(),
                             );
                         };
-                        if !shards.contains(&shard) {
-                            shards.push(shard);
+                        for shard in found {
+                            if !shards.contains(&shard) {
+                                shards.push(shard);
+                            }
                         }
                     }
                 }
@@ -178,10 +182,155 @@ fn shard_count(map: &ShardMap) -> usize {
     map.owner.iter().map(|o| *o as usize + 1).max().unwrap_or(1)
 }
 
+/// The shards of one key expression (an array parameter may name
+/// several); None when a parameter cannot be read exactly.
+fn key_shards(
+    map: &ShardMap,
+    ty: KeyType,
+    k: &KeyExpr,
+    params: Option<&Params>,
+) -> Option<Vec<usize>> {
+    let KeyExpr::AnyParam(i) = k else {
+        return key_shard(map, ty, k, params).map(|s| vec![s]);
+    };
+    let p = params?;
+    let value = (*p.values.get(*i)?)?;
+    let format = match p.formats {
+        [] => 0,
+        [one] => *one,
+        many => *many.get(*i)?,
+    };
+    let oid = p.types.get(*i).copied().unwrap_or(0);
+    let keys = if format == 0 {
+        if !array_param_type_ok(ty, oid) {
+            return None;
+        }
+        parse_text_array(std::str::from_utf8(value).ok()?, ty)?
+    } else {
+        parse_binary_array(value, ty, oid)?
+    };
+    let mut shards: Vec<usize> = Vec::new();
+    for key in keys.iter().flatten() {
+        let s = map.locate(ty, key).shard;
+        if !shards.contains(&s) {
+            shards.push(s);
+        }
+    }
+    Some(shards)
+}
+
+/// Array types whose text form lists values of the key's type.
+fn array_param_type_ok(ty: KeyType, oid: u32) -> bool {
+    match ty {
+        KeyType::Int2 | KeyType::Int4 | KeyType::Int8 => {
+            matches!(oid, 0 | 1005 | 1007 | 1016 | 1231 | 1009 | 1015)
+        }
+        KeyType::Text | KeyType::Varchar => matches!(oid, 0 | 1009 | 1015),
+        KeyType::Uuid => matches!(oid, 0 | 2951 | 1009 | 1015),
+    }
+}
+
+/// The elements of a one-dimensional array literal (`{1,2,NULL,"a b"}`);
+/// None elements are NULLs. None when the text is not such an array.
+fn parse_text_array(s: &str, ty: KeyType) -> Option<Vec<Option<KeyValue>>> {
+    let inner = s.trim().strip_prefix('{')?.strip_suffix('}')?;
+    let mut out = Vec::new();
+    if inner.trim().is_empty() {
+        return Some(out);
+    }
+    let mut chars = inner.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut item = String::new();
+        let quoted = chars.peek() == Some(&'"');
+        if quoted {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '\\' => item.push(chars.next()?),
+                    '"' => break,
+                    c => item.push(c),
+                }
+            }
+            while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                chars.next();
+            }
+        } else {
+            while let Some(c) = chars.peek() {
+                if *c == ',' {
+                    break;
+                }
+                if *c == '{' || *c == '"' {
+                    return None;
+                }
+                if *c == '\\' {
+                    chars.next();
+                    item.push(chars.next()?);
+                    continue;
+                }
+                item.push(*c);
+                chars.next();
+            }
+            item = item.trim_end().to_string();
+        }
+        if !quoted && item.eq_ignore_ascii_case("null") {
+            out.push(None);
+        } else {
+            out.push(Some(ty.parse_text(&item).ok()?));
+        }
+        match chars.next() {
+            Some(',') => continue,
+            None => return Some(out),
+            Some(_) => return None,
+        }
+    }
+}
+
+/// The elements of a one-dimensional array in binary form.
+fn parse_binary_array(b: &[u8], ty: KeyType, oid: u32) -> Option<Vec<Option<KeyValue>>> {
+    let int = |at: usize| -> Option<i32> {
+        Some(i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    };
+    let ndim = int(0)?;
+    let elem = int(8)? as u32;
+    let declared_ok = match ty {
+        KeyType::Int2 | KeyType::Int4 | KeyType::Int8 => matches!(oid, 0 | 1005 | 1007 | 1016),
+        KeyType::Text | KeyType::Varchar => matches!(oid, 0 | 1009 | 1015),
+        KeyType::Uuid => matches!(oid, 0 | 2951),
+    };
+    if !declared_ok || !binary_param_type_ok(ty, elem) {
+        return None;
+    }
+    if ndim == 0 {
+        return Some(Vec::new());
+    }
+    if ndim != 1 {
+        return None;
+    }
+    let n = int(12)?;
+    let mut at = 20;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = int(at)?;
+        at += 4;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let v = b.get(at..at + len as usize)?;
+        at += len as usize;
+        out.push(Some(ty.parse_binary(v).ok()?));
+    }
+    Some(out)
+}
+
 /// The shard of one key; None when a parameter's value cannot be read as
 /// the column's type exactly (the caller then assumes any shard).
 fn key_shard(map: &ShardMap, ty: KeyType, k: &KeyExpr, params: Option<&Params>) -> Option<usize> {
     match k {
+        KeyExpr::AnyParam(_) => None,
         KeyExpr::Value(v) => Some(map.locate(ty, v).shard),
         KeyExpr::Null => Some(map.null_location().shard),
         KeyExpr::Param(i) => {
@@ -1152,6 +1301,37 @@ impl<'a> Walker<'a> {
                     (None, None) => {}
                 }
             }
+            Expr::AnyOp {
+                left,
+                compare_op: BinaryOperator::Eq,
+                right,
+                ..
+            } => {
+                let Some(f) = self.key_column(left) else {
+                    return;
+                };
+                let ty = self.factors[f].key_type;
+                let keys = match right.as_ref() {
+                    Expr::Value(v) => match &v.value {
+                        Value::Placeholder(p) => p
+                            .strip_prefix('$')
+                            .and_then(|n| n.parse::<usize>().ok())
+                            .and_then(|n| n.checked_sub(1))
+                            .map(|n| vec![KeyExpr::AnyParam(n)]),
+                        Value::SingleQuotedString(s) => parse_text_array(s, ty).map(|vals| {
+                            vals.into_iter()
+                                .map(|v| v.map_or(KeyExpr::Null, KeyExpr::Value))
+                                .collect()
+                        }),
+                        _ => None,
+                    },
+                    Expr::Array(a) => a.elem.iter().map(|e| key_value(e, ty)).collect(),
+                    _ => None,
+                };
+                if let Some(keys) = keys {
+                    self.set_keys(f, keys);
+                }
+            }
             Expr::In {
                 expr,
                 target: ast::InTarget::List(list),
@@ -1169,9 +1349,14 @@ impl<'a> Walker<'a> {
     fn restrict(&mut self, f: usize, _column: &Expr, values: &[Expr]) {
         let ty = self.factors[f].key_type;
         let keys: Option<Vec<KeyExpr>> = values.iter().map(|v| key_value(v, ty)).collect();
-        let Some(keys) = keys else {
-            return;
-        };
+        if let Some(keys) = keys {
+            self.set_keys(f, keys);
+        }
+    }
+
+    /// Restricts factor `f` to `keys` (keeping the smaller of two
+    /// restrictions: both hold).
+    fn set_keys(&mut self, f: usize, keys: Vec<KeyExpr>) {
         let slot = &mut self.factors[f].keys;
         if slot.as_ref().is_none_or(|k| keys.len() < k.len()) {
             *slot = Some(keys);
@@ -1496,6 +1681,77 @@ type = "text"
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn any_arrays_route_to_the_shards_they_touch() {
+        let m = map();
+        let p = place(&m, "select * from orders where customer_id = any($1)");
+        assert_eq!(keys(&p), Some(vec![vec![KeyExpr::AnyParam(0)]]));
+        let shard = |k: i64| m.locate(KeyType::Int8, &KeyValue::Int(k)).shard;
+        let b = (2..100).find(|k| shard(*k) != shard(1)).unwrap();
+        let text = format!("{{1, {b},NULL}}");
+        let t = Params {
+            types: &[1016],
+            formats: &[],
+            values: &[Some(text.as_bytes())],
+        };
+        let mut want = vec![shard(1), shard(b)];
+        want.sort_unstable();
+        assert_eq!(
+            p.resolve(&m, Some(&t)),
+            Target::Shards(want.clone(), "keys on several shards".into())
+        );
+        // The same array in binary: 1 dim, no NULLs, int8 elements.
+        let mut bin = Vec::new();
+        for v in [1i32, 0, 20, 2, 1] {
+            bin.extend_from_slice(&v.to_be_bytes());
+        }
+        for k in [1i64, b] {
+            bin.extend_from_slice(&8i32.to_be_bytes());
+            bin.extend_from_slice(&k.to_be_bytes());
+        }
+        let bp = Params {
+            types: &[1016],
+            formats: &[1],
+            values: &[Some(&bin)],
+        };
+        assert_eq!(
+            p.resolve(&m, Some(&bp)),
+            Target::Shards(want, "keys on several shards".into())
+        );
+        let one = Params {
+            types: &[0],
+            formats: &[0],
+            values: &[Some(b"{1,1}")],
+        };
+        assert_eq!(p.resolve(&m, Some(&one)), Target::Shard(shard(1)));
+        // A float8[] is not read as integers.
+        let f = Params {
+            types: &[1022],
+            formats: &[1],
+            values: &[Some(&bin)],
+        };
+        assert!(matches!(p.resolve(&m, Some(&f)), Target::Shards(s, _) if s.len() == 3));
+        for sql in [
+            "select * from orders where customer_id = any('{1,1}')",
+            "select * from orders where customer_id = any(array[1, 1])",
+        ] {
+            assert_eq!(
+                place(&m, sql).resolve(&m, None),
+                Target::Shard(shard(1)),
+                "{sql}"
+            );
+        }
+        assert_eq!(
+            parse_text_array(r#"{"a\"b", c ,NULL,"NULL"}"#, KeyType::Text),
+            Some(vec![
+                Some(KeyValue::Text("a\"b".into())),
+                Some(KeyValue::Text("c".into())),
+                None,
+                Some(KeyValue::Text("NULL".into())),
+            ])
+        );
     }
 
     #[test]
