@@ -805,3 +805,171 @@ impl tokio_postgres::types::ToSql for NumericText {
     }
     tokio_postgres::types::to_sql_checked!();
 }
+
+/// COPY FROM STDIN through the raw protocol: the statement, the data in
+/// `chunks` (CopyData each), CopyDone; returns the message tags and the
+/// error's SQLSTATE if any.
+async fn raw_copy(
+    addr: std::net::SocketAddr,
+    sql: &str,
+    chunks: &[&[u8]],
+) -> (String, Option<String>) {
+    use common::raw::{query, Raw};
+    let (mut r, _) = Raw::login(addr, &[]).await;
+    r.send(&[query(sql)]).await;
+    let first = r.read().await.expect("an answer");
+    let mut tags = String::from(first.tag as char);
+    if first.tag != b'G' {
+        let rest = r.read_until_ready().await;
+        tags.push_str(&Raw::tags(&rest));
+        return (tags, error_code(&first));
+    }
+    let mut frames: Vec<shardgate::protocol::Frame> = chunks
+        .iter()
+        .map(|c| shardgate::protocol::Frame {
+            tag: b'd',
+            body: bytes::Bytes::copy_from_slice(c),
+        })
+        .collect();
+    frames.push(shardgate::protocol::Frame {
+        tag: b'c',
+        body: bytes::Bytes::new(),
+    });
+    r.send(&frames).await;
+    let rest = r.read_until_ready().await;
+    tags.push_str(&Raw::tags(&rest));
+    let code = rest.iter().find(|f| f.tag == b'E').and_then(error_code);
+    (tags, code)
+}
+
+fn error_code(f: &shardgate::protocol::Frame) -> Option<String> {
+    if f.tag != b'E' {
+        return None;
+    }
+    let mut rest = &f.body[..];
+    while let Some((&kind, tail)) = rest.split_first() {
+        let end = tail.iter().position(|b| *b == 0)?;
+        if kind == b'C' {
+            return Some(String::from_utf8_lossy(&tail[..end]).into_owned());
+        }
+        rest = &tail[end + 1..];
+    }
+    None
+}
+
+#[test]
+fn copy_splits_rows_by_key() {
+    let _s = serial();
+    let st = setup();
+    rt().block_on(async {
+        truncate_all().await;
+        let addr = st.proxy.addr;
+        // Text format, rows cut across CopyData messages, escapes and NULLs.
+        let mut text = String::new();
+        for k in 0..100 {
+            text.push_str(&format!("{k}\t{k}.5\tcountry\\t{k}\n"));
+        }
+        text.push_str("100\t\\N\t\\N\n");
+        let bytes = text.as_bytes();
+        let chunks: Vec<&[u8]> = bytes.chunks(37).collect();
+        let (tags, err) = raw_copy(
+            addr,
+            "copy sg_orders (customer_id, total, country) from stdin",
+            &chunks,
+        )
+        .await;
+        assert_eq!((tags.as_str(), err), ("GCZ", None));
+        // CSV with a header and a quoted newline, keys as text.
+        let csv = b"name,age\n\"multi\nline\",1\nplain,2\n\"with \"\"quotes\"\"\",3\n";
+        let (tags, err) = raw_copy(
+            addr,
+            "copy sg_users (name, age) from stdin with (format csv, header true)",
+            &[csv],
+        )
+        .await;
+        assert_eq!((tags.as_str(), err), ("GCZ", None));
+        // Binary: int8 keys without a column list.
+        let mut bin = b"PGCOPY\n\xff\r\n\0".to_vec();
+        bin.extend_from_slice(&[0; 8]);
+        for k in 500i64..520 {
+            // id, customer_id, total, country
+            bin.extend_from_slice(&4i16.to_be_bytes());
+            for _ in 0..2 {
+                bin.extend_from_slice(&8i32.to_be_bytes());
+                bin.extend_from_slice(&k.to_be_bytes());
+            }
+            for _ in 0..2 {
+                bin.extend_from_slice(&(-1i32).to_be_bytes());
+            }
+        }
+        bin.extend_from_slice(&(-1i16).to_be_bytes());
+        let (tags, err) = raw_copy(
+            addr,
+            "copy sg_orders from stdin (format binary)",
+            &[&bin[..40], &bin[40..]],
+        )
+        .await;
+        assert_eq!((tags.as_str(), err), ("GCZ", None));
+        let per_shard = check_placement(&st.map, "sg_orders", "customer_id", KeyType::Int8).await;
+        assert_eq!(per_shard.iter().sum::<usize>(), 121);
+        let users = check_placement(&st.map, "sg_users", "name", KeyType::Text).await;
+        assert_eq!(users.iter().sum::<usize>(), 3);
+        let c = st.proxy.connect().await;
+        assert_eq!(
+            scalar(&c, "select country from sg_orders where customer_id = 7").await,
+            "country\t7"
+        );
+        assert_eq!(
+            scalar(&c, "select age from sg_users where name = 'multi\nline'").await,
+            "1"
+        );
+
+        // A bad row on one shard: no shard keeps any row of the COPY.
+        let bad = b"1000\t1\tx\n1001\tnot-a-number\tx\n1002\t1\tx\n1003\t1\tx\n";
+        let (tags, err) = raw_copy(
+            addr,
+            "copy sg_orders (customer_id, total, country) from stdin",
+            &[bad],
+        )
+        .await;
+        assert_eq!(err.as_deref(), Some("22P02"), "{tags}");
+        assert_eq!(
+            scalar(
+                &c,
+                "select count(*) from sg_orders where customer_id >= 1000"
+            )
+            .await,
+            "0"
+        );
+        assert_eq!(scalar(&c, "select count(*) from sg_orders").await, "121");
+        for i in 0..3 {
+            let d = shard_client(i).await;
+            let n: i64 = d
+                .query_one("select count(*) from pg_prepared_xacts", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 0);
+        }
+        // Reference tables get every row on every shard.
+        let (tags, err) = raw_copy(
+            addr,
+            "copy sg_countries from stdin",
+            &[b"nl\tNetherlands\n"],
+        )
+        .await;
+        assert_eq!((tags.as_str(), err), ("GCZ", None));
+        for i in 0..3 {
+            let d = shard_client(i).await;
+            let n: i64 = d
+                .query_one("select count(*) from sg_countries where code = 'nl'", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 1, "shard {i}");
+        }
+        c.simple_query("delete from sg_countries where code = 'nl'")
+            .await
+            .unwrap();
+    });
+}

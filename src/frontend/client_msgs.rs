@@ -113,6 +113,19 @@ impl Session {
                         return Ok(());
                     }
                 }
+                if sharded && is_copy(text) && self.server.is_none() {
+                    let map = self.shard_map().expect("sharded");
+                    let sql = String::from_utf8_lossy(text).into_owned();
+                    match crate::router::copy::plan_copy(&map, &sql) {
+                        Some(Ok(plan)) => return self.copy_sharded(&sql, plan).await,
+                        Some(Err(what)) => {
+                            let message = format!("shardgate: {what} is not supported");
+                            self.refuse_query("0A000", &message).await;
+                            return Ok(());
+                        }
+                        None => {}
+                    }
+                }
                 if sharded {
                     let refused = match self.route_shard(Some(text), None) {
                         Ok(None) => None,

@@ -10,6 +10,7 @@ pub mod statements;
 pub mod vars;
 
 mod client_msgs;
+pub mod copy;
 pub mod multiwrite;
 mod routing;
 pub mod scatter;

@@ -37,7 +37,7 @@ struct PartOutcome {
     prepared: bool,
 }
 
-fn query(sql: &str) -> BytesMut {
+pub(super) fn query(sql: &str) -> BytesMut {
     let mut out = BytesMut::new();
     fe::build_query(sql).encode(&mut out);
     out
@@ -282,56 +282,13 @@ impl Session {
                 result: Err(error),
             };
         }
-        failpoint("twophase-prepared", &gid).await;
-        if let Err(e) = log.commit(&gid) {
-            for (conn, _) in &mut done {
-                let _ = conn
-                    .exchange(&query(&format!("ROLLBACK PREPARED '{gid}'")), max)
-                    .await;
-            }
-            release(done.into_iter().map(|(c, _)| c));
-            return fail(
-                "58030",
-                format!("shardgate: cannot record the commit decision: {e}"),
-            );
-        }
-        failpoint("twophase-decided", &gid).await;
-        let mut tasks = Vec::new();
-        for ((mut conn, outcome), part) in done.into_iter().zip(&parts) {
-            let gid = gid.clone();
-            let shard = part.shard;
-            tasks.push(tokio::spawn(async move {
-                // The commit, then the position read-your-writes needs.
-                let mut request = query(&format!("COMMIT PREPARED '{gid}'"));
-                request.extend_from_slice(&query(LSN_SQL));
-                let r = conn.exchange_n(&request, max, 2).await;
-                let ok = matches!(&r, Ok(f) if !f.iter().any(|f| f.tag == be::ERROR_RESPONSE));
-                let lsn = r.ok().and_then(|f| commit_position(&f));
-                (conn, outcome, ok, shard, lsn)
-            }));
-        }
-        let mut outcomes = Vec::new();
-        let mut all_committed = true;
-        let mut conns = Vec::new();
-        for t in tasks {
-            match t.await {
-                Ok((conn, o, ok, shard, lsn)) => {
-                    all_committed &= ok;
-                    conns.push(conn);
-                    outcomes.push(o);
-                    if let Some(lsn) = lsn {
-                        self.note_commit_lsn(shard, lsn);
-                    }
-                }
-                Err(_) => all_committed = false,
-            }
-        }
-        release(conns.into_iter());
-        if all_committed {
-            let _ = log.done(&gid);
-        } else {
-            // Decided: the background recovery finishes it.
-            tracing::warn!(%gid, "COMMIT PREPARED did not reach every shard; recovery will retry");
+        let (conns, outcomes): (Vec<PooledConn>, Vec<PartOutcome>) = done.into_iter().unzip();
+        let shards: Vec<usize> = parts.iter().map(|p| p.shard).collect();
+        if let Err(e) = decide_and_commit(self, conns, &shards, &gid, log).await {
+            return ScatterAnswer {
+                notices: Vec::new(),
+                result: Err(e),
+            };
         }
         ScatterAnswer {
             notices: Vec::new(),
@@ -405,6 +362,123 @@ impl Session {
     }
 }
 
+/// Prepares the open transaction on every connection (`shards[i]` is the
+/// shard of `conns[i]`), then decides and commits: a write across shards
+/// whose statements have run (COPY).
+pub(super) async fn commit_across(
+    s: &mut Session,
+    mut conns: Vec<PooledConn>,
+    shards: &[usize],
+    log: &crate::twophase::DecisionLog,
+) -> Result<(), Frame> {
+    let gid = log.new_gid();
+    let max = s.max_message_size;
+    let mut prepared = 0;
+    let mut error = None;
+    for c in conns.iter_mut() {
+        match c
+            .exchange(&query(&format!("PREPARE TRANSACTION '{gid}'")), max)
+            .await
+        {
+            Ok(f) => match f.into_iter().find(|f| f.tag == be::ERROR_RESPONSE) {
+                None => prepared += 1,
+                Some(e) => {
+                    error = Some(e);
+                    break;
+                }
+            },
+            Err(e) => {
+                error = Some(be::error_response("ERROR", "08006", &e.to_string()));
+                break;
+            }
+        }
+    }
+    if let Some(e) = error {
+        crate::metrics::GLOBAL
+            .twophase
+            .with_label_values(&["rolled_back"])
+            .inc();
+        for (i, c) in conns.iter_mut().enumerate() {
+            let undo = if i < prepared {
+                format!("ROLLBACK PREPARED '{gid}'")
+            } else {
+                "ROLLBACK".to_string()
+            };
+            let _ = c.exchange(&query(&undo), max).await;
+        }
+        release(conns);
+        return Err(e);
+    }
+    crate::metrics::GLOBAL
+        .twophase
+        .with_label_values(&["committed"])
+        .inc();
+    decide_and_commit(s, conns, shards, &gid, log).await
+}
+
+/// Every connection holds a transaction prepared as `gid`: log the
+/// decision (durably), then COMMIT PREPARED everywhere and learn the
+/// commit positions (read-your-writes). A commit that does not reach a
+/// shard is left to the background recovery: the decision stands.
+async fn decide_and_commit(
+    s: &mut Session,
+    mut conns: Vec<PooledConn>,
+    shards: &[usize],
+    gid: &str,
+    log: &crate::twophase::DecisionLog,
+) -> Result<(), Frame> {
+    let max = s.max_message_size;
+    failpoint("twophase-prepared", gid).await;
+    if let Err(e) = log.commit(gid) {
+        for conn in conns.iter_mut() {
+            let _ = conn
+                .exchange(&query(&format!("ROLLBACK PREPARED '{gid}'")), max)
+                .await;
+        }
+        release(conns);
+        return Err(be::error_response(
+            "ERROR",
+            "58030",
+            &format!("shardgate: cannot record the commit decision: {e}"),
+        ));
+    }
+    failpoint("twophase-decided", gid).await;
+    let mut tasks = Vec::new();
+    for (mut conn, shard) in conns.into_iter().zip(shards.iter().copied()) {
+        let gid = gid.to_string();
+        tasks.push(tokio::spawn(async move {
+            // The commit, then the position read-your-writes needs.
+            let mut request = query(&format!("COMMIT PREPARED '{gid}'"));
+            request.extend_from_slice(&query(LSN_SQL));
+            let r = conn.exchange_n(&request, max, 2).await;
+            let ok = matches!(&r, Ok(f) if !f.iter().any(|f| f.tag == be::ERROR_RESPONSE));
+            let lsn = r.ok().and_then(|f| commit_position(&f));
+            (conn, ok, shard, lsn)
+        }));
+    }
+    let mut all_committed = true;
+    let mut conns = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok((conn, ok, shard, lsn)) => {
+                all_committed &= ok;
+                conns.push(conn);
+                if let Some(lsn) = lsn {
+                    s.note_commit_lsn(shard, lsn);
+                }
+            }
+            Err(_) => all_committed = false,
+        }
+    }
+    release(conns);
+    if all_committed {
+        let _ = log.done(gid);
+    } else {
+        tracing::warn!(%gid, "COMMIT PREPARED did not reach every shard; recovery will retry");
+    }
+    Ok(())
+}
+
 /// The commit position read after a write (read-your-writes).
 const LSN_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text";
 
@@ -442,7 +516,7 @@ fn merge_outcomes(outcomes: Vec<PartOutcome>) -> (Frame, Vec<Frame>, Frame) {
 }
 
 /// Returns connections to their pools (closing any left mid-transaction).
-fn release(conns: impl Iterator<Item = PooledConn>) {
+pub(super) fn release(conns: impl IntoIterator<Item = PooledConn>) {
     for mut c in conns {
         if c.broken || c.tx_status != b'I' {
             drop(deadpool::managed::Object::take(c));

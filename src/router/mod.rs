@@ -12,6 +12,7 @@
 
 pub mod catalog;
 pub mod classify;
+pub mod copy;
 pub mod scatter;
 pub mod shard;
 

@@ -706,6 +706,11 @@ pub fn split_write(
         if let Statement::Query(_) = stmt {
             return Err("a data-modifying query across shards".into());
         }
+        if let Statement::Copy { .. } = stmt {
+            return Err(
+                "COPY across shards through the extended protocol (send the COPY as a simple query)".into(),
+            );
+        }
         return Ok(whole(shards));
     };
     let TableObject::TableName(name) = &insert.table else {
