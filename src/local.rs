@@ -406,7 +406,7 @@ impl LocalTopology {
     pub fn config_toml(&self, listen: &str, metrics_listen: &str) -> String {
         let mut t = format!(
             "# Written by `shardgate up` for the local topology in {home}.\n\
-             [proxy]\nlisten = \"{listen}\"\nmetrics_listen = \"{metrics_listen}\"\npool_mode = \"transaction\"\n\n\
+             [proxy]\nlisten = \"{listen}\"\nmetrics_listen = \"{metrics_listen}\"\npool_mode = \"transaction\"\nstate_dir = \"{home}/state\"\n\n\
              [pool]\nmax_size = 20\nmin_size = 0\ncheckout_timeout = \"5s\"\n\n\
              [[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\nauth = \"scram-sha-256\"\n",
             home = self.home.display()
@@ -419,6 +419,15 @@ impl LocalTopology {
                 reps.join(", ")
             ));
         }
+        t.push_str(
+            "\n[sharding]\nbuckets = 1024\n\
+             # Tables not listed here live on s0. Declare a sharded table, then\n\
+             # create it through shardgate (DDL on it runs on every shard):\n\
+             #   [[sharding.tables]]\n\
+             #   name = \"accounts\"\n\
+             #   column = \"id\"\n\
+             #   type = \"int8\"\n",
+        );
         t
     }
 
@@ -447,5 +456,41 @@ impl LocalTopology {
                 .with_context(|| format!("stopping Postgres in {}", d.display()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quick_start_config_is_valid_and_sharded() {
+        let server = |port: u16| PgServer {
+            bin: PgBin {
+                dir: PathBuf::from("/usr/lib/postgresql/15/bin"),
+            },
+            data_dir: PathBuf::from("/nonexistent"),
+            port,
+        };
+        let topo = LocalTopology {
+            home: PathBuf::from("/tmp/sg-home"),
+            base_port: 16000,
+            shards: vec![
+                (
+                    "s0".into(),
+                    server(16000),
+                    vec![server(16001), server(16002)],
+                ),
+                ("s1".into(), server(16010), vec![]),
+                ("s2".into(), server(16020), vec![]),
+            ],
+        };
+        let text = topo.config_toml("127.0.0.1:6432", "127.0.0.1:9930");
+        let config = crate::config::Config::parse(&text, "up.toml").unwrap();
+        assert_eq!(config.shards.len(), 3);
+        assert_eq!(config.proxy.state_dir, PathBuf::from("/tmp/sg-home/state"));
+        let t = crate::topology::Topology::from_config(&config, 1);
+        let map = t.sharded().expect("sharded");
+        assert_eq!((map.buckets, map.default_shard), (1024, 0));
     }
 }

@@ -6,9 +6,11 @@
 //! the decision log and fsync'd before any `COMMIT PREPARED` is sent. A
 //! proxy that dies between the phases finds, on restart, every prepared
 //! transaction it owns (`pg_prepared_xacts`, by the `sg_<node>_` prefix of
-//! its gids): those with a logged decision are committed, the rest rolled
-//! back — no shard keeps a prepared transaction, and no write is half
-//! applied. A commit that fails at run time (a shard unreachable) stays in
+//! its gids): those with a logged decision are committed, and those
+//! without one that a previous run of the proxy started (the gid carries
+//! its start time) are rolled back — no shard keeps a prepared
+//! transaction, no write is half applied, and a write this run is still
+//! preparing is never touched. A commit that fails at run time (a shard unreachable) stays in
 //! the log and is retried in the background until it succeeds.
 //!
 //! The log is a text file, one line per event (`commit <gid>` /
@@ -30,6 +32,20 @@ pub struct DecisionLog {
     file: Mutex<std::fs::File>,
     node: u16,
     counter: AtomicU64,
+    /// When this log was opened (ms since the Unix epoch): undecided gids
+    /// older than this belong to a previous run.
+    started_ms: u128,
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+/// The time a gid was made (`sg_<node>_<ms>_<n>`).
+fn gid_ms(gid: &str) -> Option<u128> {
+    gid.split('_').nth(2)?.parse().ok()
 }
 
 impl DecisionLog {
@@ -46,14 +62,14 @@ impl DecisionLog {
             file: Mutex::new(file),
             node,
             counter: AtomicU64::new(0),
+            started_ms: now_ms(),
         })
     }
 
     /// A new global transaction id owned by this proxy.
     pub fn new_gid(&self) -> String {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
+        // Never before the start time, so no gid of this run looks old.
+        let ms = now_ms().max(self.started_ms);
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         format!("sg_{}_{ms}_{n}", self.node)
     }
@@ -119,22 +135,17 @@ fn read_pending(path: &Path) -> std::io::Result<BTreeSet<String>> {
 }
 
 /// Finishes this proxy's prepared transactions on every primary: commits
-/// those with a logged decision; with `roll_back_undecided` (at startup,
-/// when nothing of ours is in flight) rolls back the rest. Returns how
-/// many were committed and rolled back.
-pub async fn recover(
-    log: &DecisionLog,
-    config: &Config,
-    roll_back_undecided: bool,
-) -> Result<(usize, usize), String> {
+/// those with a logged decision, rolls back undecided ones a previous run
+/// started. Returns how many were committed and rolled back; errors (a
+/// shard down, a role that may not finish the transaction) are reported
+/// after the rest is done.
+pub async fn recover(log: &DecisionLog, config: &Config) -> Result<(usize, usize), String> {
     let decided = log.pending().map_err(|e| e.to_string())?;
-    if decided.is_empty() && !roll_back_undecided {
-        return Ok((0, 0));
-    }
     let (user, password) = config.probe_login();
     let timeout = config.pool.connect_timeout;
     let mut committed_somewhere: HashSet<String> = HashSet::new();
     let mut unreachable = false;
+    let mut errors = Vec::new();
     let (mut commits, mut rollbacks) = (0, 0);
     for shard in &config.shards {
         let params = |database: &str| ConnectParams {
@@ -157,20 +168,33 @@ pub async fn recover(
         );
         let rows = match conn.query_rows(&sql).await {
             Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => return Err(format!("{}: {}", e.code, e.message)),
-            Err(e) => return Err(e.to_string()),
+            Ok(Err(e)) => {
+                errors.push(format!("{}: {}: {}", shard.name, e.code, e.message));
+                unreachable = true;
+                continue;
+            }
+            Err(e) => {
+                errors.push(format!("{}: {e}", shard.name));
+                unreachable = true;
+                continue;
+            }
         };
         for row in rows {
             let [Some(gid), Some(database)] = row.as_slice() else {
                 continue;
             };
             let commit = decided.contains(gid);
-            if !commit && !roll_back_undecided {
+            let stale = gid_ms(gid).is_some_and(|ms| ms < log.started_ms);
+            if !commit && !stale {
                 continue;
             }
             let mut db = match ServerConn::connect(&params(database), timeout).await {
                 Ok(c) => c,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => {
+                    errors.push(format!("{}: {e}", shard.name));
+                    unreachable = true;
+                    continue;
+                }
             };
             let verb = if commit { "COMMIT" } else { "ROLLBACK" };
             match db.run_internal(&format!("{verb} PREPARED '{gid}'")).await {
@@ -183,8 +207,17 @@ pub async fn recover(
                         rollbacks += 1;
                     }
                 }
-                Ok(Some(e)) => return Err(format!("{verb} PREPARED {gid}: {}", e.message)),
-                Err(e) => return Err(e.to_string()),
+                Ok(Some(e)) => {
+                    errors.push(format!(
+                        "{}: {verb} PREPARED {gid}: {}",
+                        shard.name, e.message
+                    ));
+                    unreachable = true;
+                }
+                Err(e) => {
+                    errors.push(format!("{}: {e}", shard.name));
+                    unreachable = true;
+                }
             }
         }
     }
@@ -195,6 +228,9 @@ pub async fn recover(
         }
         log.compact().map_err(|e| e.to_string())?;
     }
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
+    }
     Ok((commits, rollbacks))
 }
 
@@ -204,11 +240,10 @@ pub async fn run(proxy: std::sync::Arc<crate::proxy::Proxy>) {
     let Some(log) = proxy.twophase.as_ref() else {
         return;
     };
-    let mut first = true;
     loop {
         let config = proxy.config.load_full();
         if config.sharding.is_some() && config.shards.len() > 1 {
-            match recover(log, &config, first).await {
+            match recover(log, &config).await {
                 Ok((c, r)) if c + r > 0 => {
                     tracing::info!(
                         committed = c,
@@ -220,7 +255,6 @@ pub async fn run(proxy: std::sync::Arc<crate::proxy::Proxy>) {
                 Err(e) => tracing::warn!(error = %e, "two-phase recovery failed; retrying"),
             }
         }
-        first = false;
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = proxy.shutdown.cancelled() => return,
@@ -231,6 +265,16 @@ pub async fn run(proxy: std::sync::Arc<crate::proxy::Proxy>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gids_carry_their_time_and_never_predate_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DecisionLog::open(dir.path(), 1).unwrap();
+        let gid = log.new_gid();
+        assert!(gid_ms(&gid).unwrap() >= log.started_ms);
+        assert_eq!(gid_ms("sg_1_1700000000000_5"), Some(1_700_000_000_000));
+        assert_eq!(gid_ms("other"), None);
+    }
 
     #[test]
     fn log_keeps_undone_decisions() {

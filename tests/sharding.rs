@@ -732,6 +732,15 @@ fn writes_across_shards_are_atomic() {
             assert_eq!(n, 1, "reference row on shard {i}");
         }
         c.simple_query("drop index sg_orders_total").await.unwrap();
+        for i in 0..3 {
+            let d = shard_client(i).await;
+            let idx: bool = d
+                .query_one("select to_regclass('sg_orders_total') is null", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert!(idx, "index dropped on shard {i}");
+        }
         c.simple_query("delete from sg_countries where code = 'it'").await.unwrap();
 
         // One shard refuses its part: nothing is written anywhere.

@@ -179,7 +179,7 @@ impl Placement {
 }
 
 fn shard_count(map: &ShardMap) -> usize {
-    map.owner.iter().map(|o| *o as usize + 1).max().unwrap_or(1)
+    map.shards
 }
 
 /// The shards of one key expression (an array parameter may name
@@ -399,7 +399,12 @@ fn binary_param_type_ok(ty: KeyType, oid: u32) -> bool {
 
 /// The placement of a whole Query string or Parse text.
 pub fn place(map: &ShardMap, sql: &str) -> Placement {
-    if !map.has_tables() || !map.mentions_table(sql.as_bytes()) {
+    let index_ddl = || {
+        sql.as_bytes()
+            .windows(5)
+            .any(|w| w.eq_ignore_ascii_case(b"index"))
+    };
+    if !map.has_tables() || !(map.mentions_table(sql.as_bytes()) || index_ddl()) {
         return Placement::Unmentioned;
     }
     analyse(map, sql)
@@ -489,6 +494,27 @@ fn place_statement(map: &ShardMap, stmt: &Statement) -> Placement {
         stmt,
         Statement::Query(_) | Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_)
     );
+    // DDL that names a configured table where the parser does not see a
+    // relation (DROP TABLE t, ALTER TABLE t RENAME ...), and index DDL
+    // (an index of a sharded table exists on every shard): every shard.
+    // An index of a default-shard table then fails on the other shards,
+    // an error rather than a half-applied change.
+    if !data_statement && sharded == 0 && reference == 0 {
+        let named = map.mentioned_tables(&stmt.to_string());
+        let index_ddl = matches!(
+            stmt,
+            Statement::Drop {
+                object_type: ast::ObjectType::Index,
+                ..
+            } | Statement::AlterIndex { .. }
+        );
+        if !named.is_empty() || index_ddl {
+            return Placement::AllShards {
+                what: format!("{} on every shard", statement_kind(stmt)),
+                write: true,
+            };
+        }
+    }
     if written.contains(&Kind::Reference) || (!data_statement && reference > 0) {
         if sharded > 0 {
             return Placement::Unsupported(
@@ -705,6 +731,9 @@ pub fn split_write(
     let Statement::Insert(insert) = &stmt else {
         if let Statement::Query(_) = stmt {
             return Err("a data-modifying query across shards".into());
+        }
+        if let Statement::Explain { .. } = stmt {
+            return Err("EXPLAIN of a statement across shards".into());
         }
         if let Statement::Copy { .. } = stmt {
             return Err(
@@ -1641,6 +1670,9 @@ type = "text"
             "truncate orders",
             "insert into countries values ('x')",
             "update countries set name = 'y'",
+            "drop table orders",
+            "alter table orders rename column total to amount",
+            "drop index orders_total_idx",
         ] {
             assert!(
                 matches!(place(&m, sql), Placement::AllShards { .. }),

@@ -25,6 +25,8 @@ pub struct ShardMap {
     /// Bucket -> index of its shard in the topology.
     pub owner: Vec<u16>,
     pub default_shard: usize,
+    /// How many shards there are (some may own no bucket).
+    pub shards: usize,
     /// Table name -> (schema if the config named one, rule).
     tables: HashMap<String, Vec<(Option<String>, TableRule)>>,
 }
@@ -68,6 +70,7 @@ impl ShardMap {
             hash: sh.hash,
             owner,
             default_shard,
+            shards: config.shards.len(),
             tables,
         })
     }
