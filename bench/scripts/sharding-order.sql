@@ -1,0 +1,1 @@
+SELECT id, balance FROM bench_accounts ORDER BY balance DESC, id LIMIT 10;
