@@ -345,7 +345,7 @@ fn what_one_shard_cannot_answer_is_refused() {
     let st = setup();
     rt().block_on(async {
         truncate_all().await;
-        let mut c = st.proxy.connect().await;
+        let c = st.proxy.connect().await;
         // Keys 1..=40 cover every shard.
         for k in 1..=40 {
             c.simple_query(&format!("insert into sg_orders (customer_id) values ({k})"))
@@ -381,37 +381,6 @@ fn what_one_shard_cannot_answer_is_refused() {
             total += n;
         }
         assert_eq!(total, 40);
-
-        // A transaction stays on its shard; a statement for another shard
-        // fails it, as any error would.
-        c.simple_query("begin").await.unwrap();
-        c.simple_query(&format!("insert into sg_orders (customer_id, total) values ({a}, 9)"))
-            .await
-            .unwrap();
-        let e = c
-            .simple_query(&format!("insert into sg_orders (customer_id, total) values ({b}, 9)"))
-            .await
-            .unwrap_err();
-        assert_eq!(code(&e), "0A000");
-        let e = c.simple_query("select 1").await.unwrap_err();
-        assert_eq!(code(&e), "25P02", "the transaction is aborted");
-        c.simple_query("rollback").await.unwrap();
-        let n = scalar(&c, &format!("select count(*) from sg_orders where customer_id = {a} and total = 9")).await;
-        assert_eq!(n, "0", "the aborted transaction left nothing");
-
-        // The same in the extended protocol.
-        let tx = c.transaction().await.unwrap();
-        tx.execute("insert into sg_orders (customer_id, total) values ($1, 9)", &[&a])
-            .await
-            .unwrap();
-        let e = tx
-            .execute("insert into sg_orders (customer_id, total) values ($1, 9)", &[&b])
-            .await
-            .unwrap_err();
-        assert_eq!(code(&e), "0A000");
-        drop(tx);
-        let n = scalar(&c, &format!("select count(*) from sg_orders where customer_id = {a} and total = 9")).await;
-        assert_eq!(n, "0");
 
         // Same-shard transactions commit normally; statements without
         // tables run on the transaction's shard.
@@ -774,15 +743,6 @@ fn writes_across_shards_are_atomic() {
                 .get(0);
             assert_eq!(n, 0, "no prepared transaction left on shard {i}");
         }
-        // Inside a transaction, another shard is still refused.
-        c.simple_query("begin").await.unwrap();
-        c.simple_query(&format!("insert into sg_orders (customer_id) values ({a})")).await.unwrap();
-        let e = c
-            .simple_query(&format!("insert into sg_orders (customer_id) values ({a}), ({b})"))
-            .await
-            .unwrap_err();
-        assert_eq!(code(&e), "0A000");
-        c.simple_query("rollback").await.unwrap();
     });
 }
 
@@ -980,5 +940,171 @@ fn copy_splits_rows_by_key() {
         c.simple_query("delete from sg_countries where code = 'nl'")
             .await
             .unwrap();
+    });
+}
+
+#[test]
+fn transactions_span_shards_with_two_phase_commit() {
+    let _s = serial();
+    let st = setup();
+    rt().block_on(async {
+        truncate_all().await;
+        let mut c = st.proxy.connect().await;
+        let other = st.proxy.connect().await;
+        let (a, b) = two_keys_on_different_shards(&st.map);
+        let count = |k: i64| format!("select count(*) from sg_orders where customer_id = {k}");
+        // Simple protocol: writes on two shards, invisible until COMMIT.
+        c.simple_query("begin").await.unwrap();
+        c.simple_query(&format!(
+            "insert into sg_orders (customer_id, total) values ({a}, 1)"
+        ))
+        .await
+        .unwrap();
+        c.simple_query(&format!(
+            "insert into sg_orders (customer_id, total) values ({b}, 2)"
+        ))
+        .await
+        .unwrap();
+        c.simple_query(&format!(
+            "update sg_orders set total = 10 where customer_id = {a}"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            scalar(
+                &c,
+                &format!("select total from sg_orders where customer_id = {a}")
+            )
+            .await,
+            "10"
+        );
+        assert_eq!(
+            scalar(&other, &count(b)).await,
+            "0",
+            "not visible before COMMIT"
+        );
+        c.simple_query("commit").await.unwrap();
+        assert_eq!(scalar(&other, &count(a)).await, "1");
+        assert_eq!(scalar(&other, &count(b)).await, "1");
+        check_placement(&st.map, "sg_orders", "customer_id", KeyType::Int8).await;
+
+        // ROLLBACK undoes every shard's part.
+        c.simple_query("begin").await.unwrap();
+        c.simple_query(&format!("delete from sg_orders where customer_id = {a}"))
+            .await
+            .unwrap();
+        c.simple_query(&format!("delete from sg_orders where customer_id = {b}"))
+            .await
+            .unwrap();
+        c.simple_query("rollback").await.unwrap();
+        assert_eq!(scalar(&other, &count(a)).await, "1");
+        assert_eq!(scalar(&other, &count(b)).await, "1");
+
+        // An error on one shard: COMMIT rolls back everything.
+        c.simple_query("begin").await.unwrap();
+        c.simple_query(&format!(
+            "insert into sg_orders (customer_id, total) values ({a}, 5)"
+        ))
+        .await
+        .unwrap();
+        c.simple_query(&format!(
+            "insert into sg_orders (customer_id, total) values ({b}, 5)"
+        ))
+        .await
+        .unwrap();
+        let e = c
+            .simple_query(&format!(
+                "insert into sg_orders (customer_id, total) values ({b}, 'x')"
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "22P02");
+        let e = c.simple_query("select 1").await.unwrap_err();
+        assert_eq!(code(&e), "25P02");
+        // COMMIT of a failed transaction rolls back (as Postgres does).
+        c.simple_query("commit").await.unwrap();
+        assert_eq!(
+            scalar(&other, "select count(*) from sg_orders where total = 5").await,
+            "0"
+        );
+
+        // SAVEPOINT after spreading is refused (it would act on one shard).
+        c.simple_query("begin").await.unwrap();
+        c.simple_query(&format!(
+            "insert into sg_orders (customer_id, total) values ({a}, 6)"
+        ))
+        .await
+        .unwrap();
+        c.simple_query(&format!(
+            "insert into sg_orders (customer_id, total) values ({b}, 6)"
+        ))
+        .await
+        .unwrap();
+        let e = c.simple_query("savepoint s1").await.unwrap_err();
+        assert_eq!(code(&e), "0A000");
+        c.simple_query("rollback").await.unwrap();
+        // A SAVEPOINT first keeps the transaction on its shard.
+        c.simple_query("begin").await.unwrap();
+        c.simple_query(&format!(
+            "insert into sg_orders (customer_id, total) values ({a}, 7)"
+        ))
+        .await
+        .unwrap();
+        c.simple_query("savepoint s1").await.unwrap();
+        let e = c
+            .simple_query(&format!(
+                "insert into sg_orders (customer_id, total) values ({b}, 7)"
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "0A000");
+        c.simple_query("rollback").await.unwrap();
+        assert_eq!(
+            scalar(
+                &other,
+                "select count(*) from sg_orders where total in (6, 7)"
+            )
+            .await,
+            "0"
+        );
+
+        // Extended protocol statements (tokio-postgres) inside such a
+        // transaction; COMMIT is a simple query in tokio-postgres.
+        let tx = c.transaction().await.unwrap();
+        tx.execute(
+            "insert into sg_orders (customer_id, total) values ($1, 8)",
+            &[&a],
+        )
+        .await
+        .unwrap();
+        tx.execute(
+            "insert into sg_orders (customer_id, total) values ($1, 8)",
+            &[&b],
+        )
+        .await
+        .unwrap();
+        let n: i64 = tx
+            .query_one(
+                "select count(*) from sg_orders where customer_id = $1 and total = 8",
+                &[&a],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1);
+        tx.commit().await.unwrap();
+        assert_eq!(
+            scalar(&other, "select count(*) from sg_orders where total = 8").await,
+            "2"
+        );
+        for i in 0..3 {
+            let d = shard_client(i).await;
+            let n: i64 = d
+                .query_one("select count(*) from pg_prepared_xacts", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 0);
+        }
     });
 }

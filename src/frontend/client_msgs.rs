@@ -126,6 +126,9 @@ impl Session {
                         None => {}
                     }
                 }
+                if sharded && self.multi_shard_control(text).await? {
+                    return Ok(());
+                }
                 if sharded {
                     let refused = match self.route_shard(Some(text), None) {
                         Ok(None) => None,
@@ -141,6 +144,12 @@ impl Session {
                     if let Some((code, message)) = refused {
                         self.refuse_query(code, &message).await;
                         return Ok(());
+                    }
+                    if let Some(to) = self.routing.switch_to.take() {
+                        if let Err((code, message)) = self.switch_tx_shard(to).await {
+                            self.refuse_query(&code, &message).await;
+                            return Ok(());
+                        }
                     }
                 }
                 let fresh = self.server.is_none();
@@ -191,6 +200,9 @@ impl Session {
                 }
                 if sharded && self.server.is_none() {
                     let _ = self.route_shard(None, None);
+                }
+                if self.server.is_some() {
+                    self.send_owed_parses();
                 }
                 if !self.ensure_server(false, false).await {
                     return Ok(());
@@ -327,7 +339,12 @@ impl Session {
         if parse.name.is_empty() {
             self.routing.proxy_stmts.remove("");
         }
-        let defer = self.shard_map.is_some() && self.server.is_none();
+        // With shards, a Parse waits for the Bind whose key picks the shard
+        // — also inside a transaction that may move on to another shard.
+        let defer = self.shard_map.is_some()
+            && (self.server.is_none()
+                || (self.routing.tx_begin.is_some() && self.pipeline.is_empty()))
+            || !self.routing.owed.is_empty();
         if defer && parse.name.is_empty() {
             // Sent with the Bind that picks the shard.
             self.unnamed_parse = Some(frame.clone());
@@ -383,7 +400,7 @@ impl Session {
                 .push(super::sharding::Owed::Named(stmt, name));
             return Ok(());
         }
-        if self.server.is_none() && known_good {
+        if (self.server.is_none() || defer) && known_good {
             self.statements.insert(name.clone(), stmt);
             self.pipeline.push_back(Expect::Synthetic {
                 frame: be::empty(be::PARSE_COMPLETE),
@@ -531,6 +548,24 @@ impl Session {
         }
         if self.shard_map.is_some() {
             let (text, types) = self.statement_text_and_types(bind.statement);
+            if self.server.is_some() && !self.routing.tx_parked.is_empty() {
+                if let Some(t) = text.as_deref() {
+                    if super::sharding::pins_transaction(t)
+                        || crate::router::classify::may_end_transaction(t)
+                    {
+                        return self
+                            .refuse_extended(
+                                "0A000",
+                                "shardgate: a transaction that spans shards ends with a simple-protocol COMMIT or ROLLBACK and uses no SAVEPOINT, SET LOCAL or SET TRANSACTION",
+                            )
+                            .await;
+                    }
+                }
+            } else if self.server.is_some() {
+                if let Some(t) = text.as_deref() {
+                    self.routing.tx_pinned |= super::sharding::pins_transaction(t);
+                }
+            }
             let routed = self.route_shard(text.as_deref(), Some((types.as_slice(), bind.rest)));
             let refused = match routed {
                 Ok(None) => None,
@@ -548,6 +583,16 @@ impl Session {
             };
             if let Some((code, message)) = refused {
                 return self.refuse_extended(code, &message).await;
+            }
+            if let Some(to) = self.routing.switch_to.take() {
+                if let Err((code, message)) = self.switch_tx_shard(to).await {
+                    return self.refuse_extended(&code, &message).await;
+                }
+            }
+            if self.server.is_some() {
+                // Parses held back in a transaction that may move on to
+                // another shard go to the server this Bind chose.
+                self.send_owed_parses();
             }
             if self.routing.pending_begin.is_some() {
                 self.materialize_begin().await?;
@@ -611,6 +656,9 @@ impl Session {
             || self.scatter_describe(target.kind, target.name)
         {
             return Ok(());
+        }
+        if self.server.is_some() {
+            self.send_owed_parses();
         }
         if self.server.is_none() && self.shard_map.is_some() {
             self.route_describe(&frame);

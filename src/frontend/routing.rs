@@ -214,6 +214,7 @@ impl Session {
             return Ok(());
         }
         let begin = begin.strip_suffix(b";").unwrap_or(&begin);
+        self.routing.tx_begin = Some(String::from_utf8_lossy(begin).into_owned());
         let mut body = bytes::BytesMut::with_capacity(begin.len() + text.len() + 4);
         body.extend_from_slice(begin);
         body.extend_from_slice(b";\n");
@@ -258,6 +259,7 @@ impl Session {
             return Ok(());
         }
         let sql = String::from_utf8_lossy(&begin).into_owned();
+        self.routing.tx_begin = Some(sql.trim_end().trim_end_matches(';').to_string());
         let Some(server) = self.server.as_mut() else {
             return Err(self.server_lost());
         };
@@ -595,7 +597,7 @@ fn could_be_command(sql: &[u8]) -> bool {
 
 /// `COMMIT`/`END`/`ROLLBACK`/`ABORT` alone: the command tag that ends an
 /// empty transaction.
-fn empty_transaction_end(sql: &[u8]) -> Option<&'static str> {
+pub(super) fn empty_transaction_end(sql: &[u8]) -> Option<&'static str> {
     let text = std::str::from_utf8(sql)
         .ok()?
         .trim()

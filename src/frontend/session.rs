@@ -184,6 +184,20 @@ pub(super) struct RoutingState {
     /// The result of a cross-shard statement bound but not yet executed
     /// (gone at Sync, like the portal it stands for).
     pub scatter_portal: Option<super::scatter::ScatterPortal>,
+    /// The BEGIN that started the open transaction (known when the proxy
+    /// deferred it): a transaction that moves on to another shard begins
+    /// there the same way.
+    pub tx_begin: Option<String>,
+    /// The open transaction used SAVEPOINT, SET LOCAL or SET TRANSACTION:
+    /// it cannot spread to another shard (those act on one server).
+    pub tx_pinned: bool,
+    /// Target shard of a statement that moves the open transaction on to
+    /// another shard (set by `route_shard`, done by `switch_tx_shard`).
+    pub switch_to: Option<usize>,
+    /// Servers of the other shards the open transaction has written to,
+    /// in its own transaction on each: committed together (two-phase) at
+    /// COMMIT.
+    pub tx_parked: Vec<(usize, PooledConn)>,
 }
 
 impl Session {
@@ -797,6 +811,8 @@ impl Session {
         self.pool.metrics.transactions.inc();
         *crate::lock(&self.cancel_slot) = None;
         self.server = None;
+        self.routing.tx_begin = None;
+        self.routing.tx_pinned = false;
         self.left_server();
     }
 

@@ -213,19 +213,208 @@ impl Session {
         };
         if self.server.is_some() {
             if want != self.shard {
-                return Err((
-                    "0A000",
-                    format!(
-                        "shardgate: this statement belongs to shard {}, but the transaction runs on shard {}; transactions across shards are not supported yet",
-                        self.shard_name(want),
-                        self.shard_name(self.shard)
-                    ),
-                ));
+                if let Some(why) = self.cannot_spread() {
+                    return Err((
+                        "0A000",
+                        format!(
+                            "shardgate: this statement belongs to shard {}, but the transaction runs on shard {}, and {why}",
+                            self.shard_name(want),
+                            self.shard_name(self.shard)
+                        ),
+                    ));
+                }
+                self.routing.switch_to = Some(want);
             }
             return Ok(None);
         }
         self.select_shard(want);
         Ok(None)
+    }
+
+    /// Why the open transaction cannot move on to another shard, if it
+    /// cannot: it must have been begun by a BEGIN the proxy knows, be
+    /// healthy and idle between statements, on a primary, and not use
+    /// savepoints or transaction-local settings.
+    fn cannot_spread(&self) -> Option<&'static str> {
+        let server = self.server.as_ref()?;
+        if self.routing.tx_begin.is_none() {
+            return Some(
+                "only a transaction begun with a plain BEGIN (simple protocol) can span shards",
+            );
+        }
+        if server.tx_status != b'T' {
+            return Some("the transaction is not open and healthy");
+        }
+        if self.on_replica.is_some() {
+            return Some("a read-only transaction on replicas cannot span shards");
+        }
+        if self.routing.tx_pinned {
+            return Some("it used SAVEPOINT, SET LOCAL or SET TRANSACTION, which act on one shard");
+        }
+        if self.copy_in {
+            return Some("a COPY is running");
+        }
+        if self.proxy.twophase.is_none() {
+            return Some("the two-phase commit log (proxy.state_dir) could not be opened");
+        }
+        None
+    }
+
+    /// Moves the open transaction on to shard `to`: the current server
+    /// waits (in its transaction) among `tx_parked`, and `to`'s server —
+    /// already in this transaction, or newly begun with the same BEGIN —
+    /// becomes the session's.
+    pub(super) async fn switch_tx_shard(&mut self, to: usize) -> Result<(), (String, String)> {
+        // What the current server still owes the client comes first.
+        if self.drain_pipeline().await.is_err() {
+            return Err((
+                "08006".into(),
+                "shardgate: the shard's server connection was lost".into(),
+            ));
+        }
+        let Some(current) = self.server.take() else {
+            return Ok(());
+        };
+        self.left_server();
+        *crate::lock(&self.cancel_slot) = None;
+        self.routing.tx_parked.push((self.shard, current));
+        if let Some(i) = self.routing.tx_parked.iter().position(|(s, _)| *s == to) {
+            let (_, conn) = self.routing.tx_parked.swap_remove(i);
+            self.select_shard(to);
+            *crate::lock(&self.cancel_slot) = Some(crate::cancel::CancelTarget {
+                addr: conn.addr.clone(),
+                pid: conn.pid,
+                secret: conn.secret,
+            });
+            self.server = Some(conn);
+            return Ok(());
+        }
+        self.select_shard(to);
+        let begun = match self.checkout(false).await {
+            Ok(()) => {
+                let begin = self
+                    .routing
+                    .tx_begin
+                    .clone()
+                    .unwrap_or_else(|| "BEGIN".into());
+                let server = self.server.as_mut().expect("checked out");
+                match server.run_internal(&begin).await {
+                    Ok(None) => Ok(()),
+                    Ok(Some(e)) => Err((e.code, e.message)),
+                    Err(e) => Err(("08006".into(), format!("shardgate: {e}"))),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if begun.is_err() {
+            // Back to the shard the transaction was on, so the error
+            // fails the transaction there.
+            self.drop_server();
+            if let Some((shard, conn)) = self.routing.tx_parked.pop() {
+                self.select_shard(shard);
+                self.server = Some(conn);
+            }
+        }
+        begun
+    }
+
+    /// Handles the transaction-control side of a statement inside a
+    /// transaction (sharding): notes statements that pin the transaction
+    /// to its shard, and ends a transaction that spans shards. Returns
+    /// true when the statement was handled here.
+    pub(super) async fn multi_shard_control(&mut self, sql: &[u8]) -> Result<bool, SessionError> {
+        if self.server.is_none() {
+            return Ok(false);
+        }
+        let pins = pins_transaction(sql);
+        if self.routing.tx_parked.is_empty() {
+            self.routing.tx_pinned |= pins;
+            return Ok(false);
+        }
+        if let Some(tag) = super::routing::empty_transaction_end(sql) {
+            self.end_multi_shard_tx(tag == "COMMIT").await?;
+            return Ok(true);
+        }
+        if pins || crate::router::classify::may_end_transaction(sql) {
+            let message = "shardgate: in a transaction that spans shards, end it with a plain COMMIT or ROLLBACK, and use no SAVEPOINT, SET LOCAL or SET TRANSACTION";
+            self.refuse_query("0A000", message).await;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// COMMIT or ROLLBACK of a transaction that spans shards (simple
+    /// protocol): every shard's part prepared and committed together, or
+    /// all rolled back. A transaction that failed on any shard rolls back
+    /// (COMMIT answers ROLLBACK, as Postgres does).
+    pub(super) async fn end_multi_shard_tx(&mut self, commit: bool) -> Result<(), SessionError> {
+        self.drain_pipeline().await?;
+        let mut conns = Vec::new();
+        let mut shards = Vec::new();
+        if let Some(active) = self.server.take() {
+            self.left_server();
+            conns.push(active);
+            shards.push(self.shard);
+        }
+        for (s, c) in std::mem::take(&mut self.routing.tx_parked) {
+            conns.push(c);
+            shards.push(s);
+        }
+        *crate::lock(&self.cancel_slot) = None;
+        self.routing.tx_begin = None;
+        self.routing.tx_pinned = false;
+        let failed = conns.iter().any(|c| c.tx_status != b'T');
+        let max = self.max_message_size;
+        self.emit_ready_synthetics();
+        if !commit || failed {
+            for c in conns.iter_mut() {
+                let _ = c.exchange(&super::multiwrite::query("ROLLBACK"), max).await;
+            }
+            super::multiwrite::release(conns);
+            be::command_complete("ROLLBACK").encode(&mut self.to_client);
+        } else {
+            let proxy = self.proxy.clone();
+            let log = proxy.twophase.as_ref().expect("checked before spreading");
+            match super::multiwrite::commit_across(self, conns, &shards, log).await {
+                Ok(()) => be::command_complete("COMMIT").encode(&mut self.to_client),
+                Err(e) => e.encode(&mut self.to_client),
+            }
+        }
+        be::ready_for_query(b'I').encode(&mut self.to_client);
+        Ok(())
+    }
+
+    /// Waits for everything the held server still owes (asking it to
+    /// answer what is pending with a Flush), forwarding it to the client.
+    async fn drain_pipeline(&mut self) -> Result<(), SessionError> {
+        use tokio::io::AsyncReadExt;
+        self.emit_ready_synthetics();
+        if self.pipeline.is_empty() {
+            return Ok(());
+        }
+        Frame {
+            tag: fe::FLUSH,
+            body: bytes::Bytes::new(),
+        }
+        .encode(&mut self.to_server);
+        self.flush_server().await?;
+        loop {
+            self.emit_ready_synthetics();
+            if self.pipeline.is_empty() {
+                return Ok(());
+            }
+            let Some(server) = self.server.as_mut() else {
+                return Err(self.server_lost());
+            };
+            let server: &mut crate::backend::ServerConn = server;
+            server.read_buf.reserve(16 * 1024);
+            match server.stream.read_buf(&mut server.read_buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return Err(self.server_lost()),
+            }
+            self.handle_server_bytes()?;
+            self.flush_client().await?;
+        }
     }
 
     /// Why a statement that needs `shards` cannot run: inside a
@@ -455,7 +644,11 @@ impl Session {
     /// Held-back Parses must be answered before a message the proxy
     /// answers itself (or one that needs no particular shard).
     pub(super) async fn settle_owed(&mut self) {
-        if self.routing.owed.is_empty() || self.server.is_some() {
+        if self.routing.owed.is_empty() {
+            return;
+        }
+        if self.server.is_some() {
+            self.send_owed_parses();
             return;
         }
         if let Some(map) = self.shard_map() {
@@ -463,6 +656,22 @@ impl Session {
         }
         self.ensure_server(false, false).await;
     }
+}
+
+/// SAVEPOINT, RELEASE, ROLLBACK TO, SET LOCAL, SET TRANSACTION: they act
+/// on one server's transaction.
+pub(super) fn pins_transaction(sql: &[u8]) -> bool {
+    let s = String::from_utf8_lossy(sql);
+    let text = crate::sql::strip_leading(&s).to_lowercase();
+    let mut words = text
+        .split(|c: char| !c.is_alphanumeric() && c != '_')
+        .filter(|w| !w.is_empty());
+    matches!(
+        (words.next(), words.next()),
+        (Some("savepoint" | "release"), _)
+            | (Some("rollback"), Some("to"))
+            | (Some("set"), Some("local" | "transaction" | "constraints"))
+    )
 }
 
 /// A statement that makes Postgres raise `code`/`message` itself.
