@@ -35,6 +35,7 @@ pub struct Proxy {
     pub catalogs: crate::router::Catalogs,
     pub placements: crate::frontend::sharding::PlacementCache,
     pub type_names: crate::frontend::scatter::TypeNames,
+    pub scatter_plans: crate::frontend::scatter::ScatterCache,
     /// The two-phase commit decision log (None: it could not be opened;
     /// writes across shards are refused).
     pub twophase: Option<crate::twophase::DecisionLog>,
@@ -54,6 +55,7 @@ impl Proxy {
             catalogs: crate::router::Catalogs::default(),
             placements: Default::default(),
             type_names: Default::default(),
+            scatter_plans: Default::default(),
             twophase: open_decision_log(&config),
             config: ArcSwap::from_pointee(config),
         })
@@ -71,6 +73,7 @@ impl Proxy {
         self.config.store(Arc::new(config));
         self.catalogs.clear();
         self.placements.clear();
+        self.scatter_plans.clear();
         tracing::info!(topology_epoch = epoch, "configuration reloaded");
     }
 }

@@ -565,6 +565,26 @@ fn cross_shard_reads_match_an_unsharded_copy() {
             assert_eq!(code(&e), "0A000", "{q}: {e}");
         }
         c.batch_execute("drop table sg_oracle").await.unwrap();
+        // A column with its own collation: a merge that sorts it is
+        // refused rather than ordered by the database default.
+        for i in 0..3 {
+            shard_client(i)
+                .await
+                .batch_execute("alter table sg_users alter column name type text collate \"C\"")
+                .await
+                .unwrap();
+        }
+        let e = c.simple_query("select name from sg_users order by name").await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{e}");
+        // Concatenation compares nothing: still answered.
+        c.simple_query("select name from sg_users").await.unwrap();
+        for i in 0..3 {
+            shard_client(i)
+                .await
+                .batch_execute("alter table sg_users alter column name type text collate \"default\"")
+                .await
+                .unwrap();
+        }
     });
 }
 

@@ -49,6 +49,46 @@ pub struct TypeNames {
     names: RwLock<HashMap<u32, String>>,
 }
 
+/// Cross-shard plans by statement text, shared by all sessions: a plan is
+/// parsed once, and the collation check of its tables is redone only
+/// after `routing.catalog_refresh`.
+#[derive(Default)]
+pub struct ScatterCache {
+    plans: RwLock<HashMap<String, std::sync::Arc<Cached>>>,
+}
+
+pub(super) struct Cached {
+    plan: Result<ScatterPlan, String>,
+    /// Relation names the statement reads (for the collation check).
+    tables: Vec<String>,
+    created: std::time::Instant,
+    /// When the tables were last found free of non-default collations.
+    collations_ok_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl ScatterCache {
+    pub fn clear(&self) {
+        crate::write(&self.plans).clear();
+    }
+}
+
+/// Whether phase 2 compares values of the rows (sorts, groups, takes a
+/// min or max, removes duplicates): then a column's own collation matters.
+fn compares(plan: &ScatterPlan) -> bool {
+    use crate::router::scatter::Partial;
+    match &plan.merge {
+        Merge::Concat { .. } => false,
+        Merge::Final(f) => {
+            !f.order_by.is_empty()
+                || !f.group_by.is_empty()
+                || f.distinct
+                || f.aggregates
+                    .iter()
+                    .any(|a| matches!(a, Partial::Same(..) | Partial::Distinct { .. }))
+        }
+    }
+}
+
 /// The first OID of user-defined objects.
 const FIRST_USER_OID: u32 = 16384;
 
@@ -184,16 +224,10 @@ impl Session {
         let Some(map) = self.shard_map() else {
             return fail("0A000", "shardgate: no shard map".into());
         };
-        if let Err(what) = crate::router::shard::scatter_check(&map, sql) {
-            return fail(
-                "0A000",
-                format!("shardgate: {what} is not supported across shards"),
-            );
-        }
-        let catalog = self.loaded_catalog().await;
-        let plan = match crate::router::scatter::plan(sql, &|n| catalog.is_aggregate(n)) {
-            Ok(p) => p,
-            Err(what) => return fail("0A000", format!("shardgate: {what} is not supported")),
+        let cached = self.scatter_plan(&map, sql).await;
+        let plan = match &cached.plan {
+            Ok(p) => p.clone(),
+            Err(m) => return fail("0A000", m.clone()),
         };
         let class = self.classify(sql.as_bytes());
         let read = self.routing.split && self.wants_replica(&class);
@@ -217,7 +251,13 @@ impl Session {
                 Merge::Final(_) => "final",
             }])
             .inc();
-        let answer = self.scatter_phases(&plan, &mut conns, bind).await;
+        let answer = match self.check_collations(&cached, &plan, &mut conns).await {
+            Ok(()) => self.scatter_phases(&plan, &mut conns, bind).await,
+            Err(e) => ScatterAnswer {
+                notices: Vec::new(),
+                result: Err(e),
+            },
+        };
         for mut c in conns {
             if c.broken || c.tx_status != b'I' {
                 drop(deadpool::managed::Object::take(c));
@@ -226,6 +266,92 @@ impl Session {
             }
         }
         answer
+    }
+
+    /// The cached plan of a cross-shard SELECT (made now if missing or
+    /// older than the catalog refresh).
+    async fn scatter_plan(
+        &mut self,
+        map: &crate::sharding::map::ShardMap,
+        sql: &str,
+    ) -> std::sync::Arc<Cached> {
+        let refresh = self.proxy.config.load().routing.catalog_refresh;
+        if let Some(c) = crate::read(&self.proxy.scatter_plans.plans).get(sql) {
+            if c.created.elapsed() < refresh {
+                return c.clone();
+            }
+        }
+        let catalog = self.loaded_catalog().await;
+        let plan = match crate::router::shard::scatter_check(map, sql) {
+            Err(what) => Err(format!("shardgate: {what} is not supported across shards")),
+            Ok(()) => crate::router::scatter::plan(sql, &|n| catalog.is_aggregate(n))
+                .map_err(|what| format!("shardgate: {what} is not supported")),
+        };
+        let cached = std::sync::Arc::new(Cached {
+            plan,
+            tables: crate::router::shard::relation_names(sql),
+            created: std::time::Instant::now(),
+            collations_ok_at: std::sync::Mutex::new(None),
+        });
+        let mut plans = crate::write(&self.proxy.scatter_plans.plans);
+        if plans.len() >= 10_000 {
+            plans.clear();
+        }
+        plans.insert(sql.to_string(), cached.clone());
+        cached
+    }
+
+    /// Phase 2 sorts and compares with each expression's collation, but a
+    /// column's own collation (COLLATE in its definition) does not travel
+    /// with its values: when a compared statement reads a table with such
+    /// a column, it is refused instead of answered in another order.
+    async fn check_collations(
+        &mut self,
+        cached: &Cached,
+        plan: &ScatterPlan,
+        conns: &mut [PooledConn],
+    ) -> Result<(), Frame> {
+        if !compares(plan) || cached.tables.is_empty() {
+            return Ok(());
+        }
+        let refresh = self.proxy.config.load().routing.catalog_refresh;
+        if crate::lock(&cached.collations_ok_at).is_some_and(|t| t.elapsed() < refresh) {
+            return Ok(());
+        }
+        let names: Vec<String> = cached
+            .tables
+            .iter()
+            .map(|t| format!("'{}'", t.replace('\'', "''")))
+            .collect();
+        let sql = format!(
+            "SELECT c.relname::text, a.attname::text FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+             WHERE c.relname IN ({}) AND a.attnum > 0 AND NOT a.attisdropped AND a.attcollation NOT IN (0, 100) LIMIT 1",
+            names.join(", ")
+        );
+        let conn = conns.first_mut().expect("a shard connection");
+        match conn.query_rows(&sql).await {
+            Ok(Ok(rows)) if rows.is_empty() => {
+                *crate::lock(&cached.collations_ok_at) = Some(std::time::Instant::now());
+                Ok(())
+            }
+            Ok(Ok(rows)) => {
+                let (t, c) = rows
+                    .first()
+                    .map(|r| {
+                        (
+                            r.first().cloned().flatten().unwrap_or_default(),
+                            r.get(1).cloned().flatten().unwrap_or_default(),
+                        )
+                    })
+                    .unwrap_or_default();
+                Err(refusal(
+                    "0A000",
+                    format!("shardgate: sorting or comparing across shards a table with a column of its own collation ({t}.{c}) is not supported: the merge could not follow it"),
+                ))
+            }
+            Ok(Err(e)) => Err(refusal(&e.code, e.message)),
+            Err(e) => Err(refusal("08006", format!("shardgate: {e}"))),
+        }
     }
 
     /// The function catalog, loaded now if it is not yet (aggregates must
@@ -343,8 +469,11 @@ impl Session {
                 }
             }
             Merge::Final(f) => {
+                // Phase 2 on the shards in turn.
+                self.routing.turn = self.routing.turn.wrapping_add(1);
+                let k = self.routing.turn % conns.len();
                 let result = self
-                    .final_phase(f, &description, answers, &mut conns[0], bind, &mut notices)
+                    .final_phase(f, &description, answers, &mut conns[k], bind, &mut notices)
                     .await;
                 ScatterAnswer { notices, result }
             }

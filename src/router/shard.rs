@@ -840,6 +840,24 @@ fn has_placeholders<V: Visit>(node: &V) -> bool {
     found
 }
 
+/// The table names (without schema, case-folded) a statement reads.
+pub fn relation_names(sql: &str) -> Vec<String> {
+    let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = Vec::new();
+    for s in &stmts {
+        let _ = ast::visit_relations(s, |n| {
+            let (_, t) = split_object_name(n);
+            if !names.contains(&t) {
+                names.push(t);
+            }
+            ControlFlow::<()>::Continue(())
+        });
+    }
+    names
+}
+
 /// Every relation a statement names, by kind.
 struct Relations {
     sharded: Vec<String>,
