@@ -253,15 +253,8 @@ impl Session {
             }
         }
         let all_prepared = done.len() == parts.len() && done.iter().all(|(_, o)| o.prepared);
-        crate::metrics::GLOBAL
-            .twophase
-            .with_label_values(&[if all_prepared {
-                "committed"
-            } else {
-                "rolled_back"
-            }])
-            .inc();
         if !all_prepared {
+            count_outcome("rolled_back");
             // Roll back what was prepared; the client gets the first error.
             let error = done
                 .iter()
@@ -394,10 +387,7 @@ pub(super) async fn commit_across(
         }
     }
     if let Some(e) = error {
-        crate::metrics::GLOBAL
-            .twophase
-            .with_label_values(&["rolled_back"])
-            .inc();
+        count_outcome("rolled_back");
         for (i, c) in conns.iter_mut().enumerate() {
             let undo = if i < prepared {
                 format!("ROLLBACK PREPARED '{gid}'")
@@ -409,11 +399,14 @@ pub(super) async fn commit_across(
         release(conns);
         return Err(e);
     }
+    decide_and_commit(s, conns, shards, &gid, log).await
+}
+
+fn count_outcome(outcome: &str) {
     crate::metrics::GLOBAL
         .twophase
-        .with_label_values(&["committed"])
+        .with_label_values(&[outcome])
         .inc();
-    decide_and_commit(s, conns, shards, &gid, log).await
 }
 
 /// Every connection holds a transaction prepared as `gid`: log the
@@ -430,6 +423,7 @@ async fn decide_and_commit(
     let max = s.max_message_size;
     failpoint("twophase-prepared", gid).await;
     if let Err(e) = log.commit(gid) {
+        count_outcome("rolled_back");
         for conn in conns.iter_mut() {
             let _ = conn
                 .exchange(&query(&format!("ROLLBACK PREPARED '{gid}'")), max)
@@ -442,6 +436,7 @@ async fn decide_and_commit(
             &format!("shardgate: cannot record the commit decision: {e}"),
         ));
     }
+    count_outcome("committed");
     failpoint("twophase-decided", gid).await;
     let mut tasks = Vec::new();
     for (mut conn, shard) in conns.into_iter().zip(shards.iter().copied()) {

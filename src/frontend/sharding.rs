@@ -422,11 +422,9 @@ impl Session {
     pub(super) fn cross_shard_refusal(&self, shards: &[usize]) -> (&'static str, String) {
         crate::metrics::GLOBAL.cross_shard_refusals.inc();
         let names: Vec<String> = shards.iter().map(|s| self.shard_name(*s)).collect();
-        let why = if self.server.is_some() || self.routing.pending_begin.is_some() {
-            "statements across shards inside a transaction are not supported yet"
-        } else {
-            "writes across shards are not supported yet"
-        };
+        // Outside a transaction such statements run across shards; this
+        // is only reached inside one.
+        let why = "a statement that needs several shards at once is not supported inside a transaction (run it outside, where it commits atomically on every shard)";
         (
             "0A000",
             format!(
