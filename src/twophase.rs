@@ -111,6 +111,10 @@ impl DecisionLog {
             t.sync_all()?;
         }
         std::fs::rename(&tmp, &self.path)?;
+        // The rename itself must survive a crash.
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
         *f = std::fs::OpenOptions::new().append(true).open(&self.path)?;
         Ok(())
     }

@@ -448,6 +448,13 @@ impl Session {
                 .map(Target::Shard)
                 .map_err(|m| ("22023", m));
         }
+        if bind.is_none() && map.has_tables() && map.mentions_table(sql) {
+            // Simple protocol: place the text with its literals taken out,
+            // so a statement sent with ever new keys is analysed once.
+            if let Some(target) = self.target_by_normalized(map, sql) {
+                return Ok(target);
+            }
+        }
         let placement = self.proxy.placements.get(map, sql);
         let values;
         let params = match bind {
@@ -506,6 +513,32 @@ impl Session {
             _ => map.default_shard,
         };
         self.select_shard(shard);
+    }
+
+    /// The target of a simple-protocol text through the placement of its
+    /// literal-free form, when that placement names keys (or needs no
+    /// shard in particular); None otherwise (the text is placed as is).
+    fn target_by_normalized(&self, map: &ShardMap, sql: &[u8]) -> Option<Target> {
+        let text = std::str::from_utf8(sql).ok()?;
+        let (norm, literals) = crate::router::shard::normalize_literals(text)?;
+        if literals.is_empty() {
+            return None;
+        }
+        let placement = self.proxy.placements.get(map, norm.as_bytes());
+        if !matches!(*placement, Placement::Keys { .. }) {
+            return None;
+        }
+        let values: Vec<Option<&[u8]>> = literals.iter().map(|l| Some(l.as_bytes())).collect();
+        let params = Params {
+            types: &[],
+            formats: &[],
+            values: &values,
+        };
+        match placement.resolve(map, Some(&params)) {
+            t @ (Target::Shard(_) | Target::Anywhere) => Some(t),
+            // Several shards, or a literal that is not a key: as written.
+            _ => None,
+        }
     }
 
     fn shard_name(&self, i: usize) -> String {

@@ -397,6 +397,102 @@ fn binary_param_type_ok(ty: KeyType, oid: u32) -> bool {
     }
 }
 
+/// A simple-protocol text with its plain literals taken out: integer
+/// literals and plain '...' strings become `$1..$n` (returned in order, as
+/// a client would bind them in text), so one placement serves every key
+/// a statement is sent with. None when the text holds anything whose
+/// meaning could change that way (E'' / B'' / X'' / U&'' / dollar-quoted
+/// strings, backslashes in strings, `$` parameters, adjacent strings):
+/// such texts are placed as they are.
+pub fn normalize_literals(sql: &str) -> Option<(String, Vec<String>)> {
+    let b = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len());
+    let mut lits: Vec<String> = Vec::new();
+    let mut i = 0;
+    let mut copied = 0;
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'$' => return None,
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = b[i..]
+                    .iter()
+                    .position(|c| *c == b'\n')
+                    .map_or(b.len(), |p| i + p);
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i = sql[i + 2..].find("*/").map_or(b.len(), |p| i + 2 + p + 2);
+            }
+            b'"' => {
+                i = sql[i + 1..].find('"').map_or(b.len(), |p| i + 1 + p + 1);
+            }
+            b'\'' => {
+                if i > 0 && (ident(b[i - 1]) || b[i - 1] == b'&') {
+                    // E'...', B'...', X'...', N'...', U&'...' and the like.
+                    return None;
+                }
+                let mut j = i + 1;
+                let mut value = String::new();
+                loop {
+                    let k = sql[j..].find('\'')? + j;
+                    value.push_str(&sql[j..k]);
+                    if b.get(k + 1) == Some(&b'\'') {
+                        value.push('\'');
+                        j = k + 2;
+                        continue;
+                    }
+                    j = k + 1;
+                    break;
+                }
+                if value.contains('\\') {
+                    return None;
+                }
+                // 'a' 'b' on two lines is one literal in SQL.
+                let next = b[j..]
+                    .iter()
+                    .position(|c| !c.is_ascii_whitespace())
+                    .map(|p| j + p);
+                if next.is_some_and(|n| b[n] == b'\'') {
+                    return None;
+                }
+                out.push_str(&sql[copied..i]);
+                lits.push(value);
+                out.push_str(&format!("${}", lits.len()));
+                i = j;
+                copied = j;
+            }
+            b'0'..=b'9' if i == 0 || !(ident(b[i - 1]) || b[i - 1] == b'.') => {
+                let end = b[i..]
+                    .iter()
+                    .position(|c| !c.is_ascii_digit())
+                    .map_or(b.len(), |p| i + p);
+                if end < b.len() && (ident(b[end]) || b[end] == b'.') {
+                    // 1e3, 1.5, 12abc: left as written.
+                    i = end;
+                    while i < b.len() && (ident(b[i]) || b[i] == b'.') {
+                        i += 1;
+                    }
+                    continue;
+                }
+                out.push_str(&sql[copied..i]);
+                lits.push(sql[i..end].to_string());
+                out.push_str(&format!("${}", lits.len()));
+                i = end;
+                copied = end;
+            }
+            _ if ident(c) => {
+                while i < b.len() && ident(b[i]) {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&sql[copied..]);
+    Some((out, lits))
+}
+
 /// The placement of a whole Query string or Parse text.
 pub fn place(map: &ShardMap, sql: &str) -> Placement {
     let index_ddl = || {
@@ -1807,6 +1903,56 @@ type = "text"
                 Some(KeyValue::Text("NULL".into())),
             ])
         );
+    }
+
+    #[test]
+    fn literals_come_out_as_parameters() {
+        let n = |s: &str| normalize_literals(s);
+        assert_eq!(
+            n("select * from orders where customer_id = 42 and note = 'it''s' -- 7\n limit 5"),
+            Some((
+                "select * from orders where customer_id = $1 and note = $2 -- 7\n limit $3".into(),
+                vec!["42".into(), "it's".into(), "5".into()]
+            ))
+        );
+        assert_eq!(
+            n("select t1.c2 from t1 where x = 1.5 and y = 1e3 /* 9 */ and \"c 3\" = 4"),
+            Some((
+                "select t1.c2 from t1 where x = 1.5 and y = 1e3 /* 9 */ and \"c 3\" = $1".into(),
+                vec!["4".into()]
+            ))
+        );
+        for s in [
+            "select E'\\x41'",
+            "select $$a$$",
+            "select 'a\\b'",
+            "select 'a'\n'b'",
+            "select $1",
+            "select U&'x'",
+        ] {
+            assert_eq!(n(s), None, "{s}");
+        }
+        // The same shard from the literal text and from its normalized form.
+        let m = map();
+        for sql in [
+            "select * from orders where customer_id = 123456",
+            "select * from orders where customer_id = '123456'",
+            "select * from users where name = 'ann'",
+            "insert into orders (customer_id, total) values (77, 1), (77, 2)",
+        ] {
+            let (norm, lits) = n(sql).unwrap();
+            let values: Vec<Option<&[u8]>> = lits.iter().map(|l| Some(l.as_bytes())).collect();
+            let params = Params {
+                types: &[],
+                formats: &[],
+                values: &values,
+            };
+            assert_eq!(
+                place(&m, &norm).resolve(&m, Some(&params)),
+                place(&m, sql).resolve(&m, None),
+                "{sql}"
+            );
+        }
     }
 
     #[test]
