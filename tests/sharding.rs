@@ -563,6 +563,8 @@ fn cross_shard_reads_match_an_unsharded_copy() {
         ] {
             let e = c.simple_query(q).await.unwrap_err();
             assert_eq!(code(&e), "0A000", "{q}: {e}");
+            let message = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+            assert!(message.contains("sg_orders"), "the refusal names the table: {message}");
         }
         c.batch_execute("drop table sg_oracle").await.unwrap();
         // A column with its own collation: a merge that sorts it is

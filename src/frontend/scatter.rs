@@ -282,14 +282,23 @@ impl Session {
             }
         }
         let catalog = self.loaded_catalog().await;
+        let tables = crate::router::shard::relation_names(sql);
+        // Refusals name the feature and the tables it met.
+        let on = if tables.is_empty() {
+            String::new()
+        } else {
+            format!(" (tables: {})", tables.join(", "))
+        };
         let plan = match crate::router::shard::scatter_check(map, sql) {
-            Err(what) => Err(format!("shardgate: {what} is not supported across shards")),
+            Err(what) => Err(format!(
+                "shardgate: {what} is not supported across shards{on}"
+            )),
             Ok(()) => crate::router::scatter::plan(sql, &|n| catalog.is_aggregate(n))
-                .map_err(|what| format!("shardgate: {what} is not supported")),
+                .map_err(|what| format!("shardgate: {what} is not supported{on}")),
         };
         let cached = std::sync::Arc::new(Cached {
             plan,
-            tables: crate::router::shard::relation_names(sql),
+            tables,
             created: std::time::Instant::now(),
             collations_ok_at: std::sync::Mutex::new(None),
         });
