@@ -443,6 +443,16 @@ fn hints_settings_reference_and_unsharded_tables() {
         assert_eq!(scalar(&c, "select count(*) from sg_orders").await, "60");
         let e = c.simple_query("set shardgate.shard = 'nope'").await.unwrap_err();
         assert_eq!(code(&e), "22023");
+        // Globally unique ids, answered by the proxy, in both protocols.
+        let first: i64 = scalar(&c, "show shardgate.next_id").await.parse().unwrap();
+        let second: i64 = c
+            .query_one("show shardgate.next_id", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+            .parse()
+            .unwrap();
+        assert!(first > 0 && second > first, "{first} then {second}");
 
         // Reference tables are read from any shard; joined with a key.
         assert_eq!(scalar(&c, "select name from sg_countries where code = 'de'").await, "Germany");
