@@ -69,20 +69,11 @@ impl Session {
             );
         };
         let shards: Vec<usize> = (0..self.proxy.topology.load().shards.len()).collect();
-        let mut conns: Vec<PooledConn> = Vec::new();
-        for s in &shards {
-            self.select_shard(*s);
-            if let Err((code, message)) = self.checkout(false).await {
-                release(conns);
-                // The client is told before any data is sent.
-                return error(&code, message);
-            }
-            if let Some(c) = self.server.take() {
-                self.left_server();
-                conns.push(c);
-            }
-        }
-        *crate::lock(&self.cancel_slot) = None;
+        let mut conns = match self.checkout_each(&shards, false).await {
+            Ok(c) => c,
+            // The client is told before any data is sent.
+            Err((code, message)) => return error(&code, message),
+        };
         let max = self.max_message_size;
         // Where the key is in a row.
         let key = match &plan.key {

@@ -210,19 +210,11 @@ impl Session {
             // All rows on one shard after all (keys resolved by value).
             return self.run_single_part(&parts[0], bind).await;
         }
-        let mut conns = Vec::with_capacity(parts.len());
-        for p in &parts {
-            self.select_shard(p.shard);
-            if let Err((code, message)) = self.checkout(false).await {
-                return fail(&code, message);
-            }
-            self.pool.metrics.queries.inc();
-            if let Some(c) = self.server.take() {
-                self.left_server();
-                conns.push(c);
-            }
-        }
-        *crate::lock(&self.cancel_slot) = None;
+        let shards: Vec<usize> = parts.iter().map(|p| p.shard).collect();
+        let conns = match self.checkout_each(&shards, false).await {
+            Ok(c) => c,
+            Err((code, message)) => return fail(&code, message),
+        };
         let proxy = self.proxy.clone();
         let log = proxy.twophase.as_ref().expect("checked");
         let gid = log.new_gid();
@@ -276,7 +268,6 @@ impl Session {
             };
         }
         let (conns, outcomes): (Vec<PooledConn>, Vec<PartOutcome>) = done.into_iter().unzip();
-        let shards: Vec<usize> = parts.iter().map(|p| p.shard).collect();
         if let Err(e) = decide_and_commit(self, conns, &shards, &gid, log).await {
             return ScatterAnswer {
                 notices: Vec::new(),

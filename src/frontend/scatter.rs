@@ -231,19 +231,10 @@ impl Session {
         };
         let class = self.classify(sql.as_bytes());
         let read = self.routing.split && self.wants_replica(&class);
-        let mut conns: Vec<PooledConn> = Vec::with_capacity(shards.len());
-        for s in shards {
-            self.select_shard(*s);
-            if let Err((code, message)) = self.checkout(read).await {
-                return fail(&code, message);
-            }
-            self.pool.metrics.queries.inc();
-            if let Some(c) = self.server.take() {
-                self.left_server();
-                conns.push(c);
-            }
-        }
-        *crate::lock(&self.cancel_slot) = None;
+        let mut conns = match self.checkout_each(shards, read).await {
+            Ok(c) => c,
+            Err((code, message)) => return fail(&code, message),
+        };
         crate::metrics::GLOBAL
             .scatter_queries
             .with_label_values(&[match plan.merge {

@@ -561,6 +561,30 @@ impl Session {
         self.commit_lsns[shard] = self.commit_lsns[shard].max(lsn);
     }
 
+    /// One server connection of each of `shards` (a replica's when `read`
+    /// and the rules allow), held by the caller rather than the session:
+    /// statements that run on several shards at once.
+    pub(super) async fn checkout_each(
+        &mut self,
+        shards: &[usize],
+        read: bool,
+    ) -> Result<Vec<crate::backend::pool::PooledConn>, (String, String)> {
+        let mut conns = Vec::new();
+        for &s in shards {
+            self.select_shard(s);
+            // On error the connections taken so far are idle and go back
+            // to their pools when dropped.
+            self.checkout(read).await?;
+            self.pool.metrics.queries.inc();
+            if let Some(c) = self.server.take() {
+                self.left_server();
+                conns.push(c);
+            }
+        }
+        *crate::lock(&self.cancel_slot) = None;
+        Ok(conns)
+    }
+
     /// Makes shard `i` the session's (no server may be held).
     pub(super) fn select_shard(&mut self, i: usize) {
         if i == self.shard || self.server.is_some() {
