@@ -42,6 +42,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub failover: FailoverConfig,
     /// Absent: no sharding; every statement goes to the first shard.
     pub sharding: Option<ShardingConfig>,
 }
@@ -201,6 +203,50 @@ impl Default for HealthConfig {
             user: None,
             password: None,
             database: "postgres".into(),
+        }
+    }
+}
+
+/// Automatic failover of a shard whose primary died (docs/failover.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// Promote a replica when a primary is declared dead.
+    pub enabled: bool,
+    /// Consecutive failed probes before a primary is declared dead.
+    pub failed_probes: u32,
+    /// A primary whose probes time out (it accepts connections but does not
+    /// answer: stopped, swapping, overloaded) is declared dead only after
+    /// failing continuously this long. Refused or closed connections need
+    /// only `failed_probes`.
+    #[serde(with = "humantime_serde")]
+    pub unresponsive_for: Duration,
+    /// How long writes to a shard without a primary wait for the promotion
+    /// before they fail.
+    #[serde(with = "humantime_serde")]
+    pub hold_time: Duration,
+    /// Limit on `pg_promote(wait => true)`.
+    #[serde(with = "humantime_serde")]
+    pub promote_timeout: Duration,
+    /// Without synchronous replication, the most WAL a replica may lack
+    /// (behind the most advanced one) and still be promoted; None: any.
+    pub max_lag_bytes: Option<u64>,
+    /// A fenced former primary found running as a primary again is made
+    /// read-only (`default_transaction_read_only`, existing sessions
+    /// terminated).
+    pub fence_read_only: bool,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            enabled: true,
+            failed_probes: 3,
+            unresponsive_for: Duration::from_secs(2),
+            hold_time: Duration::from_secs(10),
+            promote_timeout: Duration::from_secs(30),
+            max_lag_bytes: None,
+            fence_read_only: true,
         }
     }
 }
@@ -394,6 +440,10 @@ pub struct ReplicaDetails {
     pub weight: u32,
     #[serde(default)]
     pub zone: Option<String>,
+    /// Failover preference among replicas equally up to date (higher
+    /// first; 0 = never promote).
+    #[serde(default = "default_weight")]
+    pub priority: u32,
 }
 
 fn default_weight() -> u32 {
@@ -419,6 +469,13 @@ impl ReplicaConfig {
         match self {
             ReplicaConfig::Addr(_) => None,
             ReplicaConfig::Full(d) => d.zone.as_deref(),
+        }
+    }
+
+    pub fn priority(&self) -> u32 {
+        match self {
+            ReplicaConfig::Addr(_) => 1,
+            ReplicaConfig::Full(d) => d.priority,
         }
     }
 }
@@ -539,6 +596,18 @@ impl Config {
         }
         if self.health.probe_timeout.is_zero() {
             return Err(invalid("health.probe_timeout".into(), "must be positive"));
+        }
+        if self.failover.failed_probes == 0 {
+            return Err(invalid(
+                "failover.failed_probes".into(),
+                "must be at least 1",
+            ));
+        }
+        if self.failover.promote_timeout.as_secs() < 1 {
+            return Err(invalid(
+                "failover.promote_timeout".into(),
+                "must be at least 1s",
+            ));
         }
         if self.health.user.is_none()
             && self

@@ -43,6 +43,33 @@ pub struct ServerHealth {
     /// Why the server is not taking reads, for logs and metrics.
     reason: Mutex<&'static str>,
     conn: tokio::sync::Mutex<Option<ServerConn>>,
+    /// A probe is running (a slow server is not probed twice at once).
+    probing: AtomicBool,
+    /// The current run of failed probes (failover detection).
+    streak: Mutex<Streak>,
+    /// On a primary: its synchronous replication, as last seen.
+    sync: Mutex<SyncReplication>,
+}
+
+/// Consecutive failed probes of one server.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Streak {
+    /// Failed probes since the last success.
+    pub failures: u32,
+    /// Of the latest failures, how many in a row were refused or closed
+    /// connections and errors (not timeouts).
+    pub hard: u32,
+    /// When the first of them started.
+    pub since: Option<Instant>,
+}
+
+/// What a primary reported about synchronous replication.
+#[derive(Debug, Clone, Default)]
+pub struct SyncReplication {
+    /// `synchronous_standby_names` (empty: asynchronous).
+    pub standby_names: String,
+    /// application_name of the standbys in state sync or quorum.
+    pub sync_standbys: Vec<String>,
 }
 
 impl ServerHealth {
@@ -58,7 +85,25 @@ impl ServerHealth {
             outstanding: AtomicUsize::new(0),
             reason: Mutex::new("not probed yet"),
             conn: tokio::sync::Mutex::new(None),
+            probing: AtomicBool::new(false),
+            streak: Mutex::new(Streak::default()),
+            sync: Mutex::new(SyncReplication::default()),
         }
+    }
+
+    pub fn streak(&self) -> Streak {
+        *crate::lock(&self.streak)
+    }
+
+    pub fn sync_replication(&self) -> SyncReplication {
+        crate::lock(&self.sync).clone()
+    }
+
+    fn probe_failed(&self, hard: bool) {
+        let mut s = crate::lock(&self.streak);
+        s.failures += 1;
+        s.hard = if hard { s.hard + 1 } else { 0 };
+        s.since.get_or_insert_with(Instant::now);
     }
 
     pub fn is_up(&self) -> bool {
@@ -118,6 +163,7 @@ impl ServerHealth {
     }
 
     fn mark_up(&self) {
+        *crate::lock(&self.streak) = Streak::default();
         if !self.up.swap(true, Ordering::Relaxed) && self.probed.load(Ordering::Relaxed) {
             tracing::info!(server = %self.addr, "server is back");
         }
@@ -153,20 +199,43 @@ impl Health {
         crate::read(&self.servers).values().cloned().collect()
     }
 
-    /// Probes every server of `topology` once, concurrently, then updates
-    /// the replicas' lag.
-    pub async fn probe_all(&self, topology: &Topology, params: &ProbeParams) {
-        let mut tasks = tokio::task::JoinSet::new();
+    /// Probes every server of `topology` (fenced ones too) once,
+    /// concurrently, waiting at most `wait` (a slow server's probe goes on
+    /// in the background and that server is skipped until it ends), then
+    /// updates the replicas' lag.
+    pub async fn probe_all(&self, topology: &Topology, params: &ProbeParams, wait: Duration) {
+        let mut tasks = Vec::new();
         for shard in &topology.shards {
             let addrs =
                 std::iter::once(&shard.primary).chain(shard.replicas.iter().map(|r| &r.addr));
             for addr in addrs {
                 let server = self.server(addr);
+                if server.probing.swap(true, Ordering::AcqRel) {
+                    continue;
+                }
                 let params = params.clone();
-                tasks.spawn(async move { probe(&server, &params).await });
+                tasks.push(tokio::spawn(async move {
+                    probe(&server, &params).await;
+                    server.probing.store(false, Ordering::Release);
+                }));
             }
         }
-        while tasks.join_next().await.is_some() {}
+        for addr in topology.fenced.iter().map(|f| &f.addr) {
+            let server = self.server(addr);
+            if !server.probing.swap(true, Ordering::AcqRel) {
+                let params = params.clone();
+                tasks.push(tokio::spawn(async move {
+                    probe(&server, &params).await;
+                    server.probing.store(false, Ordering::Release);
+                }));
+            }
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        for t in tasks {
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                break;
+            }
+        }
         let now = Instant::now();
         for shard in &topology.shards {
             let primary = self.server(&shard.primary);
@@ -217,7 +286,9 @@ impl Health {
             let params = ProbeParams::from_config(&config);
             let topology = proxy.topology.load();
             let started = Instant::now();
-            self.probe_all(&topology, &params).await;
+            self.probe_all(&topology, &params, config.health.probe_interval)
+                .await;
+            proxy.failover.after_probes(&proxy, &topology);
             let wait = config
                 .health
                 .probe_interval
@@ -271,7 +342,10 @@ impl ProbeParams {
 }
 
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery()::text, \
-     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text";
+     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text, \
+     CASE WHEN NOT pg_is_in_recovery() THEN current_setting('synchronous_standby_names') END, \
+     CASE WHEN NOT pg_is_in_recovery() THEN (SELECT string_agg(application_name, ',') \
+       FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')) END";
 
 async fn probe(server: &ServerHealth, params: &ProbeParams) {
     let mut slot = server.conn.lock().await;
@@ -302,11 +376,13 @@ async fn probe(server: &ServerHealth, params: &ProbeParams) {
         Ok(Err(e)) => {
             tracing::debug!(server = %server.addr, error = %e, "probe failed");
             *slot = None;
+            server.probe_failed(true);
             server.mark_down("probe failed");
             return;
         }
         Err(_) => {
             *slot = None;
+            server.probe_failed(false);
             server.mark_down("probe timed out");
             return;
         }
@@ -319,6 +395,18 @@ async fn probe(server: &ServerHealth, params: &ProbeParams) {
         .flatten()
         .and_then(|s| parse_lsn(&s))
         .unwrap_or(0);
+    if !in_recovery {
+        let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        let names = text(3);
+        *crate::lock(&server.sync) = SyncReplication {
+            standby_names: text(2),
+            sync_standbys: names
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        };
+    }
     server.in_recovery.store(in_recovery, Ordering::Relaxed);
     server.lsn.store(lsn, Ordering::Relaxed);
     server.mark_up();

@@ -15,6 +15,9 @@
 //! - [`config`]: the TOML configuration.
 //! - [`sharding`]: keys, hashes and the bucket map.
 //! - [`twophase`]: the decision log and recovery of cross-shard commits.
+//! - [`failover`]: dead-primary detection, promotion, fencing, switchover.
+//! - [`store`]: the persisted cluster state (primaries, fenced servers,
+//!   epoch).
 //! - [`sql`]: lexical SQL helpers (statement splitting, keywords).
 //! - [`local`]: starts a local topology of real Postgres servers
 //!   (`shardgate up` / `down`, and the test harness).
@@ -23,6 +26,7 @@ pub mod auth;
 pub mod backend;
 pub mod cancel;
 pub mod config;
+pub mod failover;
 pub mod frontend;
 pub mod health;
 pub mod local;
@@ -32,6 +36,7 @@ pub mod proxy;
 pub mod router;
 pub mod sharding;
 pub mod sql;
+pub mod store;
 pub mod topology;
 pub mod twophase;
 

@@ -181,6 +181,8 @@ impl PgServer {
                 "max_prepared_transactions = 64".into(),
                 "max_wal_senders = 10".into(),
                 "hot_standby = on".into(),
+                // pg_rewind can turn a failed-over primary into a replica.
+                "wal_log_hints = on".into(),
                 "wal_keep_size = '256MB'".into(),
                 format!("max_connections = {}", opts.max_connections),
                 "shared_buffers = '128MB'".into(),
@@ -250,6 +252,8 @@ impl PgServer {
         // or belong to another cluster.
         self.append_conf(&[
             format!("port = {}", self.port),
+            // The name a replica has as a standby (synchronous_standby_names).
+            format!("cluster_name = 'sg_{}'", self.port),
             format!("unix_socket_directories = '{}'", self.data_dir.display()),
         ])
     }

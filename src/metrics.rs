@@ -41,6 +41,16 @@ pub struct Global {
     pub cross_shard_refusals: IntCounter,
     /// Writes across shards by outcome (committed, rolled_back).
     pub twophase: IntCounterVec,
+    /// Failovers by shard and outcome (promoted, no_candidate, failed).
+    pub failovers: IntCounterVec,
+    /// Seconds from the first failed probe to the decision, and from the
+    /// decision to a new primary, of the last failover per shard.
+    pub failover_seconds: GaugeVec,
+    /// 1 while a fenced former primary answers as a primary.
+    pub fenced_primary_alive: IntGaugeVec,
+    pub topology_epoch: IntGauge,
+    /// Statements that waited for a shard's primary (failover hold).
+    pub writes_held: IntCounter,
 }
 
 /// Latency buckets from 50 µs to 10 s.
@@ -160,6 +170,32 @@ fn build() -> Global {
                 "Writes across shards (two-phase commit), by outcome"
             ),
             &["outcome"]
+        )),
+        failovers: reg!(IntCounterVec::new(
+            Opts::new("failovers_total", "Automatic failovers, by shard and outcome"),
+            &["shard", "outcome"]
+        )),
+        failover_seconds: reg!(GaugeVec::new(
+            Opts::new(
+                "failover_last_seconds",
+                "The last failover of a shard: phase = detect (first failed probe to decision) or promote (decision to new primary)"
+            ),
+            &["shard", "phase"]
+        )),
+        fenced_primary_alive: reg!(IntGaugeVec::new(
+            Opts::new(
+                "fenced_primary_alive",
+                "1 while a fenced former primary answers as a primary (split brain outside shardgate)"
+            ),
+            &["shard", "server"]
+        )),
+        topology_epoch: reg!(IntGauge::new(
+            "topology_epoch",
+            "Epoch of the published topology"
+        )),
+        writes_held: reg!(IntCounter::new(
+            "writes_held_total",
+            "Statements that waited for a shard without a reachable primary"
         )),
         cross_shard_refusals: reg!(IntCounter::new(
             "cross_shard_refusals_total",

@@ -12,7 +12,7 @@ use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::frontend::statements::StatementRegistry;
 use crate::metrics::GLOBAL;
-use crate::topology::{Topology, TopologyHandle};
+use crate::topology::TopologyHandle;
 use arc_swap::ArcSwap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,13 +39,24 @@ pub struct Proxy {
     /// The two-phase commit decision log (None: it could not be opened;
     /// writes across shards are refused).
     pub twophase: Option<crate::twophase::DecisionLog>,
+    pub failover: crate::failover::Failover,
 }
 
 impl Proxy {
-    pub fn new(config: Config) -> Arc<Proxy> {
-        Arc::new(Proxy {
+    /// The proxy for `config`, with the cluster state saved in
+    /// `proxy.state_dir` (failovers before a restart stay in effect).
+    pub fn new(config: Config) -> anyhow::Result<Arc<Proxy>> {
+        let failover = crate::failover::Failover::open(&config.proxy.state_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the cluster state in {}: {e}",
+                config.proxy.state_dir.display()
+            )
+        })?;
+        let topology = failover.topology(&config);
+        Ok(Arc::new(Proxy {
+            failover,
             auth: ArcSwap::from_pointee(AuthTable::build(&config.users)),
-            topology: TopologyHandle::new(Topology::from_config(&config, 1)),
+            topology: TopologyHandle::new(topology),
             pools: Arc::new(Pools::new(config.pool.clone())),
             statements: StatementRegistry::default(),
             cancels: CancelRegistry::default(),
@@ -58,7 +69,7 @@ impl Proxy {
             scatter_plans: Default::default(),
             twophase: open_decision_log(&config),
             config: ArcSwap::from_pointee(config),
-        })
+        }))
     }
 
     /// Applies a reloaded config: users, passwords and pool sizes change in
@@ -69,7 +80,9 @@ impl Proxy {
         self.pools.apply_settings(config.pool.clone(), |u| {
             users.iter().find(|c| c.name == u).and_then(|c| c.pool_size)
         });
-        let epoch = self.topology.publish(Topology::from_config(&config, 0));
+        let mut next = self.failover.topology(&config);
+        next.epoch = 0;
+        let epoch = self.topology.publish(next);
         self.config.store(Arc::new(config));
         self.catalogs.clear();
         self.placements.clear();
@@ -152,7 +165,7 @@ impl Listener {
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let listen = config.proxy.listen;
     let metrics_listen = config.proxy.metrics_listen;
-    let proxy = Proxy::new(config);
+    let proxy = Proxy::new(config)?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

@@ -5,6 +5,7 @@
 
 use crate::config::Config;
 use crate::sharding::map::ShardMap;
+use crate::store::ClusterState;
 use arc_swap::ArcSwap;
 use std::sync::Arc;
 
@@ -22,6 +23,16 @@ pub struct Replica {
     /// qualifies.
     pub weight: u32,
     pub zone: Option<Arc<str>>,
+    /// Failover preference among equally advanced replicas (higher first;
+    /// 0 = never promoted).
+    pub priority: u32,
+}
+
+/// A former primary that must not get traffic again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fenced {
+    pub shard: String,
+    pub addr: Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,12 +44,58 @@ pub struct Topology {
     /// The bucket map and table rules; None without `[sharding]` (then
     /// everything goes to the first shard).
     pub map: Option<Arc<ShardMap>>,
+    /// Servers failover took out of service (probed only to notice one
+    /// running as a primary again).
+    pub fenced: Vec<Fenced>,
 }
 
 impl Topology {
+    /// The configured topology, with the shards the control plane changed
+    /// (failover, rejoin) as `state` says.
+    pub fn build(config: &Config, state: &ClusterState, epoch: u64) -> Topology {
+        let mut t = Topology::from_config(config, epoch);
+        for shard in &mut t.shards {
+            let Some(st) = state.shard(&shard.name) else {
+                continue;
+            };
+            let configured = |addr: &str| {
+                config
+                    .shards
+                    .iter()
+                    .flat_map(|s| &s.replicas)
+                    .find(|r| r.addr() == addr)
+            };
+            shard.primary = st.primary.as_str().into();
+            shard.replicas = st
+                .replicas
+                .iter()
+                .map(|addr| match configured(addr) {
+                    Some(r) => Replica {
+                        addr: addr.as_str().into(),
+                        weight: r.weight(),
+                        zone: r.zone().map(Into::into),
+                        priority: r.priority(),
+                    },
+                    None => Replica {
+                        addr: addr.as_str().into(),
+                        weight: 1,
+                        zone: None,
+                        priority: 1,
+                    },
+                })
+                .collect();
+            t.fenced.extend(st.fenced.iter().map(|a| Fenced {
+                shard: shard.name.clone(),
+                addr: a.as_str().into(),
+            }));
+        }
+        t
+    }
+
     pub fn from_config(config: &Config, epoch: u64) -> Topology {
         Topology {
             epoch,
+            fenced: Vec::new(),
             shards: config
                 .shards
                 .iter()
@@ -52,6 +109,7 @@ impl Topology {
                             addr: r.addr().into(),
                             weight: r.weight(),
                             zone: r.zone().map(Into::into),
+                            priority: r.priority(),
                         })
                         .collect(),
                 })
@@ -69,11 +127,15 @@ impl Topology {
 /// The published topology.
 pub struct TopologyHandle {
     current: ArcSwap<Topology>,
+    /// The current epoch, for tasks that wait for a change (writes held
+    /// while a shard has no primary).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl TopologyHandle {
     pub fn new(t: Topology) -> TopologyHandle {
         TopologyHandle {
+            changed: tokio::sync::watch::Sender::new(t.epoch),
             current: ArcSwap::from_pointee(t),
         }
     }
@@ -82,16 +144,22 @@ impl TopologyHandle {
         self.current.load_full()
     }
 
+    /// Notified at every published change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     /// Publishes `next` if it differs from the current shape; the epoch is
-    /// always one past the current one.
+    /// `next.epoch` or one past the current one, whichever is higher.
     pub fn publish(&self, mut next: Topology) -> u64 {
         let cur = self.current.load();
-        if cur.shards == next.shards && cur.map == next.map {
+        if cur.shards == next.shards && cur.map == next.map && cur.fenced == next.fenced {
             return cur.epoch;
         }
-        next.epoch = cur.epoch + 1;
+        next.epoch = next.epoch.max(cur.epoch + 1);
         let epoch = next.epoch;
         self.current.store(Arc::new(next));
+        self.changed.send_replace(epoch);
         epoch
     }
 }

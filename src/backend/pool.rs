@@ -297,6 +297,30 @@ impl Pools {
         }
     }
 
+    /// Closes the pools of the server at `addr` (a fenced former primary):
+    /// idle connections close, checkouts fail, and the pools are forgotten.
+    pub fn retire(&self, addr: &str) {
+        crate::write(&self.pools).retain(|k, p| {
+            let keep = &*k.addr != addr;
+            if !keep {
+                p.pool.close();
+            }
+            keep
+        });
+    }
+
+    /// Connections to `addr` checked out now (transactions running there).
+    pub fn in_use(&self, addr: &str) -> usize {
+        crate::read(&self.pools)
+            .iter()
+            .filter(|(k, _)| &*k.addr == addr)
+            .map(|(_, p)| {
+                let s = p.pool.status();
+                s.size.saturating_sub(s.available)
+            })
+            .sum()
+    }
+
     /// Closes every pool (shutdown).
     pub fn close_all(&self) {
         for p in self.all() {

@@ -175,6 +175,16 @@ impl Session {
                     if let Some(s) = self.server.as_mut() {
                         s.broken = true;
                     }
+                    let fields = be::parse_error(body);
+                    if matches!(fields.severity.as_str(), "FATAL" | "PANIC")
+                        && self.primary_loss_recoverable()
+                    {
+                        // The primary is going away; the client keeps its
+                        // session and hears of it when the connection
+                        // closes (`recover_primary_loss`).
+                        self.routing.lost_error = Some(fields);
+                        return Ok(Action::Drop);
+                    }
                 }
                 match self.pipeline.front() {
                     Some(Expect::Query | Expect::FunctionCall) | None => {

@@ -162,6 +162,9 @@ pub(super) struct RoutingState {
     /// The message being handled, and whether it ends its request: becomes
     /// `retry` if it checks out a replica.
     pub pending_copy: Option<(Frame, bool)>,
+    /// The FATAL error a primary sent before closing a connection whose
+    /// loss the client will be told of as an ERROR.
+    pub lost_error: Option<crate::protocol::backend::ErrorFields>,
     /// Server answers held back while the request may still be re-run.
     pub held: bytes::BytesMut,
     /// The replica refused it as a write (25006): re-run on the primary at
@@ -439,6 +442,11 @@ impl Session {
     /// with the connection.
     async fn on_server_eof(&mut self) -> Result<(), SessionError> {
         let Some(i) = self.on_replica.filter(|_| self.routing.retry.is_some()) else {
+            if self.primary_loss_recoverable() {
+                self.recover_primary_loss();
+                self.flush_client().await?;
+                return Ok(());
+            }
             return Err(self.server_lost());
         };
         let replica = &self.replicas[i];
@@ -502,12 +510,71 @@ impl Session {
         self.flush_client().await
     }
 
+    /// The primary's connection died while it owed the client the answer
+    /// to one request that began no transaction the client knows of: the
+    /// client can be told with an error and keep its session (its next
+    /// statement waits for the failover). Inside a transaction, or with
+    /// several requests or a half-forwarded message outstanding, it cannot.
+    pub(super) fn primary_loss_recoverable(&self) -> bool {
+        self.on_replica.is_none()
+            && self.mode == PoolMode::Transaction
+            && self.server.as_ref().is_some_and(|s| s.tx_status == b'I')
+            && self.routing.tx_begin.is_none()
+            && self.pass_through == 0
+            && !self.copy_in
+            && {
+                // One request up to its sync point, perhaps followed by the
+                // proxy's own commit-position probe.
+                let mut entries = self.pipeline.iter();
+                entries.any(|e| e.is_sync_point())
+                    && entries.all(|e| matches!(e, super::pipeline::Expect::LsnProbe))
+            }
+    }
+
+    /// Answers the lost request with an error (class 08: its outcome is
+    /// unknown, so it is never re-run) and ReadyForQuery, and drops the
+    /// pool's other idle connections to that server.
+    fn recover_primary_loss(&mut self) {
+        let addr = self.server.as_ref().map(|s| s.addr.clone());
+        tracing::warn!(server = ?addr, "primary connection lost; the client's statement failed");
+        if let Some(s) = self.server.as_mut() {
+            s.broken = true;
+        }
+        self.pool.pool.retain(|_, _| false);
+        self.drop_server();
+        self.pipeline.clear();
+        self.routing.held.clear();
+        self.routing.retry = None;
+        self.skipping = false;
+        self.unnamed_on_server = false;
+        self.request_started = None;
+        let shard = self
+            .proxy
+            .topology
+            .load()
+            .shards
+            .get(self.shard)
+            .map_or_else(String::new, |s| s.name.clone());
+        let why = match self.routing.lost_error.take() {
+            Some(e) => format!(" ({}: {})", e.code, e.message),
+            None => String::new(),
+        };
+        self.queue_error(
+            "08006",
+            &format!(
+                "shardgate: lost the connection to the primary of shard {shard:?} before it answered{why}; the statement may or may not have taken effect"
+            ),
+        );
+        be::ready_for_query(b'I').encode(&mut self.to_client);
+    }
+
     /// The server connection died under a client: like a crashed backend,
     /// the client is told and disconnected.
+    #[track_caller]
     pub(super) fn server_lost(&mut self) -> SessionError {
         if let Some(s) = self.server.as_mut() {
             s.broken = true;
-            tracing::warn!(server = %s.addr, "server closed the connection unexpectedly");
+            tracing::warn!(server = %s.addr, at = %std::panic::Location::caller(), "server closed the connection unexpectedly");
         }
         SessionError::Fatal {
             code: "08006".into(),
@@ -541,7 +608,9 @@ impl Session {
             return Ok(());
         };
         if server.stream.write_all(&self.to_server).await.is_err() {
-            if self.routing.retry.is_some() && self.on_replica.is_some() {
+            if (self.routing.retry.is_some() && self.on_replica.is_some())
+                || self.primary_loss_recoverable()
+            {
                 // A replica that vanished under a read: the read side sees
                 // the closed connection next and re-runs the read.
                 self.to_server.clear();
@@ -571,8 +640,7 @@ impl Session {
             };
             match replica {
                 None => {
-                    self.pool = self.primary_pool.clone();
-                    self.checkout_raw().await?;
+                    self.checkout_primary().await?;
                     break;
                 }
                 Some(i) => {
@@ -607,6 +675,61 @@ impl Session {
         }
         self.pool.metrics.routed.inc();
         self.sync_session_state().await
+    }
+
+    /// A connection to the shard's primary. While the shard has none (its
+    /// primary is unreachable and failover may replace it, or a switchover
+    /// holds writes) this waits up to `failover.hold_time` for a new
+    /// topology epoch and then goes to the new primary.
+    async fn checkout_primary(&mut self) -> Result<(), (String, String)> {
+        let mut deadline = None;
+        loop {
+            self.pool = self.primary_pool.clone();
+            let topology = self.proxy.topology.load();
+            let shard_name = topology.shards.get(self.shard).map(|s| s.name.as_str());
+            let held = shard_name.is_some_and(|n| self.proxy.failover.is_held(n));
+            let error = if held {
+                None
+            } else {
+                match self.checkout_raw().await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if !may_be_failing_over(&e.0) => return Err(e),
+                    Err(e) => Some(e),
+                }
+            };
+            if !held
+                && !self
+                    .proxy
+                    .failover
+                    .may_wait(&self.proxy, &topology, self.shard)
+            {
+                return Err(error.expect("not held: the checkout failed"));
+            }
+            let now = tokio::time::Instant::now();
+            let hold = self.proxy.config.load().failover.hold_time;
+            let until = *deadline.get_or_insert_with(|| {
+                crate::metrics::GLOBAL.writes_held.inc();
+                now + hold
+            });
+            if now >= until {
+                let (_, why) = error.unwrap_or_default();
+                return Err((
+                    "08006".into(),
+                    format!(
+                        "shardgate: shard {:?} has no reachable primary; waited {} ms for a failover ({why})",
+                        shard_name.unwrap_or("?"),
+                        hold.as_millis()
+                    ),
+                ));
+            }
+            // Retry every 50 ms, or at once when a new topology appears.
+            let mut changed = self.proxy.topology.subscribe();
+            if changed.borrow_and_update().to_owned() == self.pool_epoch {
+                let wake = until.min(now + std::time::Duration::from_millis(50));
+                let _ = tokio::time::timeout_at(wake, changed.changed()).await;
+            }
+            self.refresh_pools();
+        }
     }
 
     /// The replica for a read, or None for the primary.
@@ -929,6 +1052,13 @@ fn shutdown_error() -> SessionError {
         code: "57P01".into(),
         message: "terminating connection due to administrator command".into(),
     }
+}
+
+/// Checkout errors that a failover may cure: the server cannot be
+/// reached (08), is starting up or shutting down (57P0x), or its pool was
+/// retired with it.
+fn may_be_failing_over(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("57P0")
 }
 
 /// The pools of one shard: the primary's, and each replica's with its

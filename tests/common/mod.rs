@@ -147,6 +147,50 @@ pub fn shard_primaries() -> &'static [PgServer] {
     })
 }
 
+/// A primary of its own with `replicas` streaming replicas, for tests that
+/// kill, stop or promote servers. Each has the `app` login (superuser) and
+/// database; `postgres` logs in with password `postgres`.
+pub fn private_cluster(replicas: usize) -> (PgServer, Vec<PgServer>) {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let c = cluster();
+    let bin = PgBin::find_or_install().expect("PostgreSQL available");
+    let opts = ServerOptions {
+        fast_unsafe: true,
+        max_connections: 100,
+        ..ServerOptions::default()
+    };
+    let root = c.root.join(format!("private{n}"));
+    make_postgres_dir(&root, 0o755).expect("private cluster dir");
+    let primary = PgServer::init_primary(&bin, &root.join("primary"), free_port().unwrap(), &opts)
+        .expect("private primary starts");
+    TO_STOP.lock().unwrap().push(primary.clone());
+    for sql in [
+        "create role app login superuser password 'app'",
+        "create database app owner app",
+    ] {
+        primary
+            .psql("postgres", sql)
+            .expect("private roles created");
+    }
+    let replicas = (1..=replicas)
+        .map(|i| {
+            let r = PgServer::init_replica(
+                &primary,
+                &root.join(format!("replica{i}")),
+                free_port().unwrap(),
+                &opts,
+            )
+            .expect("private replica starts");
+            TO_STOP.lock().unwrap().push(r.clone());
+            r.wait_ready(Duration::from_secs(60))
+                .expect("private replica ready");
+            r
+        })
+        .collect();
+    (primary, replicas)
+}
+
 pub fn runtime() -> &'static tokio::runtime::Runtime {
     RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -250,7 +294,7 @@ pub fn start_proxy_text(text: &str) -> TestProxy {
             rt.block_on(async {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = listener.local_addr().unwrap();
-                let proxy = shardgate::proxy::Proxy::new(config);
+                let proxy = shardgate::proxy::Proxy::new(config).expect("proxy state readable");
                 shardgate::proxy::start(proxy.clone(), listener, None)
                     .await
                     .unwrap();
