@@ -44,6 +44,8 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub failover: FailoverConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Absent: no sharding; every statement goes to the first shard.
     pub sharding: Option<ShardingConfig>,
 }
@@ -205,6 +207,16 @@ impl Default for HealthConfig {
             database: "postgres".into(),
         }
     }
+}
+
+/// The admin API (gRPC, proto/admin.proto) that `shardgate admin` uses.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where the API listens; absent: no admin API.
+    pub listen: Option<SocketAddr>,
+    /// Every call must carry `authorization: Bearer <token>`.
+    pub token: Option<String>,
 }
 
 /// Automatic failover of a shard whose primary died (docs/failover.md).
@@ -596,6 +608,12 @@ impl Config {
         }
         if self.health.probe_timeout.is_zero() {
             return Err(invalid("health.probe_timeout".into(), "must be positive"));
+        }
+        if self.admin.listen.is_some() && self.admin.token.as_deref().is_none_or(|t| t.len() < 16) {
+            return Err(invalid(
+                "admin.token".into(),
+                "the admin API needs a token of at least 16 characters",
+            ));
         }
         if self.failover.failed_probes == 0 {
             return Err(invalid(

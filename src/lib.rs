@@ -15,6 +15,7 @@
 //! - [`config`]: the TOML configuration.
 //! - [`sharding`]: keys, hashes and the bucket map.
 //! - [`twophase`]: the decision log and recovery of cross-shard commits.
+//! - [`admin`]: the gRPC admin API and the `shardgate admin` CLI.
 //! - [`failover`]: dead-primary detection, promotion, fencing, switchover.
 //! - [`store`]: the persisted cluster state (primaries, fenced servers,
 //!   epoch).
@@ -22,6 +23,7 @@
 //! - [`local`]: starts a local topology of real Postgres servers
 //!   (`shardgate up` / `down`, and the test harness).
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cancel;

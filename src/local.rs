@@ -59,7 +59,7 @@ impl PgBin {
 }
 
 /// Runs a Postgres program as the `postgres` OS user when we are root.
-fn as_postgres(program: &Path) -> Command {
+pub fn as_postgres(program: &Path) -> Command {
     if nix::unistd::Uid::effective().is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(program);
@@ -69,7 +69,7 @@ fn as_postgres(program: &Path) -> Command {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
+pub fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -407,10 +407,19 @@ impl LocalTopology {
     }
 
     /// A shardgate config for this topology.
-    pub fn config_toml(&self, listen: &str, metrics_listen: &str) -> String {
+    pub fn config_toml(
+        &self,
+        listen: &str,
+        metrics_listen: &str,
+        admin_listen: &str,
+        admin_token: &str,
+    ) -> String {
         let mut t = format!(
             "# Written by `shardgate up` for the local topology in {home}.\n\
              [proxy]\nlisten = \"{listen}\"\nmetrics_listen = \"{metrics_listen}\"\npool_mode = \"transaction\"\nstate_dir = \"{home}/state\"\n\n\
+             [admin]\nlisten = \"{admin_listen}\"\ntoken = \"{admin_token}\"\n\n\
+             # Probes and failover log in as the superuser (pg_promote, pg_stat_replication).\n\
+             [health]\nuser = \"postgres\"\npassword = \"postgres\"\n\n\
              [pool]\nmax_size = 20\nmin_size = 0\ncheckout_timeout = \"5s\"\n\n\
              [[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\nauth = \"scram-sha-256\"\n",
             home = self.home.display()
@@ -489,7 +498,12 @@ mod tests {
                 ("s2".into(), server(16020), vec![]),
             ],
         };
-        let text = topo.config_toml("127.0.0.1:6432", "127.0.0.1:9930");
+        let text = topo.config_toml(
+            "127.0.0.1:6432",
+            "127.0.0.1:9930",
+            "127.0.0.1:6433",
+            "0123456789abcdef0123",
+        );
         let config = crate::config::Config::parse(&text, "up.toml").unwrap();
         assert_eq!(config.shards.len(), 3);
         assert_eq!(config.proxy.state_dir, PathBuf::from("/tmp/sg-home/state"));

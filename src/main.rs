@@ -41,6 +41,8 @@ enum Cmd {
         listen: String,
         #[arg(long, default_value = "127.0.0.1:9930")]
         metrics_listen: String,
+        #[arg(long, default_value = "127.0.0.1:6433")]
+        admin_listen: String,
     },
     /// Print the bucket, shard and servers of a sharding key.
     Locate {
@@ -51,6 +53,8 @@ enum Cmd {
         #[arg(long)]
         key: String,
     },
+    /// Operate a running proxy through its admin API.
+    Admin(shardgate::admin::cli::AdminArgs),
     /// Stop the proxy and every server started by `up`.
     Down {
         #[arg(long, env = "SHARDGATE_HOME", default_value = DEFAULT_HOME)]
@@ -60,6 +64,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -83,8 +88,13 @@ fn main() -> Result<()> {
             base_port,
             listen,
             metrics_listen,
-        } => up(&home, base_port, &listen, &metrics_listen),
+            admin_listen,
+        } => up(&home, base_port, &listen, &metrics_listen, &admin_listen),
         Cmd::Down { home } => down(&home),
+        Cmd::Admin(args) => {
+            restore_sigpipe();
+            shardgate::admin::cli::run(args)
+        }
         Cmd::Locate { config, table, key } => {
             let c = Config::load(&config)?;
             match shardgate::sharding::map::locate_report(&c, &table, &key) {
@@ -128,11 +138,29 @@ fn running_pid(home: &Path) -> Option<i32> {
         .map(|_| pid)
 }
 
-fn up(home: &Path, base_port: u16, listen: &str, metrics_listen: &str) -> Result<()> {
+fn up(
+    home: &Path,
+    base_port: u16,
+    listen: &str,
+    metrics_listen: &str,
+    admin_listen: &str,
+) -> Result<()> {
     restore_sigpipe();
     let topo = LocalTopology::up(home, base_port, &ServerOptions::default())?;
     let config_path = home.join("shardgate.toml");
-    std::fs::write(&config_path, topo.config_toml(listen, metrics_listen))?;
+    // The admin token survives a second `up` (a running proxy has it).
+    let token = Config::load(&config_path)
+        .ok()
+        .and_then(|c| c.admin.token)
+        .unwrap_or_else(|| {
+            use rand::Rng;
+            let bytes: [u8; 16] = rand::thread_rng().gen();
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        });
+    std::fs::write(
+        &config_path,
+        topo.config_toml(listen, metrics_listen, admin_listen, &token),
+    )?;
     Config::load(&config_path)?;
     if let Some(pid) = running_pid(home) {
         if std::net::TcpStream::connect(listen).is_err() {
@@ -181,6 +209,7 @@ fn up(home: &Path, base_port: u16, listen: &str, metrics_listen: &str) -> Result
         );
     }
     println!("metrics: http://{metrics_listen}/metrics");
+    println!("admin:   cargo run --release -- admin status   (API on {admin_listen}, token in the config)");
     println!("connect: psql \"postgres://{APP_USER}:{APP_PASSWORD}@{host}:{port}/{APP_USER}\"");
     if home == Path::new(DEFAULT_HOME) {
         println!("stop:    cargo run --release -- down");

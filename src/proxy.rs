@@ -194,6 +194,18 @@ pub async fn start(
             }
         });
     }
+    if let Some(addr) = proxy.config.load().admin.listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for the admin API on {addr}: {e}"))?;
+        tracing::info!(%addr, "admin API on {addr}");
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve(p, l).await {
+                tracing::error!(error = %e, "admin API failed");
+            }
+        });
+    }
     let p = proxy.clone();
     proxy.tasks.spawn(async move {
         loop {

@@ -379,7 +379,11 @@ impl Failover {
 }
 
 /// A connection for control-plane work, as the health probes log in.
-async fn admin_conn(proxy: &Proxy, addr: &str, timeout: Duration) -> Result<ServerConn, String> {
+pub(crate) async fn admin_conn(
+    proxy: &Proxy,
+    addr: &str,
+    timeout: Duration,
+) -> Result<ServerConn, String> {
     let config = proxy.config.load();
     let (user, password) = config.probe_login();
     let p = ConnectParams {
@@ -394,7 +398,10 @@ async fn admin_conn(proxy: &Proxy, addr: &str, timeout: Duration) -> Result<Serv
 }
 
 /// Runs `sql` and returns its rows, errors as text.
-async fn query(conn: &mut ServerConn, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+pub(crate) async fn query(
+    conn: &mut ServerConn,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, String> {
     match conn.query_rows(sql).await {
         Ok(Ok(rows)) => Ok(rows),
         Ok(Err(e)) => Err(format!("{}: {}", e.code, e.message)),
@@ -403,6 +410,6 @@ async fn query(conn: &mut ServerConn, sql: &str) -> Result<Vec<Vec<Option<String
 }
 
 /// A SQL string literal.
-fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
