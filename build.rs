@@ -4,6 +4,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/admin.proto");
     let fds = protox::compile(["proto/admin.proto"], ["proto"])?;
-    tonic_build::configure().compile_fds(fds)?;
+    tonic_build::configure()
+        // `shardgate admin --json` prints the replies as they are.
+        .type_attribute(".", "#[derive(serde::Serialize)]")
+        .compile_fds(fds)?;
     Ok(())
 }

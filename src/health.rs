@@ -204,31 +204,23 @@ impl Health {
     /// in the background and that server is skipped until it ends), then
     /// updates the replicas' lag.
     pub async fn probe_all(&self, topology: &Topology, params: &ProbeParams, wait: Duration) {
+        let fenced = topology.fenced.iter().map(|f| &f.addr);
+        let addrs = topology
+            .shards
+            .iter()
+            .flat_map(|s| std::iter::once(&s.primary).chain(s.replicas.iter().map(|r| &r.addr)))
+            .chain(fenced);
         let mut tasks = Vec::new();
-        for shard in &topology.shards {
-            let addrs =
-                std::iter::once(&shard.primary).chain(shard.replicas.iter().map(|r| &r.addr));
-            for addr in addrs {
-                let server = self.server(addr);
-                if server.probing.swap(true, Ordering::AcqRel) {
-                    continue;
-                }
-                let params = params.clone();
-                tasks.push(tokio::spawn(async move {
-                    probe(&server, &params).await;
-                    server.probing.store(false, Ordering::Release);
-                }));
-            }
-        }
-        for addr in topology.fenced.iter().map(|f| &f.addr) {
+        for addr in addrs {
             let server = self.server(addr);
-            if !server.probing.swap(true, Ordering::AcqRel) {
-                let params = params.clone();
-                tasks.push(tokio::spawn(async move {
-                    probe(&server, &params).await;
-                    server.probing.store(false, Ordering::Release);
-                }));
+            if server.probing.swap(true, Ordering::AcqRel) {
+                continue;
             }
+            let params = params.clone();
+            tasks.push(tokio::spawn(async move {
+                probe(&server, &params).await;
+                server.probing.store(false, Ordering::Release);
+            }));
         }
         let deadline = tokio::time::Instant::now() + wait;
         for t in tasks {
@@ -288,7 +280,7 @@ impl Health {
             let started = Instant::now();
             self.probe_all(&topology, &params, config.health.probe_interval)
                 .await;
-            proxy.failover.after_probes(&proxy, &topology);
+            proxy.failover.after_probes(&proxy);
             let wait = config
                 .health
                 .probe_interval

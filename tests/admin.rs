@@ -162,7 +162,7 @@ fn status_drill_rejoin_and_switchover_through_the_cli() {
     let s = admin_json(&config, &["--json", "status"]);
     assert_eq!(primary(&s), replica.addr());
     assert_eq!(s["fenced"][0]["addr"], old.addr().as_str());
-    assert_eq!(s["last_failovers"][0]["outcome"], "promoted");
+    assert_eq!(s["last_failovers"][0]["outcome"], "promoted", "{s}");
 
     // The killed primary comes back as a replica of the new one.
     let out = admin(

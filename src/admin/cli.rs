@@ -174,7 +174,7 @@ async fn run_async(args: AdminArgs) -> Result<()> {
         AdminCmd::Status => {
             let s = c.status(pb::StatusRequest {}).await?.into_inner();
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+                println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print!("{}", status_table(&s));
             }
@@ -189,7 +189,7 @@ async fn run_async(args: AdminArgs) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("switchover refused: {}", e.message()))?
                 .into_inner();
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&report_json(&r))?);
+                println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
                     "shard {}: {} -> {} (writes paused {} ms; promotion {} ms)",
@@ -379,40 +379,6 @@ fn resync(
         .arg(&log)
         .args(["-w", "-t", "120"]))?;
     Ok(())
-}
-
-fn status_json(s: &pb::StatusReply) -> serde_json::Value {
-    serde_json::json!({
-        "epoch": s.epoch,
-        "shards": s.shards.iter().map(|sh| serde_json::json!({
-            "name": sh.name,
-            "buckets": sh.buckets,
-            "writes_held": sh.writes_held,
-            "servers": sh.servers.iter().map(|x| serde_json::json!({
-                "addr": x.addr, "role": x.role, "up": x.up, "in_recovery": x.in_recovery,
-                "lsn": crate::health::format_lsn(x.lsn), "lag_bytes": x.lag_bytes,
-                "lag_seconds": x.lag_seconds, "reason": x.reason,
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-        "fenced": s.fenced.iter().map(|f| serde_json::json!({
-            "shard": f.shard, "addr": f.addr, "running_as_primary": f.running_as_primary,
-            "up": f.up, "in_recovery": f.in_recovery,
-        })).collect::<Vec<_>>(),
-        "last_failovers": s.last_failovers.iter().map(report_json).collect::<Vec<_>>(),
-    })
-}
-
-fn report_json(r: &pb::FailoverReport) -> serde_json::Value {
-    serde_json::json!({
-        "shard": r.shard, "kind": r.kind, "outcome": r.outcome,
-        "old_primary": r.old_primary, "new_primary": r.new_primary,
-        "detect_ms": r.detect_ms, "promote_ms": r.promote_ms, "pause_ms": r.pause_ms,
-        "not_repointed": r.not_repointed, "message": r.message, "at_unix_ms": r.at_unix_ms,
-        "candidates": r.candidates.iter().map(|c| serde_json::json!({
-            "addr": c.addr, "lsn": crate::health::format_lsn(c.lsn), "name": c.name,
-            "priority": c.priority, "eligible": c.eligible, "excluded": c.excluded,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 fn status_table(s: &pb::StatusReply) -> String {

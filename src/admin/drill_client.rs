@@ -92,19 +92,22 @@ pub async fn failover(
         }
     }
     let deadline = fault_at + Duration::from_secs(60);
-    let status = loop {
+    loop {
         let s = c.status(pb::StatusRequest {}).await?.into_inner();
         if primary_of(&s, shard).is_some_and(|p| p != old) {
-            break s;
+            break;
         }
         if Instant::now() > deadline {
             stop.store(true, Ordering::Relaxed);
             bail!("no new primary for shard {shard} within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
     tokio::time::sleep(AFTER).await;
     stop.store(true, Ordering::Relaxed);
+    // Read after the pause: the failover's report is recorded just after
+    // the new primary is published.
+    let status = c.status(pb::StatusRequest {}).await?.into_inner();
     let mut ledgers: Vec<ClientLedger> = Vec::new();
     for w in writers {
         ledgers.push(w.await??);

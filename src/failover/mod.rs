@@ -118,9 +118,14 @@ impl Failover {
         crate::lock(&self.split_brain).iter().cloned().collect()
     }
 
+    /// Some shard's new writes are held.
+    pub fn any_held(&self) -> bool {
+        self.held_count.load(Ordering::Relaxed) > 0
+    }
+
     /// New writes to `shard` must wait (a switchover is under way).
     pub fn is_held(&self, shard: &str) -> bool {
-        self.held_count.load(Ordering::Relaxed) > 0 && crate::lock(&self.held).contains(shard)
+        self.any_held() && crate::lock(&self.held).contains(shard)
     }
 
     fn hold(&self, shard: &str, on: bool) {
@@ -153,7 +158,10 @@ impl Failover {
     /// Called after every probe round: starts the failover of shards whose
     /// primary is dead, finishes promotions a crash interrupted, and
     /// watches fenced servers.
-    pub fn after_probes(&self, proxy: &Arc<Proxy>, topology: &Topology) {
+    pub fn after_probes(&self, proxy: &Arc<Proxy>) {
+        // The topology now, not the one the probe round started with: a
+        // failover may have finished meanwhile.
+        let topology = proxy.topology.load();
         GLOBAL.topology_epoch.set(topology.epoch as i64);
         let config = proxy.config.load();
         let f = &config.failover;
@@ -179,18 +187,23 @@ impl Failover {
             if !crate::lock(&self.busy).insert(shard.name.clone()) {
                 continue;
             }
-            let (proxy, name) = (proxy.clone(), shard.name.clone());
+            let (proxy, name, dead) = (proxy.clone(), shard.name.clone(), shard.primary.clone());
             let since = streak.since.unwrap_or_else(Instant::now);
             tokio::spawn(async move {
                 let report = if interrupted {
-                    promote::finish_interrupted(&proxy, &name).await
+                    Some(promote::finish_interrupted(&proxy, &name).await)
                 } else {
-                    promote::fail_over(&proxy, &name, since).await
+                    promote::fail_over(&proxy, &name, &dead, since).await
                 };
-                proxy.failover.finish(report);
+                match report {
+                    Some(r) => proxy.failover.finish(r),
+                    None => {
+                        crate::lock(&proxy.failover.busy).remove(&name);
+                    }
+                }
             });
         }
-        self.watch_fenced(proxy, topology);
+        self.watch_fenced(proxy, &topology);
     }
 
     /// Records a finished failover or switchover and frees the shard.
@@ -412,4 +425,37 @@ pub(crate) async fn query(
 /// A SQL string literal.
 pub(crate) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Sends `signal` (KILL, QUIT: immediate shutdown, INT: fast shutdown) to
+/// the postmaster of the server at `addr`. It runs on the database host
+/// through `COPY ... TO PROGRAM`, so it needs a superuser login (the probe
+/// login); shardgate has no other way onto a remote server. Returns the
+/// postmaster's pid.
+pub(crate) async fn signal_postmaster(
+    proxy: &Proxy,
+    addr: &str,
+    signal: &str,
+) -> Result<u32, String> {
+    let mut c = admin_conn(proxy, addr, Duration::from_secs(5)).await?;
+    let rows = query(
+        &mut c,
+        "SELECT split_part(pg_read_file('postmaster.pid'), E'\\n', 1)",
+    )
+    .await?;
+    let pid: u32 = rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or("cannot read the postmaster's pid")?;
+    // The server may go away before it answers.
+    let _ = query(
+        &mut c,
+        &format!(
+            "COPY (SELECT 1) TO PROGRAM {}",
+            quote(&format!("kill -{signal} {pid}"))
+        ),
+    )
+    .await;
+    Ok(pid)
 }

@@ -22,9 +22,15 @@ pub struct Candidate {
     pub excluded: String,
 }
 
-/// Unplanned failover of `shard`, whose primary failed its probes since
-/// `since`.
-pub(super) async fn fail_over(proxy: &Arc<Proxy>, shard: &str, since: Instant) -> Report {
+/// Unplanned failover of `shard`, whose primary `dead` failed its probes
+/// since `since`. None when `dead` is no longer the shard's primary (a
+/// failover that ended meanwhile already replaced it).
+pub(super) async fn fail_over(
+    proxy: &Arc<Proxy>,
+    shard: &str,
+    dead: &str,
+    since: Instant,
+) -> Option<Report> {
     let decided = Instant::now();
     let topology = proxy.topology.load();
     let mut report = Report {
@@ -33,11 +39,10 @@ pub(super) async fn fail_over(proxy: &Arc<Proxy>, shard: &str, since: Instant) -
         detect_ms: decided.duration_since(since).as_millis() as u64,
         ..Report::default()
     };
-    let Some(s) = topology.shards.iter().find(|s| s.name == shard) else {
-        report.outcome = "failed".into();
-        report.message = "the shard is no longer in the topology".into();
-        return report;
-    };
+    let s = topology
+        .shards
+        .iter()
+        .find(|s| s.name == shard && &*s.primary == dead)?;
     report.old_primary = s.primary.to_string();
     let timeout = proxy.config.load().health.probe_timeout;
     // A primary that restarted faster than detection keeps its role.
@@ -51,7 +56,7 @@ pub(super) async fn fail_over(proxy: &Arc<Proxy>, shard: &str, since: Instant) -
     if back.as_deref().and_then(first).as_deref() == Some("false") {
         report.outcome = "primary_back".into();
         report.message = "the primary answered again before promotion".into();
-        return report;
+        return Some(report);
     }
     let sync = proxy.health.server(&s.primary).sync_replication();
     let candidates = survey(proxy, s, &sync).await;
@@ -66,11 +71,11 @@ pub(super) async fn fail_over(proxy: &Arc<Proxy>, shard: &str, since: Instant) -
                 sync.standby_names
             )
         };
-        return report;
+        return Some(report);
     };
     promote_to(proxy, &topology, s, &best.addr, &mut report).await;
     report.promote_ms = decided.elapsed().as_millis() as u64;
-    report
+    Some(report)
 }
 
 /// Finishes a promotion the saved state says was decided but not
@@ -333,8 +338,9 @@ pub(super) async fn make_read_only(proxy: &Proxy, addr: &str) -> Result<(), Stri
 
 /// Planned switchover of `shard` to `to` (or the best replica): hold new
 /// writes, let running transactions finish, stop writes at the old
-/// primary, wait until the target has replayed everything, promote it,
-/// repoint the rest, publish, release.
+/// primary, wait until the target has replayed everything, shut the old
+/// primary down cleanly, promote the target, repoint the rest, publish,
+/// release.
 pub(super) async fn switchover(
     proxy: &Arc<Proxy>,
     shard: &str,
@@ -429,6 +435,45 @@ pub(super) async fn switchover(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    // A clean (fast) shutdown of the old primary: its walsenders send
+    // everything up to the shutdown checkpoint before they exit, so no
+    // replica ends up ahead of the target (one that was could not follow
+    // the new timeline), and the old primary can rejoin without losing
+    // anything.
+    if let Err(e) = super::signal_postmaster(proxy, &old, "INT").await {
+        undo(c).await;
+        crate::lock(&proxy.failover.read_only_done).remove(old.as_str());
+        return Err(format!("cannot shut down {old}: {e}; nothing was changed"));
+    }
+    drop(c);
+    let others: Vec<String> = s
+        .replicas
+        .iter()
+        .map(|r| r.addr.to_string())
+        .filter(|a| *a != target.addr)
+        .collect();
+    let settle = Instant::now() + hold_time / 2;
+    loop {
+        let down = admin_conn(proxy, &old, timeout).await.is_err();
+        let target_at = wal_position(proxy, &target.addr, timeout).await;
+        let mut ahead = false;
+        for o in &others {
+            if let (Some((received, _)), Some((t_received, _))) =
+                (wal_position(proxy, o, timeout).await, target_at)
+            {
+                ahead |= received > t_received;
+            }
+        }
+        let caught_up = target_at.is_some_and(|(received, replayed)| replayed >= received);
+        if down && caught_up && !ahead {
+            break;
+        }
+        if Instant::now() >= settle {
+            tracing::warn!(old = %old, target = %target.addr, down, caught_up, ahead, "switchover: promoting before the old primary's shutdown was seen to settle");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     report.detect_ms = paused.elapsed().as_millis() as u64;
     let decided = Instant::now();
     promote_to(proxy, &topology, s, &target.addr, &mut report).await;
@@ -438,6 +483,21 @@ pub(super) async fn switchover(
         return Err(report.message);
     }
     Ok(report)
+}
+
+/// A replica's (received, replayed) WAL positions; None if unreachable.
+async fn wal_position(proxy: &Proxy, addr: &str, timeout: Duration) -> Option<(u64, u64)> {
+    let mut c = admin_conn(proxy, addr, timeout).await.ok()?;
+    let rows = query(
+        &mut c,
+        "SELECT COALESCE(pg_last_wal_receive_lsn(), '0/0')::text, \
+         COALESCE(pg_last_wal_replay_lsn(), '0/0')::text",
+    )
+    .await
+    .ok()?;
+    let row = rows.into_iter().next()?;
+    let lsn = |i: usize| row.get(i).cloned().flatten().and_then(|l| parse_lsn(&l));
+    Some((lsn(0)?, lsn(1)?))
 }
 
 fn first(rows: &[Vec<Option<String>>]) -> Option<String> {

@@ -497,6 +497,11 @@ impl Session {
                 _ if self.routing.retry.is_some() && self.on_replica.is_some() => {
                     return Err(SessionError::ReplicaGone)
                 }
+                _ if self.primary_loss_recoverable() => {
+                    // The caller sees no server and sends nothing.
+                    self.recover_primary_loss();
+                    return self.flush_client().await;
+                }
                 _ => return Err(self.server_lost()),
             }
             self.handle_server_bytes()?;
@@ -637,6 +642,11 @@ impl Session {
                 self.fail_stale_statement();
                 return Ok(());
             }
+            if self.server.is_none() {
+                // The primary went away while the statement was prepared
+                // on it; the message has failed.
+                return Ok(());
+            }
             fe::build_bind(bind.portal, &stmt.name, bind.rest).encode(&mut self.to_server);
         } else {
             // Unknown to the proxy: the server answers (e.g. 26000).
@@ -680,6 +690,9 @@ impl Session {
         if let Some(stmt) = managed {
             if !self.ensure_prepared(&stmt).await? {
                 self.fail_stale_statement();
+                return Ok(());
+            }
+            if self.server.is_none() {
                 return Ok(());
             }
             fe::build_target(fe::DESCRIBE, b'S', &stmt.name).encode(&mut self.to_server);

@@ -399,7 +399,7 @@ impl Session {
 
     /// Reverts what the proxy assumed when it sent a message the server
     /// then failed or skipped.
-    fn undo(&mut self, e: Expect) {
+    pub(super) fn undo(&mut self, e: Expect) {
         match e {
             Expect::Parse {
                 stmt, client_name, ..

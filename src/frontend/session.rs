@@ -7,7 +7,7 @@
 //! server and returned as soon as the server reports idle (ReadyForQuery
 //! 'I') with nothing outstanding; in session pooling it is held to the end.
 
-use super::pipeline::Pipeline;
+use super::pipeline::{Expect, Pipeline};
 use super::startup::Login;
 use super::statements::Statement;
 use super::vars::SessionVars;
@@ -510,11 +510,16 @@ impl Session {
         self.flush_client().await
     }
 
-    /// The primary's connection died while it owed the client the answer
-    /// to one request that began no transaction the client knows of: the
-    /// client can be told with an error and keep its session (its next
-    /// statement waits for the failover). Inside a transaction, or with
-    /// several requests or a half-forwarded message outstanding, it cannot.
+    /// The primary's connection died while it owed the client nothing, or
+    /// answers to whole requests that began no transaction the client
+    /// knows of: the client can be told with errors and keep its session
+    /// (its next statement waits for the failover). Inside a transaction,
+    /// or with a half-forwarded message or an unfinished batch
+    /// outstanding, it cannot.
+    ///
+    /// Recovery leaves the session skipping to the next Sync when the last
+    /// request it failed had not reached its Sync (the client's current
+    /// message, whose statement the proxy was preparing).
     pub(super) fn primary_loss_recoverable(&self) -> bool {
         self.on_replica.is_none()
             && self.mode == PoolMode::Transaction
@@ -522,27 +527,50 @@ impl Session {
             && self.routing.tx_begin.is_none()
             && self.pass_through == 0
             && !self.copy_in
-            && {
-                // One request up to its sync point, perhaps followed by the
-                // proxy's own commit-position probe.
-                let mut entries = self.pipeline.iter();
-                entries.any(|e| e.is_sync_point())
-                    && entries.all(|e| matches!(e, super::pipeline::Expect::LsnProbe))
-            }
+            && self
+                .pipeline
+                .iter()
+                .rev()
+                .find(|e| !matches!(e, Expect::LsnProbe))
+                .is_none_or(|e| e.is_sync_point())
+            || self.pipeline.iter().all(|e| {
+                // Only the proxy's own preparation of a statement for
+                // the client's current message is outstanding.
+                matches!(
+                    e,
+                    Expect::Parse { injected: true, .. }
+                        | Expect::ShapeCheck { .. }
+                        | Expect::LsnProbe
+                )
+            })
     }
 
-    /// Answers the lost request with an error (class 08: its outcome is
-    /// unknown, so it is never re-run) and ReadyForQuery, and drops the
-    /// pool's other idle connections to that server.
-    fn recover_primary_loss(&mut self) {
+    /// Answers what the lost connection still owed the way Postgres
+    /// answers a failed request: the first request (partly answered,
+    /// perhaps) fails where it stands; each later one gets the answers the
+    /// proxy makes itself up to its first message that needed the server,
+    /// which fails; every request ends with ReadyForQuery. The error is
+    /// class 08 — the outcome is unknown, so nothing is re-run. The pool's
+    /// other idle connections to that server are dropped.
+    pub(super) fn recover_primary_loss(&mut self) {
         let addr = self.server.as_ref().map(|s| s.addr.clone());
-        tracing::warn!(server = ?addr, "primary connection lost; the client's statement failed");
         if let Some(s) = self.server.as_mut() {
             s.broken = true;
         }
         self.pool.pool.retain(|_, _| false);
         self.drop_server();
-        self.pipeline.clear();
+        if self.pipeline.iter().any(|e| matches!(e, Expect::LsnProbe)) {
+            // The position of a commit the client was told of is lost: its
+            // reads go to the primary from now on (read-your-writes).
+            self.routing.last_commit_lsn = u64::MAX;
+        }
+        if self.pipeline.iter().all(|e| matches!(e, Expect::LsnProbe)) {
+            // Nothing owed: the server went away between requests.
+            self.pipeline.clear();
+            tracing::debug!(server = ?addr, "idle primary connection lost");
+            return;
+        }
+        tracing::warn!(server = ?addr, "primary connection lost; the client's outstanding requests failed");
         self.routing.held.clear();
         self.routing.retry = None;
         self.skipping = false;
@@ -559,13 +587,50 @@ impl Session {
             Some(e) => format!(" ({}: {})", e.code, e.message),
             None => String::new(),
         };
-        self.queue_error(
+        let error = be::error_response(
+            "ERROR",
             "08006",
             &format!(
                 "shardgate: lost the connection to the primary of shard {shard:?} before it answered{why}; the statement may or may not have taken effect"
             ),
         );
-        be::ready_for_query(b'I').encode(&mut self.to_client);
+        let mut failed = false;
+        let fail = |s: &mut Session, failed: &mut bool| {
+            if !*failed {
+                count_error(b"08006");
+                error.encode(&mut s.to_client);
+                *failed = true;
+            }
+        };
+        fail(self, &mut failed);
+        for e in std::mem::take(&mut self.pipeline) {
+            match e {
+                Expect::LsnProbe | Expect::ShapeCheck { .. } => {}
+                Expect::Sync => {
+                    be::ready_for_query(b'I').encode(&mut self.to_client);
+                    failed = false;
+                }
+                Expect::Query | Expect::FunctionCall => {
+                    fail(self, &mut failed);
+                    be::ready_for_query(b'I').encode(&mut self.to_client);
+                    failed = false;
+                }
+                Expect::Synthetic { frame, .. } if frame.tag == be::READY_FOR_QUERY => {
+                    frame.encode(&mut self.to_client);
+                    failed = false;
+                }
+                Expect::Synthetic { frame, .. } if !failed => frame.encode(&mut self.to_client),
+                other => {
+                    if !matches!(other, Expect::Synthetic { .. }) {
+                        fail(self, &mut failed);
+                    }
+                    self.undo(other);
+                }
+            }
+        }
+        // A request cut short before its Sync: skip the rest of it, as
+        // Postgres does after an error.
+        self.skipping = failed;
     }
 
     /// The server connection died under a client: like a crashed backend,
@@ -685,18 +750,31 @@ impl Session {
         let mut deadline = None;
         loop {
             self.pool = self.primary_pool.clone();
-            let topology = self.proxy.topology.load();
-            let shard_name = topology.shards.get(self.shard).map(|s| s.name.as_str());
-            let held = shard_name.is_some_and(|n| self.proxy.failover.is_held(n));
+            // The common case costs one atomic load: no shard is held.
+            let held = self.proxy.failover.any_held() && {
+                let topology = self.proxy.topology.load();
+                topology
+                    .shards
+                    .get(self.shard)
+                    .is_some_and(|s| self.proxy.failover.is_held(&s.name))
+            };
             let error = if held {
                 None
             } else {
-                match self.checkout_raw().await {
+                // A connection that dies while taking on the session's
+                // settings has run nothing of the client's: wait and retry.
+                let r = match self.checkout_raw().await {
+                    Ok(()) => self.sync_session_state().await,
+                    Err(e) => Err(e),
+                };
+                match r {
                     Ok(()) => return Ok(()),
                     Err(e) if !may_be_failing_over(&e.0) => return Err(e),
                     Err(e) => Some(e),
                 }
             };
+            let topology = self.proxy.topology.load();
+            let shard_name = topology.shards.get(self.shard).map(|s| s.name.as_str());
             if !held
                 && !self
                     .proxy
