@@ -13,8 +13,9 @@
 #   2. For each mode and run: `shardgate admin drill failover --shard s0
 #      --mode MODE --json` (4 writer clients through the proxy; fault 2 s in;
 #      load stops 3 s after the new primary appears), then
-#      `shardgate admin rejoin` of the old primary (pg_rewind) so the shard
-#      has two replicas again for the next run.
+#      `shardgate admin rejoin` of the old primary (pg_rewind) — and of any
+#      replica the report says does not follow the new primary — so the
+#      shard has two replicas again for the next run.
 #   3. Prints per mode: detection and promotion time, the clients' write gap
 #      (per-run median and worst client), client errors and acknowledged
 #      writes missing afterwards — p50 and max over the runs. Raw JSON per
@@ -53,7 +54,9 @@ for mode in $MODES; do
       --i-understand-this-fails-the-primary >"$f"
     old=$(jq -r .old_primary "$f")
     echo "$mode $i: $(jq -c '{detect_ms, promote_ms, pause_ms, write_gap_p50_ms, write_gap_max_ms, errors, missing_acknowledged}' "$f")" >&2
-    "$BIN" admin --config "$CONFIG" rejoin --server "$old" --data-dir "$(data_dir "$old")" >/dev/null
+    for server in "$old" $(jq -r '.not_repointed[]' "$f"); do
+      "$BIN" admin --config "$CONFIG" rejoin --server "$server" --data-dir "$(data_dir "$server")" >/dev/null
+    done
     sleep 1
   done
 done

@@ -49,6 +49,9 @@ pub struct ServerHealth {
     streak: Mutex<Streak>,
     /// On a primary: its synchronous replication, as last seen.
     sync: Mutex<SyncReplication>,
+    /// On a replica: the server (`host:port`) its walreceiver was last
+    /// seen streaming from, and when.
+    streamed_from: Mutex<Option<(String, Instant)>>,
 }
 
 /// Consecutive failed probes of one server.
@@ -88,7 +91,13 @@ impl ServerHealth {
             probing: AtomicBool::new(false),
             streak: Mutex::new(Streak::default()),
             sync: Mutex::new(SyncReplication::default()),
+            streamed_from: Mutex::new(None),
         }
+    }
+
+    /// Where and when the replica was last seen streaming.
+    pub fn streamed_from(&self) -> Option<(String, Instant)> {
+        crate::lock(&self.streamed_from).clone()
     }
 
     pub fn streak(&self) -> Streak {
@@ -337,7 +346,9 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery()::text, \
      (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text, \
      CASE WHEN NOT pg_is_in_recovery() THEN current_setting('synchronous_standby_names') END, \
      CASE WHEN NOT pg_is_in_recovery() THEN (SELECT string_agg(application_name, ',') \
-       FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')) END";
+       FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')) END, \
+     CASE WHEN pg_is_in_recovery() THEN (SELECT sender_host || ':' || sender_port \
+       FROM pg_stat_wal_receiver WHERE status = 'streaming') END";
 
 async fn probe(server: &ServerHealth, params: &ProbeParams) {
     let mut slot = server.conn.lock().await;
@@ -387,7 +398,11 @@ async fn probe(server: &ServerHealth, params: &ProbeParams) {
         .flatten()
         .and_then(|s| parse_lsn(&s))
         .unwrap_or(0);
-    if !in_recovery {
+    if in_recovery {
+        if let Some(sender) = row.get(4).cloned().flatten() {
+            *crate::lock(&server.streamed_from) = Some((sender, Instant::now()));
+        }
+    } else {
         let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         let names = text(3);
         *crate::lock(&server.sync) = SyncReplication {
@@ -402,6 +417,18 @@ async fn probe(server: &ServerHealth, params: &ProbeParams) {
     server.in_recovery.store(in_recovery, Ordering::Relaxed);
     server.lsn.store(lsn, Ordering::Relaxed);
     server.mark_up();
+}
+
+/// Whether `a` and `b` (`host:port`) name the same server: equal, or the
+/// same port on loopback names.
+pub fn same_server(a: &str, b: &str) -> bool {
+    let loopback = |h: &str| matches!(h, "localhost" | "127.0.0.1" | "::1" | "[::1]");
+    match (a.rsplit_once(':'), b.rsplit_once(':')) {
+        (Some((ha, pa)), Some((hb, pb))) => {
+            pa == pb && (ha == hb || (loopback(ha) && loopback(hb)))
+        }
+        _ => a == b,
+    }
 }
 
 /// Parses a `pg_lsn` text (`16/B374D848`).

@@ -48,55 +48,17 @@ const MIN_ANSWERED: usize = 865;
 const TIME_ZONE: &str = "Europe/Berlin";
 
 fn config_text() -> String {
-    let c = cluster();
-    let s = shard_primaries();
-    let mut text = common::config_text(
-        &c.primary.addr(),
-        "max_size = 10\ncheckout_timeout = \"5s\"",
+    common::three_shard_config(
+        BUCKETS,
         "",
-    );
-    // Uneven, interleaved ownership: s0 0-9 and 40-63, s1 10-29, s2 30-39.
-    text.push_str("buckets = [\"0-9\", \"40-63\"]\n");
-    text.push_str(&format!(
-        r#"
-[[shards]]
-name = "s1"
-primary = "{}"
-buckets = ["10-29"]
-
-[[shards]]
-name = "s2"
-primary = "{}"
-buckets = ["30-39"]
-
-[sharding]
-buckets = {BUCKETS}
-reference_tables = ["df_countries"]
-
-[[sharding.tables]]
-name = "df_customers"
-column = "id"
-type = "int8"
-
-[[sharding.tables]]
-name = "df_orders"
-column = "customer_id"
-type = "int8"
-
-[[sharding.tables]]
-name = "df_events"
-column = "tenant"
-type = "text"
-
-[[sharding.tables]]
-name = "df_devices"
-column = "id"
-type = "uuid"
-"#,
-        s[0].addr(),
-        s[1].addr()
-    ));
-    text
+        &["df_countries"],
+        &[
+            ("df_customers", "id", "int8"),
+            ("df_orders", "customer_id", "int8"),
+            ("df_events", "tenant", "text"),
+            ("df_devices", "id", "uuid"),
+        ],
+    )
 }
 
 struct Setup {

@@ -638,3 +638,52 @@ fn killed_primary_on_a_sharded_config_never_runs_a_statement_twice() {
         .unwrap();
     assert!(acked.is_subset(&ids_on(new, "drill")));
 }
+
+/// A replica that stopped following the primary (here: its
+/// primary_conninfo points nowhere) lacks an unknown amount of data; it is
+/// never promoted, even when it is the only replica left.
+#[test]
+fn a_replica_that_stopped_following_is_never_promoted() {
+    let (primary, replicas) = private_cluster(2);
+    make_ledger(&primary, "ledger");
+    wait_replicated(&primary, &replicas);
+    let stale = &replicas[0];
+    stale
+        .psql(
+            "postgres",
+            "alter system set primary_conninfo = 'host=127.0.0.1 port=1 user=postgres'",
+        )
+        .unwrap();
+    stale.psql("postgres", "select pg_reload_conf()").unwrap();
+    replicas[1].stop("fast").unwrap();
+    let state = state_dir();
+    let p = start_proxy_text(&config(&state, &primary, &replicas, ""));
+    std::thread::sleep(Duration::from_secs(1));
+    primary
+        .psql("app", "insert into ledger(id) values (1)")
+        .unwrap();
+    signal(
+        &[postmaster_pid(&primary)],
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_for("a failover decision", Duration::from_secs(20), || {
+        !p.proxy.failover.reports().is_empty()
+    });
+    let report = p.proxy.failover.reports().pop().unwrap();
+    eprintln!("{report:?}");
+    assert_eq!(report.outcome, "no_candidate");
+    let c = report
+        .candidates
+        .iter()
+        .find(|c| c.addr == stale.addr())
+        .unwrap();
+    assert!(c.excluded.contains("streaming"), "{c:?}");
+    assert_eq!(primary_of(&p, 0), primary.addr());
+    assert_eq!(
+        stale
+            .psql("postgres", "select pg_is_in_recovery()")
+            .unwrap()
+            .trim(),
+        "t"
+    );
+}

@@ -16,66 +16,20 @@ use tokio_postgres::Client;
 const BUCKETS: u32 = 64;
 
 fn config_text() -> String {
-    let c = cluster();
-    let s = shard_primaries();
     let state = std::env::temp_dir().join(format!("shardgate-test-state-{}", std::process::id()));
-    let mut text = common::config_text(
-        &c.primary.addr(),
-        "max_size = 10\ncheckout_timeout = \"5s\"",
+    common::three_shard_config(
+        BUCKETS,
         &format!("state_dir = \"{}\"", state.display()),
-    );
-    // Uneven, interleaved ownership: s0 0-9 and 40-63, s1 10-29, s2 30-39.
-    text.push_str("buckets = [\"0-9\", \"40-63\"]\n");
-    text.push_str(&format!(
-        r#"
-[[shards]]
-name = "s1"
-primary = "{}"
-buckets = ["10-29"]
-
-[[shards]]
-name = "s2"
-primary = "{}"
-buckets = ["30-39"]
-
-[sharding]
-buckets = {BUCKETS}
-reference_tables = ["sg_countries"]
-
-[[sharding.tables]]
-name = "sg_orders"
-column = "customer_id"
-type = "int8"
-
-[[sharding.tables]]
-name = "sg_items"
-column = "customer_id"
-type = "int8"
-
-[[sharding.tables]]
-name = "sg_users"
-column = "name"
-type = "text"
-
-[[sharding.tables]]
-name = "sg_devices"
-column = "id"
-type = "uuid"
-
-[[sharding.tables]]
-name = "sg_small"
-column = "k"
-type = "int2"
-
-[[sharding.tables]]
-name = "sg_mid"
-column = "k"
-type = "int4"
-"#,
-        s[0].addr(),
-        s[1].addr()
-    ));
-    text
+        &["sg_countries"],
+        &[
+            ("sg_orders", "customer_id", "int8"),
+            ("sg_items", "customer_id", "int8"),
+            ("sg_users", "name", "text"),
+            ("sg_devices", "id", "uuid"),
+            ("sg_small", "k", "int2"),
+            ("sg_mid", "k", "int4"),
+        ],
+    )
 }
 
 const SCHEMA: &str = "

@@ -42,10 +42,11 @@ pub enum AdminCmd {
         #[arg(long)]
         to: Option<String>,
     },
-    /// Make a fenced former primary a replica of its shard's primary again
-    /// (run on the database host: it stops the server, rewinds it with
-    /// pg_rewind or, failing that, takes a fresh base backup, starts it as
-    /// a replica) and take it back into service.
+    /// Make a fenced former primary (or a replica that stopped following)
+    /// a replica of its shard's primary again (run on the database host: it
+    /// stops the server, rewinds it with pg_rewind or, failing that, takes
+    /// a fresh base backup, starts it as a replica) and take it back into
+    /// service.
     Rejoin {
         /// The fenced server (host:port).
         #[arg(long)]
@@ -208,17 +209,30 @@ async fn run_async(args: AdminArgs) -> Result<()> {
             source_password,
         } => {
             let s = c.status(pb::StatusRequest {}).await?.into_inner();
-            let fenced = s
+            // A fenced former primary, or a replica that stopped following.
+            let fenced = s.fenced.iter().any(|f| &f.addr == server);
+            let shard = s
                 .fenced
                 .iter()
                 .find(|f| &f.addr == server)
-                .with_context(|| format!("{server} is not a fenced server"))?;
+                .map(|f| f.shard.clone())
+                .or_else(|| {
+                    s.shards
+                        .iter()
+                        .find(|sh| {
+                            sh.servers
+                                .iter()
+                                .any(|x| &x.addr == server && x.role == "replica")
+                        })
+                        .map(|sh| sh.name.clone())
+                })
+                .with_context(|| format!("{server} is neither fenced nor a replica"))?;
             let primary = s
                 .shards
                 .iter()
-                .find(|sh| sh.name == fenced.shard)
+                .find(|sh| sh.name == shard)
                 .and_then(|sh| sh.servers.iter().find(|x| x.role == "primary"))
-                .context("the fenced server's shard has no primary")?
+                .context("the server's shard has no primary")?
                 .addr
                 .clone();
             resync(
@@ -228,25 +242,28 @@ async fn run_async(args: AdminArgs) -> Result<()> {
                 source_user,
                 source_password.as_deref(),
             )?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let reply = loop {
-                match c
-                    .rejoin(pb::RejoinRequest {
-                        server: server.clone(),
-                    })
-                    .await
-                {
-                    Ok(r) => break r.into_inner(),
-                    Err(e) if Instant::now() < deadline => {
-                        tracing::debug!(error = %e.message(), "not yet");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+            let epoch = if fenced {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    match c
+                        .rejoin(pb::RejoinRequest {
+                            server: server.clone(),
+                        })
+                        .await
+                    {
+                        Ok(r) => break r.into_inner().epoch,
+                        Err(e) if Instant::now() < deadline => {
+                            tracing::debug!(error = %e.message(), "not yet");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => bail!("rejoin refused: {}", e.message()),
                     }
-                    Err(e) => bail!("rejoin refused: {}", e.message()),
                 }
+            } else {
+                s.epoch
             };
             println!(
-                "{server} is a replica of {primary} in shard {} again (topology epoch {})",
-                reply.shard, reply.epoch
+                "{server} is a replica of {primary} in shard {shard} again (topology epoch {epoch})"
             );
         }
         AdminCmd::Drill {
@@ -473,6 +490,8 @@ pub struct DrillReport {
     pub acknowledged: usize,
     pub errors: BTreeMap<String, usize>,
     pub missing_acknowledged: usize,
+    /// Replicas not following the new primary (they need a rejoin).
+    pub not_repointed: Vec<String>,
 }
 
 impl DrillReport {
@@ -495,7 +514,7 @@ impl DrillReport {
              write gap (clients)  p50 {} ms, max {} ms\n\
              writes acknowledged  {}\n\
              client errors        {}\n\
-             acknowledged writes missing afterwards: {}\n",
+             acknowledged writes missing afterwards: {}\n{}",
             self.shard,
             self.mode,
             self.old_primary,
@@ -511,7 +530,15 @@ impl DrillReport {
             self.write_gap_max_ms,
             self.acknowledged,
             errors,
-            self.missing_acknowledged
+            self.missing_acknowledged,
+            if self.not_repointed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "replicas not following the new primary (rejoin them): {}\n",
+                    self.not_repointed.join(", ")
+                )
+            }
         )
     }
 }

@@ -163,5 +163,6 @@ pub async fn failover(
         acknowledged: acked.len(),
         errors,
         missing_acknowledged: missing,
+        not_repointed: report.not_repointed,
     })
 }

@@ -59,7 +59,7 @@ pub(super) async fn fail_over(
         return Some(report);
     }
     let sync = proxy.health.server(&s.primary).sync_replication();
-    let candidates = survey(proxy, s, &sync).await;
+    let candidates = survey(proxy, s, &sync, since).await;
     report.candidates = candidates.clone();
     let Some(best) = candidates.into_iter().find(|c| c.eligible) else {
         report.outcome = "no_candidate".into();
@@ -147,6 +147,7 @@ async fn promote_to(
     }
     report.not_repointed = repoint_all(proxy, target, &st.replicas).await;
     st.promoting = false;
+    let replicas = st.replicas.clone();
     if let Err(e) = proxy.failover.save_shard(st) {
         report.outcome = "failed".into();
         report.message = format!("promoted {target} but cannot save state: {e}");
@@ -155,6 +156,31 @@ async fn promote_to(
     let epoch = proxy.failover.publish(proxy);
     report.outcome = "promoted".into();
     report.message = format!("topology epoch {epoch}");
+    // Repointed replicas must be seen streaming from the new primary; one
+    // that cannot follow (it had WAL the new primary lacks) needs a rejoin.
+    let published = Instant::now();
+    let deadline = published + Duration::from_secs(2);
+    let mut waiting: Vec<String> = replicas
+        .iter()
+        .filter(|r| !report.not_repointed.contains(r))
+        .cloned()
+        .collect();
+    while !waiting.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waiting.retain(|r| {
+            !proxy
+                .health
+                .server(&r.as_str().into())
+                .streamed_from()
+                .is_some_and(|(from, at)| {
+                    crate::health::same_server(&from, target) && at >= published
+                })
+        });
+    }
+    for r in waiting {
+        tracing::error!(replica = %r, new_primary = target, "replica is not streaming from the new primary; rejoin it (shardgate admin rejoin)");
+        report.not_repointed.push(r);
+    }
 }
 
 /// `pg_promote(wait => true)` on `addr`; a server already out of recovery
@@ -230,8 +256,19 @@ async fn repoint(proxy: &Proxy, replica: &str, primary: &str) -> Result<(), Stri
     Ok(())
 }
 
+/// A replica must have been seen streaming from the primary this long
+/// before the primary's first failed probe (or the switchover) at the
+/// latest: one that had stopped following it (a broken connection, a
+/// timeline it could not follow) lacks an unknown amount of data.
+const STREAMING_GRACE: Duration = Duration::from_secs(2);
+
 /// The replicas of `shard` as promotion candidates, best first.
-pub(super) async fn survey(proxy: &Proxy, shard: &Shard, sync: &SyncReplication) -> Vec<Candidate> {
+pub(super) async fn survey(
+    proxy: &Proxy,
+    shard: &Shard,
+    sync: &SyncReplication,
+    since: Instant,
+) -> Vec<Candidate> {
     let config = proxy.config.load();
     let timeout = config.health.probe_timeout;
     let zone = config.proxy.zone.clone();
@@ -284,7 +321,19 @@ pub(super) async fn survey(proxy: &Proxy, shard: &Shard, sync: &SyncReplication)
         if !c.excluded.is_empty() {
             continue;
         }
-        if c.priority == 0 {
+        let streamed = proxy.health.server(&c.addr.as_str().into()).streamed_from();
+        let following = streamed.as_ref().is_some_and(|(from, at)| {
+            crate::health::same_server(from, &shard.primary) && *at + STREAMING_GRACE >= since
+        });
+        if !following {
+            c.excluded = match streamed {
+                Some((from, at)) => format!(
+                    "not following the primary: last seen streaming from {from} {} ms before it failed",
+                    since.saturating_duration_since(at).as_millis()
+                ),
+                None => "never seen streaming from the primary".into(),
+            };
+        } else if c.priority == 0 {
             c.excluded = "priority 0".into();
         } else if !sync.standby_names.trim().is_empty() && !sync.sync_standbys.contains(&c.name) {
             c.excluded = format!(
@@ -352,7 +401,7 @@ pub(super) async fn switchover(
         .iter()
         .find(|s| s.name == shard)
         .ok_or_else(|| format!("no shard named {shard:?}"))?;
-    let candidates = survey(proxy, s, &SyncReplication::default()).await;
+    let candidates = survey(proxy, s, &SyncReplication::default(), Instant::now()).await;
     let target = match to {
         Some(addr) => candidates
             .iter()

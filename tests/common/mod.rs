@@ -191,6 +191,43 @@ pub fn private_cluster(replicas: usize) -> (PgServer, Vec<PgServer>) {
     (primary, replicas)
 }
 
+/// A proxy config over three shards — the shared primary (s0) and
+/// `shard_primaries()` (s1, s2) — with `buckets` buckets owned unevenly
+/// and interleaved (for 64: s0 0-9 and 40-63, s1 10-29, s2 30-39), the
+/// given reference tables and sharded tables (name, column, type), and
+/// `proxy_extra` in `[proxy]`.
+pub fn three_shard_config(
+    buckets: u32,
+    proxy_extra: &str,
+    reference: &[&str],
+    tables: &[(&str, &str, &str)],
+) -> String {
+    let c = cluster();
+    let s = shard_primaries();
+    let (a, b, cut) = (buckets * 10 / 64, buckets * 30 / 64, buckets * 40 / 64);
+    let mut text = config_text(
+        &c.primary.addr(),
+        "max_size = 10\ncheckout_timeout = \"5s\"",
+        proxy_extra,
+    );
+    text.push_str(&format!(
+        "buckets = [\"0-{}\", \"{cut}-{}\"]\n\n[[shards]]\nname = \"s1\"\nprimary = \"{}\"\nbuckets = [\"{a}-{}\"]\n\n[[shards]]\nname = \"s2\"\nprimary = \"{}\"\nbuckets = [\"{b}-{}\"]\n\n[sharding]\nbuckets = {buckets}\nreference_tables = {:?}\n",
+        a - 1,
+        buckets - 1,
+        s[0].addr(),
+        b - 1,
+        s[1].addr(),
+        cut - 1,
+        reference
+    ));
+    for (name, column, ty) in tables {
+        text.push_str(&format!(
+            "\n[[sharding.tables]]\nname = \"{name}\"\ncolumn = \"{column}\"\ntype = \"{ty}\"\n"
+        ));
+    }
+    text
+}
+
 pub fn runtime() -> &'static tokio::runtime::Runtime {
     RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
