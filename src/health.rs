@@ -52,6 +52,10 @@ pub struct ServerHealth {
     /// On a replica: the server (`host:port`) its walreceiver was last
     /// seen streaming from, and when.
     streamed_from: Mutex<Option<(String, Instant)>>,
+    /// On a replica: it was last seen streaming from its shard's current
+    /// primary (or never seen streaming at all). A replica still attached
+    /// to a former primary may hold WAL the new one lacks; it gets no reads.
+    follows_primary: AtomicBool,
 }
 
 /// Consecutive failed probes of one server.
@@ -92,7 +96,12 @@ impl ServerHealth {
             streak: Mutex::new(Streak::default()),
             sync: Mutex::new(SyncReplication::default()),
             streamed_from: Mutex::new(None),
+            follows_primary: AtomicBool::new(true),
         }
+    }
+
+    pub fn follows_primary(&self) -> bool {
+        self.follows_primary.load(Ordering::Relaxed)
     }
 
     /// Where and when the replica was last seen streaming.
@@ -258,6 +267,12 @@ impl Health {
             }
             for r in &shard.replicas {
                 let replica = self.server(&r.addr);
+                let follows = replica
+                    .streamed_from()
+                    .is_none_or(|(from, _)| same_server(&from, &shard.primary));
+                if replica.follows_primary.swap(follows, Ordering::Relaxed) && !follows {
+                    tracing::warn!(replica = %r.addr, primary = %shard.primary, "replica does not stream from the primary: no reads until it does");
+                }
                 let (bytes, lag) = lag_of(h, replica.lsn(), now);
                 replica.lag_bytes.store(bytes, Ordering::Relaxed);
                 replica.lag_micros.store(

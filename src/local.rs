@@ -183,6 +183,8 @@ impl PgServer {
                 "hot_standby = on".into(),
                 // pg_rewind can turn a failed-over primary into a replica.
                 "wal_log_hints = on".into(),
+                // Replicas repointed by a failover reconnect within a second.
+                "wal_retrieve_retry_interval = '1s'".into(),
                 "wal_keep_size = '256MB'".into(),
                 format!("max_connections = {}", opts.max_connections),
                 "shared_buffers = '128MB'".into(),

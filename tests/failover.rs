@@ -563,6 +563,17 @@ fn killed_primary_on_a_sharded_config_never_runs_a_statement_twice() {
     let (primary, replicas) = private_cluster(2);
     let (s1, _) = private_cluster(0);
     let (s2, _) = private_cluster(0);
+    // Synchronous (either replica): no acknowledged write may be lost.
+    primary
+        .psql(
+            "postgres",
+            &format!(
+                "alter system set synchronous_standby_names = 'ANY 1 (sg_{}, sg_{})'",
+                replicas[0].port, replicas[1].port
+            ),
+        )
+        .unwrap();
+    primary.psql("postgres", "select pg_reload_conf()").unwrap();
     make_ledger(&primary, "drill");
     wait_replicated(&primary, &replicas);
     let state = state_dir();
@@ -572,6 +583,19 @@ fn killed_primary_on_a_sharded_config_never_runs_a_statement_twice() {
         s2.addr()
     );
     let p = start_proxy_text(&config(&state, &primary, &replicas, &more));
+    wait_for(
+        "probes of the sync standbys",
+        Duration::from_secs(10),
+        || {
+            p.proxy
+                .health
+                .server(&primary.addr().as_str().into())
+                .sync_replication()
+                .sync_standbys
+                .len()
+                == 2
+        },
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (1..=4i64)
         .map(|client| {

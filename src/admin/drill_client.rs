@@ -114,6 +114,11 @@ pub async fn failover(
     }
     // Everything acknowledged must be there, read back through the proxy
     // from the new primary.
+    // From the primary: a replica may lag behind the last writes.
+    setup
+        .batch_execute("SET shardgate.target = primary")
+        .await
+        .context("routing the read-back to the primary")?;
     let rows = setup
         .query(&format!("{hint}SELECT id FROM shardgate_drill_ledger"), &[])
         .await

@@ -238,6 +238,20 @@ impl Failover {
         crate::lock(&self.reports).insert(report.shard.clone(), report);
     }
 
+    /// Adds replicas found not following `primary` to `shard`'s report.
+    fn not_following(&self, shard: &str, primary: &str, replicas: Vec<String>) {
+        if let Some(r) = crate::lock(&self.reports)
+            .get_mut(shard)
+            .filter(|r| r.new_primary == primary)
+        {
+            for a in replicas {
+                if !r.not_repointed.contains(&a) {
+                    r.not_repointed.push(a);
+                }
+            }
+        }
+    }
+
     /// Saves `shard`'s new state with the next epoch; returns the epoch.
     fn save_shard(&self, shard: ShardState) -> std::io::Result<u64> {
         let mut state = crate::lock(&self.state);

@@ -73,8 +73,7 @@ pub(super) async fn fail_over(
         };
         return Some(report);
     };
-    promote_to(proxy, &topology, s, &best.addr, &mut report).await;
-    report.promote_ms = decided.elapsed().as_millis() as u64;
+    promote_to(proxy, &topology, s, &best.addr, decided, &mut report).await;
     Some(report)
 }
 
@@ -119,6 +118,7 @@ async fn promote_to(
     topology: &Topology,
     shard: &Shard,
     target: &str,
+    decided: Instant,
     report: &mut Report,
 ) {
     let old = shard.primary.to_string();
@@ -154,33 +154,52 @@ async fn promote_to(
         return;
     }
     let epoch = proxy.failover.publish(proxy);
+    report.promote_ms = decided.elapsed().as_millis() as u64;
     report.outcome = "promoted".into();
     report.message = format!("topology epoch {epoch}");
-    // Repointed replicas must be seen streaming from the new primary; one
-    // that cannot follow (it had WAL the new primary lacks) needs a rejoin.
-    let published = Instant::now();
-    let deadline = published + Duration::from_secs(2);
-    let mut waiting: Vec<String> = replicas
-        .iter()
+    let repointed: Vec<String> = replicas
+        .into_iter()
         .filter(|r| !report.not_repointed.contains(r))
-        .cloned()
         .collect();
-    while !waiting.is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::spawn(check_following(
+        proxy.clone(),
+        shard.name.clone(),
+        target.to_owned(),
+        repointed,
+    ));
+}
+
+/// How long a repointed replica has to start streaming from the new
+/// primary (a walreceiver that lost its primary retries every
+/// `wal_retrieve_retry_interval`, 5 s by default).
+const FOLLOW_WITHIN: Duration = Duration::from_secs(10);
+
+/// Repointed replicas must be seen streaming from the new primary; one
+/// that cannot follow (it had WAL the new primary lacks) is logged and
+/// added to the shard's report: it needs a rejoin.
+async fn check_following(
+    proxy: Arc<Proxy>,
+    shard: String,
+    primary: String,
+    mut waiting: Vec<String>,
+) {
+    let since = Instant::now();
+    while !waiting.is_empty() && since.elapsed() < FOLLOW_WITHIN {
+        tokio::time::sleep(Duration::from_millis(100)).await;
         waiting.retain(|r| {
             !proxy
                 .health
                 .server(&r.as_str().into())
                 .streamed_from()
                 .is_some_and(|(from, at)| {
-                    crate::health::same_server(&from, target) && at >= published
+                    crate::health::same_server(&from, &primary) && at >= since
                 })
         });
     }
-    for r in waiting {
-        tracing::error!(replica = %r, new_primary = target, "replica is not streaming from the new primary; rejoin it (shardgate admin rejoin)");
-        report.not_repointed.push(r);
+    for r in &waiting {
+        tracing::error!(replica = %r, new_primary = %primary, "replica is not streaming from the new primary; rejoin it (shardgate admin rejoin)");
     }
+    proxy.failover.not_following(&shard, &primary, waiting);
 }
 
 /// `pg_promote(wait => true)` on `addr`; a server already out of recovery
@@ -525,8 +544,7 @@ pub(super) async fn switchover(
     }
     report.detect_ms = paused.elapsed().as_millis() as u64;
     let decided = Instant::now();
-    promote_to(proxy, &topology, s, &target.addr, &mut report).await;
-    report.promote_ms = decided.elapsed().as_millis() as u64;
+    promote_to(proxy, &topology, s, &target.addr, decided, &mut report).await;
     report.pause_ms = paused.elapsed().as_millis() as u64;
     if report.outcome != "promoted" {
         return Err(report.message);

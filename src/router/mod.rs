@@ -129,7 +129,7 @@ pub fn pick_replica<C: AsRef<Candidate>>(
             continue;
         }
         let h = &c.health;
-        if !h.is_up() || !h.in_recovery() {
+        if !h.is_up() || !h.in_recovery() || !h.follows_primary() {
             continue;
         }
         let lagging = routing
