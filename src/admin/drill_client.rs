@@ -105,9 +105,21 @@ pub async fn failover(
     }
     tokio::time::sleep(AFTER).await;
     stop.store(true, Ordering::Relaxed);
-    // Read after the pause: the failover's report is recorded just after
-    // the new primary is published.
-    let status = c.status(pb::StatusRequest {}).await?.into_inner();
+    // The failover's report is recorded just after the new primary is
+    // published, and its list of replicas that do not follow the new
+    // primary once that check has ended (within about 10 s).
+    let checked_by = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let s = c.status(pb::StatusRequest {}).await?.into_inner();
+        let done = s
+            .last_failovers
+            .iter()
+            .any(|r| r.shard == shard && r.new_primary != old && r.follow_checked);
+        if done || Instant::now() > checked_by {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let mut ledgers: Vec<ClientLedger> = Vec::new();
     for w in writers {
         ledgers.push(w.await??);

@@ -94,6 +94,7 @@ fn report_pb(r: Report) -> pb::FailoverReport {
         not_repointed: r.not_repointed,
         message: r.message,
         at_unix_ms: r.at_unix_ms,
+        follow_checked: r.follow_checked,
     }
 }
 

@@ -54,6 +54,9 @@ pub struct Report {
     pub message: String,
     /// Unix time (ms) when it ended.
     pub at_unix_ms: u64,
+    /// The check that repointed replicas follow the new primary has ended:
+    /// `not_repointed` is final.
+    pub follow_checked: bool,
 }
 
 /// The control plane's failover state, shared by the prober, the sessions
@@ -244,6 +247,7 @@ impl Failover {
             .get_mut(shard)
             .filter(|r| r.new_primary == primary)
         {
+            r.follow_checked = true;
             for a in replicas {
                 if !r.not_repointed.contains(&a) {
                     r.not_repointed.push(a);

@@ -184,6 +184,8 @@ async fn check_following(
     mut waiting: Vec<String>,
 ) {
     let since = Instant::now();
+    // The report this completes is recorded when promote_to returns.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     while !waiting.is_empty() && since.elapsed() < FOLLOW_WITHIN {
         tokio::time::sleep(Duration::from_millis(100)).await;
         waiting.retain(|r| {
