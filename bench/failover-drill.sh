@@ -34,7 +34,7 @@ BIN=target/release/shardgate
 rm -rf "$DRILL_HOME"
 "$BIN" up --home "$DRILL_HOME" --base-port "$BASE_PORT" \
   --listen 127.0.0.1:7432 --metrics-listen 127.0.0.1:7930 --admin-listen 127.0.0.1:7433 >/dev/null
-trap '"$BIN" down --home "$DRILL_HOME" >/dev/null 2>&1 || true; rm -rf "$DRILL_HOME"' EXIT
+trap 'cp "$DRILL_HOME/shardgate.log" "$OUT/" 2>/dev/null; "$BIN" down --home "$DRILL_HOME" >/dev/null 2>&1 || true; rm -rf "$DRILL_HOME"; echo "raw results and the proxy log: $OUT" >&2' EXIT
 CONFIG="$DRILL_HOME/shardgate.toml"
 export PGPASSWORD=postgres
 

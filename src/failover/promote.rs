@@ -428,10 +428,16 @@ pub(super) async fn switchover(
             .iter()
             .find(|c| c.addr == addr)
             .ok_or_else(|| format!("{addr} is not a replica of shard {shard:?}"))?,
-        None => candidates
-            .iter()
-            .find(|c| c.eligible)
-            .ok_or_else(|| format!("shard {shard:?} has no replica that may be promoted"))?,
+        None => candidates.iter().find(|c| c.eligible).ok_or_else(|| {
+            let why: Vec<String> = candidates
+                .iter()
+                .map(|c| format!("{}: {}", c.addr, c.excluded))
+                .collect();
+            format!(
+                "shard {shard:?} has no replica that may be promoted ({})",
+                why.join("; ")
+            )
+        })?,
     };
     if !target.excluded.is_empty() && target.excluded != "priority 0" {
         return Err(format!(
