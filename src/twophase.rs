@@ -143,7 +143,13 @@ fn read_pending(path: &Path) -> std::io::Result<BTreeSet<String>> {
 /// started. Returns how many were committed and rolled back; errors (a
 /// shard down, a role that may not finish the transaction) are reported
 /// after the rest is done.
-pub async fn recover(log: &DecisionLog, config: &Config) -> Result<(usize, usize), String> {
+/// The primaries are the topology's (after a failover, the promoted ones:
+/// a fenced former primary is never touched).
+pub async fn recover(
+    log: &DecisionLog,
+    config: &Config,
+    topology: &crate::topology::Topology,
+) -> Result<(usize, usize), String> {
     let decided = log.pending().map_err(|e| e.to_string())?;
     let (user, password) = config.probe_login();
     let timeout = config.pool.connect_timeout;
@@ -151,9 +157,9 @@ pub async fn recover(log: &DecisionLog, config: &Config) -> Result<(usize, usize
     let mut unreachable = false;
     let mut errors = Vec::new();
     let (mut commits, mut rollbacks) = (0, 0);
-    for shard in &config.shards {
+    for shard in &topology.shards {
         let params = |database: &str| ConnectParams {
-            addr: shard.primary.clone(),
+            addr: shard.primary.to_string(),
             database: database.to_string(),
             user: user.clone(),
             password: password.clone(),
@@ -247,7 +253,7 @@ pub async fn run(proxy: std::sync::Arc<crate::proxy::Proxy>) {
     loop {
         let config = proxy.config.load_full();
         if config.sharding.is_some() && config.shards.len() > 1 {
-            match recover(log, &config).await {
+            match recover(log, &config, &proxy.topology.load()).await {
                 Ok((c, r)) if c + r > 0 => {
                     tracing::info!(
                         committed = c,

@@ -59,7 +59,8 @@ pub(super) async fn fail_over(
         return Some(report);
     }
     let sync = proxy.health.server(&s.primary).sync_replication();
-    let candidates = survey(proxy, s, &sync, since).await;
+    let timeout = proxy.config.load().health.probe_timeout;
+    let candidates = survey(proxy, s, &sync, since, timeout).await;
     report.candidates = candidates.clone();
     let Some(best) = candidates.into_iter().find(|c| c.eligible) else {
         report.outcome = "no_candidate".into();
@@ -289,9 +290,9 @@ pub(super) async fn survey(
     shard: &Shard,
     sync: &SyncReplication,
     since: Instant,
+    timeout: Duration,
 ) -> Vec<Candidate> {
     let config = proxy.config.load();
-    let timeout = config.health.probe_timeout;
     let zone = config.proxy.zone.clone();
     let mut found: Vec<Candidate> = Vec::new();
     let lookups = shard.replicas.iter().map(|r| async {
@@ -422,7 +423,21 @@ pub(super) async fn switchover(
         .iter()
         .find(|s| s.name == shard)
         .ok_or_else(|| format!("no shard named {shard:?}"))?;
-    let candidates = survey(proxy, s, &SyncReplication::default(), Instant::now()).await;
+    // Planned: no hurry to rule out a replica that is slow to answer.
+    let timeout = proxy
+        .config
+        .load()
+        .health
+        .probe_timeout
+        .max(Duration::from_secs(5));
+    let candidates = survey(
+        proxy,
+        s,
+        &SyncReplication::default(),
+        Instant::now(),
+        timeout,
+    )
+    .await;
     let target = match to {
         Some(addr) => candidates
             .iter()
