@@ -20,7 +20,8 @@
 #      (per-run median and worst client), client errors and acknowledged
 #      writes missing afterwards — p50 and max over the runs. Raw JSON per
 #      run goes to $OUT/drill-<mode>-<n>.json (a temp dir unless OUT is set).
-#   4. `shardgate down` and removes DRILL_HOME.
+#   4. `shardgate down` and removes DRILL_HOME (unless KEEP=1: then the
+#      topology keeps running for a look at the servers' logs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-10}
@@ -34,7 +35,7 @@ BIN=target/release/shardgate
 rm -rf "$DRILL_HOME"
 "$BIN" up --home "$DRILL_HOME" --base-port "$BASE_PORT" \
   --listen 127.0.0.1:7432 --metrics-listen 127.0.0.1:7930 --admin-listen 127.0.0.1:7433 >/dev/null
-trap 'cp "$DRILL_HOME/shardgate.log" "$OUT/" 2>/dev/null; "$BIN" down --home "$DRILL_HOME" >/dev/null 2>&1 || true; rm -rf "$DRILL_HOME"; echo "raw results and the proxy log: $OUT" >&2' EXIT
+trap 'cp "$DRILL_HOME/shardgate.log" "$OUT/" 2>/dev/null; [ -n "${KEEP:-}" ] || { "$BIN" down --home "$DRILL_HOME" >/dev/null 2>&1 || true; rm -rf "$DRILL_HOME"; }; echo "raw results and the proxy log: $OUT" >&2' EXIT
 CONFIG="$DRILL_HOME/shardgate.toml"
 export PGPASSWORD=postgres
 

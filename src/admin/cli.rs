@@ -262,8 +262,26 @@ async fn run_async(args: AdminArgs) -> Result<()> {
             } else {
                 s.epoch
             };
+            // Done when the probes see it streaming from the primary: only
+            // then does it take reads or count as a candidate for promotion.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let s = c.status(pb::StatusRequest {}).await?.into_inner();
+                let streaming = s.shards.iter().flat_map(|sh| &sh.servers).any(|x| {
+                    &x.addr == server
+                        && crate::health::same_server(&x.streaming_from, &primary)
+                        && x.streamed_ms_ago < 2000
+                });
+                if streaming {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!("{server} was resynchronised from {primary} but is not seen streaming from it after 60 s; see its server log");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             println!(
-                "{server} is a replica of {primary} in shard {shard} again (topology epoch {epoch})"
+                "{server} is a replica of {primary} in shard {shard} again, streaming (topology epoch {epoch})"
             );
         }
         AdminCmd::Drill {

@@ -108,6 +108,7 @@ impl Admin for Service {
         let t = p.topology.load();
         let server = |addr: &Arc<str>, role: &str| {
             let h = p.health.server(addr);
+            let streamed = h.streamed_from();
             pb::ServerStatus {
                 addr: addr.to_string(),
                 role: role.into(),
@@ -121,6 +122,13 @@ impl Admin for Service {
                     0.0
                 },
                 reason: h.reason().into(),
+                streaming_from: streamed
+                    .as_ref()
+                    .map(|(f, _)| f.clone())
+                    .unwrap_or_default(),
+                streamed_ms_ago: streamed
+                    .map(|(_, at)| at.elapsed().as_millis() as u64)
+                    .unwrap_or(0),
             }
         };
         let owned = t.map.as_ref().map(|m| m.owner.clone());

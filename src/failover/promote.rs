@@ -543,24 +543,30 @@ pub(super) async fn switchover(
         .map(|r| r.addr.to_string())
         .filter(|a| *a != target.addr)
         .collect();
+    // Settled when the old primary is gone and no replica streams from it
+    // any more: its walsenders exit only after their standbys confirmed the
+    // shutdown checkpoint, so every replica then has all of its WAL (a
+    // refused connection alone is not enough: the target could still be
+    // short of the shutdown checkpoint, and a replica that got it would be
+    // ahead of the new timeline and unable to follow).
     let settle = Instant::now() + hold_time / 2;
     loop {
         let down = admin_conn(proxy, &old, timeout).await.is_err();
         let target_at = wal_position(proxy, &target.addr, timeout).await;
         let mut ahead = false;
+        let mut streaming = target_at.is_some_and(|w| w.streaming);
         for o in &others {
-            if let (Some((received, _)), Some((t_received, _))) =
-                (wal_position(proxy, o, timeout).await, target_at)
-            {
-                ahead |= received > t_received;
+            if let Some(w) = wal_position(proxy, o, timeout).await {
+                streaming |= w.streaming;
+                ahead |= target_at.is_some_and(|t| w.received > t.received);
             }
         }
-        let caught_up = target_at.is_some_and(|(received, replayed)| replayed >= received);
-        if down && caught_up && !ahead {
+        let caught_up = target_at.is_some_and(|w| w.replayed >= w.received);
+        if down && !streaming && caught_up && !ahead {
             break;
         }
         if Instant::now() >= settle {
-            tracing::warn!(old = %old, target = %target.addr, down, caught_up, ahead, "switchover: promoting before the old primary's shutdown was seen to settle");
+            tracing::warn!(old = %old, target = %target.addr, down, streaming, caught_up, ahead, "switchover: promoting before the old primary's shutdown was seen to settle");
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -575,19 +581,32 @@ pub(super) async fn switchover(
     Ok(report)
 }
 
-/// A replica's (received, replayed) WAL positions; None if unreachable.
-async fn wal_position(proxy: &Proxy, addr: &str, timeout: Duration) -> Option<(u64, u64)> {
+#[derive(Clone, Copy)]
+struct WalPosition {
+    received: u64,
+    replayed: u64,
+    /// Its WAL receiver is connected and streaming.
+    streaming: bool,
+}
+
+/// A replica's WAL positions; None if unreachable.
+async fn wal_position(proxy: &Proxy, addr: &str, timeout: Duration) -> Option<WalPosition> {
     let mut c = admin_conn(proxy, addr, timeout).await.ok()?;
     let rows = query(
         &mut c,
         "SELECT COALESCE(pg_last_wal_receive_lsn(), '0/0')::text, \
-         COALESCE(pg_last_wal_replay_lsn(), '0/0')::text",
+         COALESCE(pg_last_wal_replay_lsn(), '0/0')::text, \
+         EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming')::text",
     )
     .await
     .ok()?;
     let row = rows.into_iter().next()?;
     let lsn = |i: usize| row.get(i).cloned().flatten().and_then(|l| parse_lsn(&l));
-    Some((lsn(0)?, lsn(1)?))
+    Some(WalPosition {
+        received: lsn(0)?,
+        replayed: lsn(1)?,
+        streaming: row.get(2).cloned().flatten().as_deref() == Some("true"),
+    })
 }
 
 fn first(rows: &[Vec<Option<String>>]) -> Option<String> {
