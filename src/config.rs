@@ -46,6 +46,8 @@ pub struct Config {
     pub failover: FailoverConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub reshard: ReshardConfig,
     /// Absent: no sharding; every statement goes to the first shard.
     pub sharding: Option<ShardingConfig>,
 }
@@ -259,6 +261,30 @@ impl Default for FailoverConfig {
             promote_timeout: Duration::from_secs(30),
             max_lag_bytes: None,
             fence_read_only: true,
+        }
+    }
+}
+
+/// Bucket moves (docs/resharding.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReshardConfig {
+    /// How long the source keeps its copy of moved buckets (fenced against
+    /// writes) before cleanup deletes it.
+    #[serde(with = "humantime_serde")]
+    pub cleanup_after: Duration,
+    /// At the cutover, the longest the target may take to apply the
+    /// source's last changes while statements on the moving buckets are
+    /// held; longer, and the hold is released and the cutover retried.
+    #[serde(with = "humantime_serde")]
+    pub cutover_timeout: Duration,
+}
+
+impl Default for ReshardConfig {
+    fn default() -> Self {
+        ReshardConfig {
+            cleanup_after: Duration::from_secs(600),
+            cutover_timeout: Duration::from_millis(2000),
         }
     }
 }

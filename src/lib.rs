@@ -35,6 +35,7 @@ pub mod local;
 pub mod metrics;
 pub mod protocol;
 pub mod proxy;
+pub mod reshard;
 pub mod router;
 pub mod sharding;
 pub mod sql;

@@ -51,6 +51,12 @@ pub struct Global {
     pub topology_epoch: IntGauge,
     /// Statements that waited for a shard's primary (failover hold).
     pub writes_held: IntCounter,
+    /// How long statements on moving buckets were held at each cutover.
+    pub reshard_pause_ms: Histogram,
+    /// Statements that waited for a bucket move's cutover.
+    pub reshard_held: IntCounter,
+    /// Bucket moves by outcome (done, failed, aborted).
+    pub reshard_moves: IntCounterVec,
 }
 
 /// Latency buckets from 50 µs to 10 s.
@@ -192,6 +198,21 @@ fn build() -> Global {
         topology_epoch: reg!(IntGauge::new(
             "topology_epoch",
             "Epoch of the published topology"
+        )),
+        reshard_pause_ms: reg!(Histogram::with_opts(
+            HistogramOpts::new(
+                "reshard_cutover_pause_seconds",
+                "How long statements on the moving buckets were held at a bucket move's cutover"
+            )
+            .buckets(BUCKETS.to_vec())
+        )),
+        reshard_held: reg!(IntCounter::new(
+            "reshard_statements_held_total",
+            "Statements that waited for a bucket move's cutover"
+        )),
+        reshard_moves: reg!(IntCounterVec::new(
+            Opts::new("reshard_moves_total", "Bucket moves that ended, by outcome"),
+            &["outcome"]
         )),
         writes_held: reg!(IntCounter::new(
             "writes_held_total",

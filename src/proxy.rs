@@ -40,6 +40,7 @@ pub struct Proxy {
     /// writes across shards are refused).
     pub twophase: Option<crate::twophase::DecisionLog>,
     pub failover: crate::failover::Failover,
+    pub reshard: crate::reshard::Reshard,
 }
 
 impl Proxy {
@@ -55,6 +56,7 @@ impl Proxy {
         let topology = failover.topology(&config);
         Ok(Arc::new(Proxy {
             failover,
+            reshard: crate::reshard::Reshard::default(),
             auth: ArcSwap::from_pointee(AuthTable::build(&config.users)),
             topology: TopologyHandle::new(topology),
             pools: Arc::new(Pools::new(config.pool.clone())),
@@ -218,6 +220,8 @@ pub async fn start(
     // Prepared transactions left by a crash, then retries of unfinished
     // commits.
     proxy.tasks.spawn(crate::twophase::run(proxy.clone()));
+    // Bucket moves a previous run left unfinished.
+    crate::reshard::Reshard::resume_all(&proxy);
     // Health probes, until shutdown.
     let p = proxy.clone();
     tokio::spawn(async move {

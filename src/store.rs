@@ -18,6 +18,19 @@ pub struct ClusterState {
     pub epoch: u64,
     #[serde(default)]
     pub shards: Vec<ShardState>,
+    /// Bucket owners changed by resharding, by shard name (ranges such as
+    /// `"0-127"`); empty: the configuration's map.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buckets: Vec<BucketOwner>,
+    /// Bucket moves not yet finished, and the last finished ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<crate::reshard::Move>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketOwner {
+    pub shard: String,
+    pub buckets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,7 +122,7 @@ mod tests {
         assert_eq!(store.load().unwrap(), ClusterState::default());
         let mut s = ClusterState {
             epoch: 7,
-            shards: vec![],
+            ..ClusterState::default()
         };
         s.set_shard(ShardState {
             name: "s0".into(),

@@ -89,6 +89,33 @@ impl Topology {
                 addr: a.as_str().into(),
             }));
         }
+        if let Some(map) = t.map.as_mut() {
+            let map = Arc::make_mut(map);
+            // Bucket owners resharding changed.
+            for o in &state.buckets {
+                let Some(i) = t.shards.iter().position(|s| s.name == o.shard) else {
+                    continue;
+                };
+                if let Ok(list) = crate::reshard::buckets::parse(&o.buckets, map.buckets) {
+                    for b in list {
+                        map.owner[b as usize] = i as u16;
+                    }
+                }
+            }
+            for m in state.moves.iter().filter(|m| m.phase.active()) {
+                map.moving = true;
+                if m.phase == crate::reshard::Phase::CuttingOver {
+                    if map.held.is_empty() {
+                        map.held = vec![false; map.buckets as usize];
+                    }
+                    if let Ok(list) = crate::reshard::buckets::parse(&m.buckets, map.buckets) {
+                        for b in list {
+                            map.held[b as usize] = true;
+                        }
+                    }
+                }
+            }
+        }
         t
     }
 
@@ -127,6 +154,8 @@ impl Topology {
 /// The published topology.
 pub struct TopologyHandle {
     current: ArcSwap<Topology>,
+    /// The current epoch, readable without touching the snapshot.
+    epoch: std::sync::atomic::AtomicU64,
     /// The current epoch, for tasks that wait for a change (writes held
     /// while a shard has no primary).
     changed: tokio::sync::watch::Sender<u64>,
@@ -135,9 +164,14 @@ pub struct TopologyHandle {
 impl TopologyHandle {
     pub fn new(t: Topology) -> TopologyHandle {
         TopologyHandle {
+            epoch: std::sync::atomic::AtomicU64::new(t.epoch),
             changed: tokio::sync::watch::Sender::new(t.epoch),
             current: ArcSwap::from_pointee(t),
         }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn load(&self) -> Arc<Topology> {
@@ -159,6 +193,8 @@ impl TopologyHandle {
         next.epoch = next.epoch.max(cur.epoch + 1);
         let epoch = next.epoch;
         self.current.store(Arc::new(next));
+        self.epoch
+            .store(epoch, std::sync::atomic::Ordering::Release);
         self.changed.send_replace(epoch);
         epoch
     }

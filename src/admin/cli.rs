@@ -65,6 +65,11 @@ pub enum AdminCmd {
         #[command(subcommand)]
         what: DrillCmd,
     },
+    /// Move buckets between shards online (docs/resharding.md).
+    Reshard {
+        #[command(subcommand)]
+        cmd: super::reshard_cli::ReshardCmd,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -180,6 +185,7 @@ async fn run_async(args: AdminArgs) -> Result<()> {
                 print!("{}", status_table(&s));
             }
         }
+        AdminCmd::Reshard { cmd } => super::reshard_cli::run(&mut c, cmd, args.json).await?,
         AdminCmd::Switchover { shard, to } => {
             let r = c
                 .switchover(pb::SwitchoverRequest {

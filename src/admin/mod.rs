@@ -6,9 +6,11 @@
 pub mod cli;
 mod drill;
 mod drill_client;
+mod reshard_cli;
 
 use crate::failover::{Failover, Report};
 use crate::proxy::Proxy;
+use crate::reshard::{Phase, Reshard};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -206,4 +208,130 @@ impl Admin for Service {
             .map(Response::new)
             .map_err(Status::failed_precondition)
     }
+
+    async fn reshard_plan(
+        &self,
+        req: Request<pb::ReshardMoveRequest>,
+    ) -> Result<Response<pb::ReshardPlanReply>, Status> {
+        let r = req.into_inner();
+        let moves = Reshard::plan(
+            &self.proxy,
+            &r.buckets,
+            &r.to,
+            &database(&self.proxy, &r.database),
+        )
+        .await
+        .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::ReshardPlanReply {
+            moves: moves
+                .into_iter()
+                .map(|m| pb::PlannedMove {
+                    from: m.from,
+                    to: m.to,
+                    buckets: m.buckets,
+                    tables: m
+                        .tables
+                        .into_iter()
+                        .map(|t| pb::PlannedTable {
+                            table: t.table,
+                            rows: t.rows,
+                            bytes: t.bytes,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn reshard_move(
+        &self,
+        req: Request<pb::ReshardMoveRequest>,
+    ) -> Result<Response<pb::ReshardMoveReply>, Status> {
+        let r = req.into_inner();
+        Reshard::start(
+            &self.proxy,
+            &r.buckets,
+            &r.to,
+            &database(&self.proxy, &r.database),
+        )
+        .map(|ids| Response::new(pb::ReshardMoveReply { ids }))
+        .map_err(Status::failed_precondition)
+    }
+
+    async fn reshard_status(
+        &self,
+        _: Request<pb::ReshardStatusRequest>,
+    ) -> Result<Response<pb::ReshardStatusReply>, Status> {
+        let moves = self
+            .proxy
+            .failover
+            .state()
+            .moves
+            .into_iter()
+            .map(|m| {
+                let live = self
+                    .proxy
+                    .reshard
+                    .progress(m.id)
+                    .filter(|_| m.phase.active());
+                let p = live.unwrap_or_default();
+                let rows_copied = match m.phase {
+                    Phase::Preparing => 0,
+                    Phase::Copying => p.rows_copied,
+                    _ => m.rows_total,
+                };
+                let eta = if m.phase == Phase::Copying && p.rows_per_second > 0.0 {
+                    m.rows_total.saturating_sub(rows_copied) as f64 / p.rows_per_second
+                } else {
+                    0.0
+                };
+                pb::MoveStatus {
+                    id: m.id,
+                    from: m.from,
+                    to: m.to,
+                    buckets: m.buckets,
+                    database: m.database,
+                    phase: m.phase.name().into(),
+                    message: m.message,
+                    rows_total: m.rows_total,
+                    rows_copied,
+                    tables_ready: p.tables_ready,
+                    tables_total: p.tables_total,
+                    lag_bytes: p.lag_bytes,
+                    rows_per_second: p.rows_per_second,
+                    eta_seconds: eta,
+                    pause_ms: m.pause_ms,
+                    cutover_attempts: m.cutover_attempts,
+                    started_unix_ms: m.started_unix_ms,
+                    switched_unix_ms: m.switched_unix_ms,
+                    finished_unix_ms: m.finished_unix_ms,
+                    bytes_total: m.bytes_total,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ReshardStatusReply { moves }))
+    }
+
+    async fn reshard_abort(
+        &self,
+        _: Request<pb::ReshardAbortRequest>,
+    ) -> Result<Response<pb::ReshardMoveReply>, Status> {
+        Reshard::abort(&self.proxy)
+            .map(|ids| Response::new(pb::ReshardMoveReply { ids }))
+            .map_err(Status::failed_precondition)
+    }
+}
+
+/// The database of a move: as given, else the first user's.
+fn database(proxy: &crate::proxy::Proxy, given: &str) -> String {
+    if !given.is_empty() {
+        return given.to_owned();
+    }
+    proxy
+        .config
+        .load()
+        .users
+        .first()
+        .map(|u| u.name.clone())
+        .unwrap_or_else(|| "postgres".into())
 }

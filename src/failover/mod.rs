@@ -267,6 +267,25 @@ impl Failover {
         Ok(state.epoch)
     }
 
+    /// Changes the saved state (durably, with a new epoch) and publishes
+    /// the topology it describes.
+    pub fn update_state<R>(
+        &self,
+        proxy: &Proxy,
+        f: impl FnOnce(&mut ClusterState) -> R,
+    ) -> std::io::Result<(R, u64)> {
+        let r = {
+            let mut state = crate::lock(&self.state);
+            let mut next = state.clone();
+            next.epoch = next.epoch.max(1) + 1;
+            let r = f(&mut next);
+            self.store.save(&next)?;
+            *state = next;
+            r
+        };
+        Ok((r, self.publish(proxy)))
+    }
+
     /// Publishes the topology the saved state describes.
     fn publish(&self, proxy: &Proxy) -> u64 {
         let config = proxy.config.load();

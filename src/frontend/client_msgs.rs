@@ -65,6 +65,11 @@ impl Session {
     }
 
     async fn dispatch_client_message(&mut self, frame: Frame) -> Result<(), SessionError> {
+        // Between transactions, place statements with the current bucket
+        // map (a bucket move may have switched owners).
+        if self.server.is_none() && self.proxy.topology.epoch() != self.pool_epoch {
+            self.refresh_pools();
+        }
         let sharded = self.shard_map.is_some();
         if sharded
             && !self.routing.owed.is_empty()
@@ -97,6 +102,7 @@ impl Session {
                 }
                 if self.server.is_none() && self.mode == PoolMode::Transaction {
                     if self.routing.pending_begin.is_some() {
+                        self.wait_for_cutover(Some(text), None).await;
                         let refused = match self.route_shard(Some(text), None) {
                             Ok(None) => None,
                             Ok(Some(shards)) => Some(self.cross_shard_refusal(&shards)),
@@ -130,12 +136,14 @@ impl Session {
                     return Ok(());
                 }
                 if sharded {
+                    self.wait_for_cutover(Some(text), None).await;
                     let refused = match self.route_shard(Some(text), None) {
                         Ok(None) => None,
                         Ok(Some(shards)) if self.server.is_none() => {
                             let sql = String::from_utf8_lossy(text).into_owned();
                             let write = !self.is_read(text);
                             self.scatter_query(&sql, &shards, write).await;
+                            self.scatter_guard = None;
                             return Ok(());
                         }
                         Ok(Some(shards)) => Some(self.cross_shard_refusal(&shards)),
@@ -571,6 +579,8 @@ impl Session {
                     self.routing.tx_pinned |= super::sharding::pins_transaction(t);
                 }
             }
+            self.wait_for_cutover(text.as_deref(), Some((types.as_slice(), bind.rest)))
+                .await;
             let routed = self.route_shard(text.as_deref(), Some((types.as_slice(), bind.rest)));
             let refused = match routed {
                 Ok(None) => None,
@@ -581,7 +591,9 @@ impl Session {
                 {
                     let text = text.expect("checked");
                     let write = !self.is_read(&text);
-                    return self.scatter_bind(&bind, &text, types, &shards, write).await;
+                    let r = self.scatter_bind(&bind, &text, types, &shards, write).await;
+                    self.scatter_guard = None;
+                    return r;
                 }
                 Ok(Some(shards)) => Some(self.cross_shard_refusal(&shards)),
                 Err(e) => Some(e),

@@ -71,6 +71,9 @@ pub struct Session {
     pub(super) commit_lsns: Vec<u64>,
     /// The bucket map when there are several shards to choose from.
     pub(super) shard_map: Option<Arc<crate::sharding::map::ShardMap>>,
+    /// Counts a statement running on several shards (bucket moves wait
+    /// for it).
+    pub(super) scatter_guard: Option<crate::reshard::ScatterGuard>,
     /// Which replica the held server connection belongs to (None: the
     /// primary).
     pub(super) on_replica: Option<usize>,
@@ -216,6 +219,7 @@ impl Session {
             parked: Vec::new(),
             commit_lsns: Vec::new(),
             shard_map,
+            scatter_guard: None,
             mode: config.proxy.pool_mode,
             max_message_size: config.proxy.max_message_size,
             max_prepared: config.pool.max_prepared_statements,
@@ -850,7 +854,7 @@ impl Session {
     }
 
     /// Follows a topology change: the pools of the shard's servers now.
-    fn refresh_pools(&mut self) {
+    pub(super) fn refresh_pools(&mut self) {
         let topology = self.proxy.topology.load();
         if topology.epoch != self.pool_epoch {
             self.shard_map = topology.sharded().cloned();

@@ -28,6 +28,9 @@ pub(super) enum Owed {
     Named(Arc<super::statements::Statement>, String),
 }
 
+/// The longest a statement waits for a bucket move's cutover.
+const CUTOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Placements by statement text, shared by all sessions.
 #[derive(Default)]
 pub struct PlacementCache {
@@ -193,6 +196,7 @@ impl Session {
         text: Option<&[u8]>,
         bind: Option<(&[u32], &[u8])>,
     ) -> Result<Option<Vec<usize>>, (&'static str, String)> {
+        self.scatter_guard = None;
         let Some(map) = self.shard_map() else {
             return Ok(None);
         };
@@ -208,8 +212,35 @@ impl Session {
                 return Ok(None);
             }
             Target::Shard(s) => s,
-            Target::Shards(shards, _) => return Ok(Some(shards)),
+            Target::Shards(shards, _) => {
+                // Counted before the check: a move that starts now waits
+                // for this statement, or this statement sees the move.
+                let guard = self.proxy.reshard.enter_scatter();
+                let current = self.proxy.topology.load();
+                if current.map.as_ref().is_some_and(|m| m.moving) {
+                    let tables = map.mentioned_sharded_tables(&String::from_utf8_lossy(
+                        text.unwrap_or_default(),
+                    ));
+                    if !tables.is_empty() {
+                        return Err((
+                            "0A000",
+                            format!(
+                                "shardgate: a bucket move is under way (see `shardgate admin reshard status`): statements that run on several shards and read or write the sharded table(s) {} are refused until it has cleaned up, because a shard still holds copies of buckets it does not own; give a sharding key",
+                                tables.join(", ")
+                            ),
+                        ));
+                    }
+                }
+                self.scatter_guard = Some(guard);
+                return Ok(Some(shards));
+            }
             Target::Refuse(m) => return Err(("0A000", format!("shardgate: {m}"))),
+            Target::Hold => {
+                return Err((
+                    "40001",
+                    "shardgate: the key's bucket is being moved to another shard and its cutover took too long; retry the statement".into(),
+                ))
+            }
         };
         if self.server.is_some() {
             if want != self.shard {
@@ -229,6 +260,38 @@ impl Session {
         }
         self.select_shard(want);
         Ok(None)
+    }
+
+    /// Waits (at most [`CUTOVER_WAIT`]) while the statement's key is in a
+    /// bucket a move is cutting over; the session then places it with the
+    /// new bucket map.
+    pub(super) async fn wait_for_cutover(
+        &mut self,
+        text: Option<&[u8]>,
+        bind: Option<(&[u32], &[u8])>,
+    ) {
+        let Some(sql) = text else { return };
+        let limit = tokio::time::Instant::now() + CUTOVER_WAIT;
+        let mut counted = false;
+        loop {
+            let Some(map) = self.shard_map() else { return };
+            if map.held.is_empty() || !matches!(self.target_of(&map, sql, bind), Ok(Target::Hold)) {
+                return;
+            }
+            if !counted {
+                crate::metrics::GLOBAL.reshard_held.inc();
+                counted = true;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= limit {
+                return;
+            }
+            let mut changed = self.proxy.topology.subscribe();
+            changed.borrow_and_update();
+            let wake = limit.min(now + std::time::Duration::from_millis(20));
+            let _ = tokio::time::timeout_at(wake, changed.changed()).await;
+            self.shard_map = self.proxy.topology.load().sharded().cloned();
+        }
     }
 
     /// Why the open transaction cannot move on to another shard, if it
@@ -442,6 +505,15 @@ impl Session {
     ) -> Result<Target, (&'static str, String)> {
         let hint = shard_hint(sql).or_else(|| self.routing.shard_setting.clone());
         if let Some(hint) = hint {
+            if let ShardHint::Key(k) = &hint {
+                if !map.held.is_empty() {
+                    if let Ok((ty, v)) = key_for(map, &String::from_utf8_lossy(sql), k) {
+                        if map.is_held(map.locate(ty, &v).bucket) {
+                            return Ok(Target::Hold);
+                        }
+                    }
+                }
+            }
             let topology = self.proxy.topology.load();
             let text = String::from_utf8_lossy(sql);
             return hinted_shard(&topology, map, &hint, &text)

@@ -89,7 +89,13 @@ pub enum Target {
     /// Several shards; `what` describes the statement for error messages.
     Shards(Vec<usize>, String),
     Refuse(String),
+    /// A key in a bucket that a move is cutting over: wait for the next
+    /// topology and place the statement again.
+    Hold,
 }
+
+/// The shard index [`key_shard`] returns for a held bucket.
+const HELD: usize = usize::MAX;
 
 impl Placement {
     /// Resolves against the map (and the Bind parameters, if any).
@@ -126,6 +132,9 @@ impl Placement {
                         "a statement joining sharded rows on another shard with tables of the default shard is not supported"
                             .into(),
                     );
+                }
+                if shards.contains(&HELD) {
+                    return Target::Hold;
                 }
                 match shards.as_slice() {
                     [] => Target::Shard(map.default_shard),
@@ -211,7 +220,7 @@ fn key_shards(
     };
     let mut shards: Vec<usize> = Vec::new();
     for key in keys.iter().flatten() {
-        let s = map.locate(ty, key).shard;
+        let s = shard_of(map, map.locate(ty, key));
         if !shards.contains(&s) {
             shards.push(s);
         }
@@ -326,18 +335,27 @@ fn parse_binary_array(b: &[u8], ty: KeyType, oid: u32) -> Option<Vec<Option<KeyV
     Some(out)
 }
 
+/// The shard of a location, or [`HELD`] while its bucket is held.
+fn shard_of(map: &ShardMap, l: crate::sharding::map::Location) -> usize {
+    if map.is_held(l.bucket) {
+        HELD
+    } else {
+        l.shard
+    }
+}
+
 /// The shard of one key; None when a parameter's value cannot be read as
 /// the column's type exactly (the caller then assumes any shard).
 fn key_shard(map: &ShardMap, ty: KeyType, k: &KeyExpr, params: Option<&Params>) -> Option<usize> {
     match k {
         KeyExpr::AnyParam(_) => None,
-        KeyExpr::Value(v) => Some(map.locate(ty, v).shard),
-        KeyExpr::Null => Some(map.null_location().shard),
+        KeyExpr::Value(v) => Some(shard_of(map, map.locate(ty, v))),
+        KeyExpr::Null => Some(shard_of(map, map.null_location())),
         KeyExpr::Param(i) => {
             let p = params?;
             let value = *p.values.get(*i)?;
             let Some(value) = value else {
-                return Some(map.null_location().shard);
+                return Some(shard_of(map, map.null_location()));
             };
             let format = match p.formats {
                 [] => 0,
@@ -357,7 +375,7 @@ fn key_shard(map: &ShardMap, ty: KeyType, k: &KeyExpr, params: Option<&Params>) 
                 }
                 ty.parse_binary(value).ok()?
             };
-            Some(map.locate(ty, &v).shard)
+            Some(shard_of(map, map.locate(ty, &v)))
         }
     }
 }

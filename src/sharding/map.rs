@@ -29,6 +29,13 @@ pub struct ShardMap {
     pub shards: usize,
     /// Table name -> (schema if the config named one, rule).
     tables: HashMap<String, Vec<(Option<String>, TableRule)>>,
+    /// Buckets whose statements wait: a bucket move is cutting them over
+    /// (empty: none).
+    pub held: Vec<bool>,
+    /// A bucket move is unfinished: some shard holds copies of buckets it
+    /// does not own, so statements on sharded tables must not run on
+    /// several shards.
+    pub moving: bool,
 }
 
 /// Where a key lives.
@@ -72,7 +79,28 @@ impl ShardMap {
             default_shard,
             shards: config.shards.len(),
             tables,
+            held: Vec::new(),
+            moving: false,
         })
+    }
+
+    /// Whether statements on `bucket` must wait for a cutover.
+    pub fn is_held(&self, bucket: u32) -> bool {
+        !self.held.is_empty() && self.held.get(bucket as usize).copied().unwrap_or(false)
+    }
+
+    /// The sharded tables: (schema if configured, name, column, type).
+    pub fn sharded_tables(&self) -> Vec<(Option<String>, String, String, KeyType)> {
+        let mut out = Vec::new();
+        for (name, entries) in &self.tables {
+            for (schema, rule) in entries {
+                if let TableRule::Sharded { column, key_type } = rule {
+                    out.push((schema.clone(), name.clone(), column.clone(), *key_type));
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
     }
 
     /// The bucket and shard of a key of a column of type `ty`.
@@ -170,6 +198,26 @@ impl ShardMap {
         let mut names: Vec<String> = self
             .tables
             .keys()
+            .filter(|t| self.mentions_table_word(&lower, t))
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The sharded tables `sql` mentions (a lexical check: a word that
+    /// names one counts, wherever it is).
+    pub fn mentioned_sharded_tables(&self, sql: &str) -> Vec<String> {
+        let lower = sql.to_lowercase();
+        let mut names: Vec<String> = self
+            .tables
+            .iter()
+            .filter(|(_, rules)| {
+                rules
+                    .iter()
+                    .any(|(_, r)| matches!(r, TableRule::Sharded { .. }))
+            })
+            .map(|(t, _)| t)
             .filter(|t| self.mentions_table_word(&lower, t))
             .cloned()
             .collect();

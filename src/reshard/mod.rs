@@ -1,0 +1,441 @@
+//! Online resharding: moving buckets from one shard to another while the
+//! application keeps reading and writing.
+//!
+//! A move is a state machine whose state lives in the store
+//! (`cluster.json`, [`crate::store`]), so a restarted proxy resumes it or
+//! rolls it back:
+//!
+//! 1. **Preparing**: schema on the target (copied with `pg_dump` when
+//!    missing), then a publication on the source whose row filters select
+//!    the moving buckets (the `postgres` hash computed by Postgres itself,
+//!    [`crate::sharding::hash::bucket_sql`]) and a subscription on the
+//!    target. Postgres's own logical replication is used rather than
+//!    decoding the stream in the proxy: its initial copy runs in the
+//!    snapshot exported by the replication slot it creates, so nothing
+//!    between snapshot and stream is lost, and it applies changes
+//!    transactionally in commit order, with row filters that turn an
+//!    UPDATE moving a row into or out of the buckets into an INSERT or a
+//!    DELETE.
+//! 2. **Copying**: the subscription's table synchronisation runs; reads and
+//!    writes continue on the source.
+//! 3. **CatchingUp**: the stream applies the source's changes; a marker row
+//!    (`shardgate.move_marker`, part of the publication) bumped on the
+//!    source and seen on the target proves the target has applied
+//!    everything committed before it.
+//! 4. **CuttingOver**: statements on the moving buckets are held in the
+//!    proxy (the topology marks the buckets held); fence triggers on the
+//!    source reject writes to them from anywhere else (their creation waits
+//!    for writes already running on the tables); the marker round trip
+//!    proves catch-up; per bucket, row counts and checksums of source and
+//!    target are compared; then the new bucket map is saved and published
+//!    and the held statements run on the new owner. A catch-up that takes
+//!    longer than `reshard.cutover_timeout` releases the hold and retries;
+//!    a checksum mismatch stops the move and names the buckets.
+//! 5. **Switched**: the source keeps its copy (still fenced) for
+//!    `reshard.cleanup_after`.
+//! 6. **CleaningUp**: subscription (and with it the slot), publication,
+//!    the moved rows on the source (in batches), fence triggers and the
+//!    marker row are removed. A move that fails or is aborted removes the
+//!    replication objects and the copied rows on the target the same way,
+//!    so no replication slot is ever left behind.
+//!
+//! While any move is unfinished, statements that would run on several
+//! shards and name a sharded table are refused (SQLSTATE 0A000): a shard
+//! holding copies of buckets it does not own (before the cutover on the
+//! target, after it on the source until cleanup) would return them twice.
+
+pub mod buckets;
+mod steps;
+
+use crate::proxy::Proxy;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// One bucket move from one shard to another.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub id: u64,
+    pub from: String,
+    pub to: String,
+    /// Ranges (`"0-127"`).
+    pub buckets: Vec<String>,
+    /// The database the sharded tables live in.
+    pub database: String,
+    /// Tables moved, schema-qualified.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    pub phase: Phase,
+    /// Why it failed, or what it is waiting for.
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub started_unix_ms: u64,
+    #[serde(default)]
+    pub switched_unix_ms: u64,
+    #[serde(default)]
+    pub finished_unix_ms: u64,
+    /// How long statements on the moving buckets were held at the cutover.
+    #[serde(default)]
+    pub pause_ms: u64,
+    #[serde(default)]
+    pub cutover_attempts: u32,
+    /// Rows in the moving buckets when the copy started, per table.
+    #[serde(default)]
+    pub rows_total: u64,
+    #[serde(default)]
+    pub bytes_total: u64,
+    /// Replication objects were (maybe) created: a rollback removes the
+    /// rows copied to the target.
+    #[serde(default)]
+    pub copy_started: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    #[default]
+    Preparing,
+    Copying,
+    CatchingUp,
+    CuttingOver,
+    Switched,
+    CleaningUp,
+    Done,
+    Failed,
+    Aborted,
+}
+
+impl Phase {
+    /// Not finished: the source or the target holds rows it does not own.
+    pub fn active(self) -> bool {
+        !matches!(self, Phase::Done | Phase::Failed | Phase::Aborted)
+    }
+
+    /// Before the new map is published: an abort restores the old
+    /// placement without moving anything back.
+    pub fn before_cutover(self) -> bool {
+        matches!(
+            self,
+            Phase::Preparing | Phase::Copying | Phase::CatchingUp | Phase::CuttingOver
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Preparing => "preparing",
+            Phase::Copying => "copying",
+            Phase::CatchingUp => "catching_up",
+            Phase::CuttingOver => "cutting_over",
+            Phase::Switched => "switched",
+            Phase::CleaningUp => "cleaning_up",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+            Phase::Aborted => "aborted",
+        }
+    }
+}
+
+/// Live numbers of a running move (not persisted).
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub rows_copied: u64,
+    pub tables_ready: u32,
+    pub tables_total: u32,
+    pub lag_bytes: u64,
+    pub rows_per_second: f64,
+}
+
+/// What one source shard would send for a planned move.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PlannedMove {
+    pub from: String,
+    pub to: String,
+    pub buckets: Vec<String>,
+    pub tables: Vec<PlannedTable>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PlannedTable {
+    pub table: String,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// The proxy's resharding controller: which moves run in this process,
+/// abort requests and live progress. The moves themselves are in the
+/// cluster state.
+#[derive(Default)]
+pub struct Reshard {
+    /// Statements running on several shards (they must not overlap with a
+    /// copy or a cutover).
+    scatters: Arc<std::sync::atomic::AtomicUsize>,
+    running: std::sync::Mutex<HashSet<u64>>,
+    abort: std::sync::Mutex<HashSet<u64>>,
+    progress: std::sync::Mutex<HashMap<u64, Progress>>,
+}
+
+/// Finished moves kept in the state for `status`.
+const KEEP_FINISHED: usize = 20;
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Counts a statement running on several shards while it lives.
+pub struct ScatterGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ScatterGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Reshard {
+    pub fn enter_scatter(&self) -> ScatterGuard {
+        self.scatters
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ScatterGuard(self.scatters.clone())
+    }
+
+    /// Waits until no statement that runs on several shards is running
+    /// (those that start from now on see the move and are refused).
+    pub(crate) async fn wait_scatters(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.scatters.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    pub fn progress(&self, id: u64) -> Option<Progress> {
+        crate::lock(&self.progress).get(&id).cloned()
+    }
+
+    fn set_progress(&self, id: u64, p: Progress) {
+        crate::lock(&self.progress).insert(id, p);
+    }
+
+    fn abort_requested(&self, id: u64) -> bool {
+        crate::lock(&self.abort).contains(&id)
+    }
+
+    /// Runs every unfinished move of the saved state (after a restart).
+    pub fn resume_all(proxy: &Arc<Proxy>) {
+        for m in proxy.failover.state().moves {
+            if m.phase.active() {
+                tracing::info!(id = m.id, phase = m.phase.name(), "resuming bucket move");
+                Self::spawn(proxy, m.id);
+            }
+        }
+    }
+
+    fn spawn(proxy: &Arc<Proxy>, id: u64) {
+        if !crate::lock(&proxy.reshard.running).insert(id) {
+            return;
+        }
+        let p = proxy.clone();
+        // Not a tracked task: shutdown does not wait for a move; its state
+        // is saved and the next start resumes it.
+        tokio::spawn(async move {
+            steps::run(&p, id).await;
+            crate::lock(&p.reshard.running).remove(&id);
+        });
+    }
+
+    /// What moving `buckets` to shard `to` would copy, per source shard.
+    pub async fn plan(
+        proxy: &Arc<Proxy>,
+        buckets: &[String],
+        to: &str,
+        database: &str,
+    ) -> Result<Vec<PlannedMove>, String> {
+        let groups = Self::groups(proxy, buckets, to)?;
+        let mut out = Vec::new();
+        for (from, b) in groups {
+            let tables = steps::estimate(proxy, &from, database, &b).await?;
+            out.push(PlannedMove {
+                from,
+                to: to.to_owned(),
+                buckets: buckets::ranges(&b),
+                tables,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The moving buckets grouped by their current owner (buckets `to`
+    /// already owns are left out).
+    fn groups(
+        proxy: &Proxy,
+        ranges: &[String],
+        to: &str,
+    ) -> Result<Vec<(String, Vec<u32>)>, String> {
+        let topology = proxy.topology.load();
+        let map = topology
+            .map
+            .as_ref()
+            .ok_or("resharding needs a [sharding] section")?;
+        if map.hash != crate::sharding::hash::HashFunction::Postgres {
+            return Err(
+                "moving buckets of tables on the murmur3 hash is not supported yet (Postgres cannot compute murmur3 to filter the rows)"
+                    .into(),
+            );
+        }
+        if !topology.shards.iter().any(|s| s.name == to) {
+            return Err(format!("no shard named {to:?}"));
+        }
+        let wanted = buckets::parse(ranges, map.buckets)?;
+        if wanted.is_empty() {
+            return Err("no buckets given".into());
+        }
+        let mut groups: Vec<(String, Vec<u32>)> = Vec::new();
+        for b in wanted {
+            let owner = &topology.shards[map.owner[b as usize] as usize].name;
+            if owner == to {
+                continue;
+            }
+            match groups.iter_mut().find(|(s, _)| s == owner) {
+                Some((_, v)) => v.push(b),
+                None => groups.push((owner.clone(), vec![b])),
+            }
+        }
+        if groups.is_empty() {
+            return Err(format!("shard {to:?} already owns every bucket given"));
+        }
+        Ok(groups)
+    }
+
+    /// Starts moving `buckets` to shard `to`: one move per source shard,
+    /// run one after another. Returns the moves' ids.
+    pub fn start(
+        proxy: &Arc<Proxy>,
+        ranges: &[String],
+        to: &str,
+        database: &str,
+    ) -> Result<Vec<u64>, String> {
+        let groups = Self::groups(proxy, ranges, to)?;
+        let state = proxy.failover.state();
+        if let Some(m) = state.moves.iter().find(|m| m.phase.active()) {
+            return Err(format!(
+                "move {} ({} -> {}, buckets {}) is still {}; wait for it or abort it",
+                m.id,
+                m.from,
+                m.to,
+                m.buckets.join(","),
+                m.phase.name()
+            ));
+        }
+        let first = state.moves.iter().map(|m| m.id).max().unwrap_or(0) + 1;
+        let moves: Vec<Move> = groups
+            .into_iter()
+            .enumerate()
+            .map(|(i, (from, b))| Move {
+                id: first + i as u64,
+                from,
+                to: to.to_owned(),
+                buckets: buckets::ranges(&b),
+                database: database.to_owned(),
+                started_unix_ms: now_ms(),
+                ..Move::default()
+            })
+            .collect();
+        let ids: Vec<u64> = moves.iter().map(|m| m.id).collect();
+        proxy
+            .failover
+            .update_state(proxy, |s| s.moves.extend(moves))
+            .map_err(|e| format!("cannot save the move: {e}"))?;
+        let p = proxy.clone();
+        let run = ids.clone();
+        tokio::spawn(async move {
+            // One at a time: each waits for the one before it.
+            for id in run {
+                Self::spawn(&p, id);
+                while crate::lock(&p.reshard.running).contains(&id) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let failed = p
+                    .failover
+                    .state()
+                    .moves
+                    .iter()
+                    .any(|m| m.id == id && m.phase != Phase::Done && !m.phase.active());
+                if failed {
+                    p.failover
+                        .update_state(&p, |s| {
+                            for m in s.moves.iter_mut().filter(|m| m.id > id && m.phase.active()) {
+                                m.phase = Phase::Aborted;
+                                m.message = format!("move {id} before it did not finish");
+                                m.finished_unix_ms = now_ms();
+                            }
+                        })
+                        .ok();
+                    break;
+                }
+            }
+        });
+        Ok(ids)
+    }
+
+    /// Asks the running moves to stop and roll back. Only moves that have
+    /// not cut over yet can be aborted.
+    pub fn abort(proxy: &Arc<Proxy>) -> Result<Vec<u64>, String> {
+        let state = proxy.failover.state();
+        let active: Vec<&Move> = state.moves.iter().filter(|m| m.phase.active()).collect();
+        if active.is_empty() {
+            return Err("no move is running".into());
+        }
+        if let Some(m) = active.iter().find(|m| !m.phase.before_cutover()) {
+            return Err(format!(
+                "move {} has cut over already (phase {}): moving its buckets back needs reverse replication, which is not built yet; move them back with `reshard move --buckets {} --to {}` after its cleanup",
+                m.id,
+                m.phase.name(),
+                m.buckets.join(","),
+                m.from
+            ));
+        }
+        let ids: Vec<u64> = active.iter().map(|m| m.id).collect();
+        crate::lock(&proxy.reshard.abort).extend(ids.iter().copied());
+        // Moves queued behind the running one never start.
+        for id in &ids {
+            if !crate::lock(&proxy.reshard.running).contains(id) {
+                Self::spawn(proxy, *id);
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// Sets fields of move `id` in the saved state and publishes the topology.
+pub(crate) fn save(proxy: &Proxy, id: u64, f: impl FnOnce(&mut Move)) -> Result<Move, String> {
+    let (m, _) = proxy
+        .failover
+        .update_state(proxy, |s| {
+            let m = s.moves.iter_mut().find(|m| m.id == id)?;
+            f(m);
+            let out = m.clone();
+            // Keep the unfinished moves and the last finished ones.
+            let finished = s.moves.iter().filter(|m| !m.phase.active()).count();
+            if finished > KEEP_FINISHED {
+                let mut drop = finished - KEEP_FINISHED;
+                s.moves.retain(|m| {
+                    if drop > 0 && !m.phase.active() {
+                        drop -= 1;
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+            Some(out)
+        })
+        .map_err(|e| format!("cannot save move {id}: {e}"))?;
+    m.ok_or_else(|| format!("move {id} is gone from the state"))
+}

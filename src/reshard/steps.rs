@@ -1,0 +1,1181 @@
+//! The phases of a move, as SQL on the source and target primaries.
+
+use super::{buckets, now_ms, save, Move, Phase, PlannedTable, Progress};
+use crate::backend::conn::{ConnectParams, ServerConn};
+use crate::failover::{query, quote};
+use crate::proxy::Proxy;
+use crate::sharding::hash::{bucket_sql, KeyType};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A moved table: its qualified name as SQL and its bucket expression.
+struct Table {
+    /// `"public"."orders"`.
+    sql_name: String,
+    /// `public.orders`, for messages and the state.
+    name: String,
+    /// The bucket of a row, for a row alias `t` (`NEW`/`OLD` in triggers
+    /// use [`Table::bucket_of`]).
+    column: String,
+    key_type: KeyType,
+}
+
+impl Table {
+    fn bucket_of(&self, row: &str, total: u32) -> String {
+        let col = format!("{row}.{}", ident(&self.column));
+        bucket_sql(
+            crate::sharding::hash::HashFunction::Postgres,
+            self.key_type,
+            &col,
+            total,
+        )
+        .expect("postgres hash")
+    }
+
+    fn bucket_plain(&self, total: u32) -> String {
+        bucket_sql(
+            crate::sharding::hash::HashFunction::Postgres,
+            self.key_type,
+            &ident(&self.column),
+            total,
+        )
+        .expect("postgres hash")
+    }
+}
+
+fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A connection to `database` on `addr` as the control-plane login.
+async fn conn(proxy: &Proxy, addr: &str, database: &str) -> Result<ServerConn, String> {
+    let config = proxy.config.load();
+    let (user, password) = config.probe_login();
+    let p = ConnectParams {
+        addr: addr.to_owned(),
+        database: database.to_owned(),
+        user,
+        password,
+    };
+    ServerConn::connect(&p, Duration::from_secs(5))
+        .await
+        .map_err(|e| format!("{addr}: {e}"))
+}
+
+/// A libpq connection string to `addr` for the target's subscription.
+fn conninfo(proxy: &Proxy, addr: &str, database: &str) -> String {
+    let config = proxy.config.load();
+    let (user, password) = config.probe_login();
+    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "5432"));
+    let v = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"));
+    let mut s = format!(
+        "host={} port={} user={} dbname={}",
+        v(host.trim_matches(['[', ']'])),
+        v(port),
+        v(&user),
+        v(database)
+    );
+    if let Some(p) = password {
+        s.push_str(&format!(" password={}", v(&p)));
+    }
+    s
+}
+
+fn first(rows: &[Vec<Option<String>>]) -> Option<String> {
+    rows.first().and_then(|r| r.first().cloned().flatten())
+}
+
+fn num(rows: &[Vec<Option<String>>]) -> u64 {
+    first(rows).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn primary_of(proxy: &Proxy, shard: &str) -> Result<String, String> {
+    proxy
+        .topology
+        .load()
+        .shards
+        .iter()
+        .find(|s| s.name == shard)
+        .map(|s| s.primary.to_string())
+        .ok_or_else(|| format!("no shard named {shard:?}"))
+}
+
+/// The sharded tables that exist on `c`'s database.
+async fn tables(proxy: &Proxy, c: &mut ServerConn) -> Result<Vec<Table>, String> {
+    let topology = proxy.topology.load();
+    let map = topology.map.as_ref().ok_or("no [sharding] section")?;
+    let mut out = Vec::new();
+    for (schema, name, column, key_type) in map.sharded_tables() {
+        let reference = match &schema {
+            Some(s) => format!("{}.{}", ident(s), ident(&name)),
+            None => ident(&name),
+        };
+        let rows = query(
+            c,
+            &format!(
+                "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid = to_regclass({})",
+                quote(&reference)
+            ),
+        )
+        .await?;
+        let Some(row) = rows.first() else { continue };
+        let (Some(nsp), Some(rel)) = (row[0].clone(), row[1].clone()) else {
+            continue;
+        };
+        out.push(Table {
+            sql_name: format!("{}.{}", ident(&nsp), ident(&rel)),
+            name: format!("{nsp}.{rel}"),
+            column,
+            key_type,
+        });
+    }
+    Ok(out)
+}
+
+/// Rows and bytes of the moving buckets on shard `from`, per table.
+pub(super) async fn estimate(
+    proxy: &Proxy,
+    from: &str,
+    database: &str,
+    moving: &[u32],
+) -> Result<Vec<PlannedTable>, String> {
+    let total = proxy.topology.load().map.as_ref().map_or(1, |m| m.buckets);
+    let addr = primary_of(proxy, from)?;
+    let mut c = conn(proxy, &addr, database).await?;
+    let mut out = Vec::new();
+    for t in tables(proxy, &mut c).await? {
+        let rows = query(
+            &mut c,
+            &format!(
+                "SELECT count(*), COALESCE(sum(pg_column_size(t.*)), 0) FROM {} t WHERE {} = ANY ({})",
+                t.sql_name,
+                t.bucket_of("t", total),
+                buckets::sql_array(moving)
+            ),
+        )
+        .await?;
+        let get = |i: usize| {
+            rows.first()
+                .and_then(|r| r.get(i).cloned().flatten())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        out.push(PlannedTable {
+            table: t.name,
+            rows: get(0),
+            bytes: get(1),
+        });
+    }
+    Ok(out)
+}
+
+/// Everything a phase needs.
+struct Ctx {
+    m: Move,
+    moving: Vec<u32>,
+    total: u32,
+    source: String,
+    target: String,
+    tables: Vec<Table>,
+}
+
+impl Ctx {
+    fn name(&self) -> String {
+        format!("sg_move_{}", self.m.id)
+    }
+
+    fn filter(&self, t: &Table) -> String {
+        format!(
+            "{} = ANY ({})",
+            t.bucket_plain(self.total),
+            buckets::sql_array(&self.moving)
+        )
+    }
+}
+
+async fn context(proxy: &Proxy, m: &Move) -> Result<Ctx, String> {
+    let total = proxy
+        .topology
+        .load()
+        .map
+        .as_ref()
+        .ok_or("no [sharding] section")?
+        .buckets;
+    let moving = buckets::parse(&m.buckets, total)?;
+    let source = primary_of(proxy, &m.from)?;
+    let target = primary_of(proxy, &m.to)?;
+    let mut c = conn(proxy, &source, &m.database).await?;
+    let tables = tables(proxy, &mut c).await?;
+    Ok(Ctx {
+        m: m.clone(),
+        moving,
+        total,
+        source,
+        target,
+        tables,
+    })
+}
+
+/// Runs move `id` from its saved phase to the end (or to a failure).
+pub(super) async fn run(proxy: &Arc<Proxy>, id: u64) {
+    loop {
+        if proxy.shutdown.is_cancelled() {
+            return;
+        }
+        let Some(m) = proxy
+            .failover
+            .state()
+            .moves
+            .into_iter()
+            .find(|m| m.id == id)
+        else {
+            return;
+        };
+        if !m.phase.active() {
+            return;
+        }
+        if proxy.reshard.abort_requested(id) && m.phase.before_cutover() {
+            finish_rollback(proxy, &m, Phase::Aborted, "aborted by the operator".into()).await;
+            return;
+        }
+        let ctx = match context(proxy, &m).await {
+            Ok(c) => c,
+            Err(e) => {
+                note(proxy, id, &format!("waiting: {e}"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let step = match m.phase {
+            Phase::Preparing => prepare(proxy, &ctx).await.map(|()| Phase::Copying),
+            Phase::Copying => copying(proxy, &ctx).await.map(|()| Phase::CatchingUp),
+            Phase::CatchingUp => match catching_up(proxy, &ctx).await {
+                Ok(()) => {
+                    // Saving the phase publishes the held buckets.
+                    let held = Instant::now();
+                    match save(proxy, id, |m| m.phase = Phase::CuttingOver) {
+                        Ok(_) => cutover(proxy, &ctx, held).await,
+                        Err(e) => Err(Stop::Retry(e)),
+                    }
+                }
+                Err(e) => Err(e),
+            },
+            // Interrupted (the proxy stopped during a cutover): undo the
+            // fence and start the cutover over.
+            Phase::CuttingOver => match conn(proxy, &ctx.source, &m.database).await {
+                Ok(mut s) => match release(&mut s, &ctx).await {
+                    Ok(()) => Ok(Phase::CatchingUp),
+                    Err(e) => Err(Stop::Retry(e)),
+                },
+                Err(e) => Err(Stop::Retry(e)),
+            },
+            Phase::Switched => {
+                let grace = proxy.config.load().reshard.cleanup_after;
+                let due = m.switched_unix_ms + grace.as_millis() as u64;
+                let now = now_ms();
+                if now < due {
+                    tokio::time::sleep(Duration::from_millis((due - now).min(1000))).await;
+                    continue;
+                }
+                Ok(Phase::CleaningUp)
+            }
+            Phase::CleaningUp => cleanup(proxy, &ctx).await.map(|()| Phase::Done),
+            Phase::Done | Phase::Failed | Phase::Aborted => return,
+        };
+        match step {
+            Ok(next) => {
+                let r = save(proxy, id, |m| {
+                    if m.phase != next {
+                        tracing::info!(
+                            id,
+                            from = m.phase.name(),
+                            to = next.name(),
+                            "bucket move phase"
+                        );
+                    }
+                    m.phase = next;
+                    m.message.clear();
+                    if !next.active() {
+                        m.finished_unix_ms = now_ms();
+                        crate::metrics::GLOBAL
+                            .reshard_moves
+                            .with_label_values(&[next.name()])
+                            .inc();
+                    }
+                });
+                if let Err(e) = r {
+                    tracing::error!(id, error = %e, "bucket move state not saved");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            Err(Stop::Fail(why)) => {
+                tracing::error!(id, error = %why, "bucket move failed; rolling back");
+                finish_rollback(proxy, &m, Phase::Failed, why).await;
+                return;
+            }
+            Err(Stop::Retry(why)) => {
+                note(proxy, id, &why);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(Stop::Aborted) => continue,
+        }
+    }
+}
+
+/// Why a phase did not finish.
+pub(super) enum Stop {
+    /// Try the phase again later (a server unreachable, a lock not taken).
+    Retry(String),
+    /// The move cannot go on: roll it back.
+    Fail(String),
+    /// The operator asked to abort.
+    Aborted,
+}
+
+impl From<String> for Stop {
+    fn from(e: String) -> Stop {
+        Stop::Retry(e)
+    }
+}
+
+impl From<&str> for Stop {
+    fn from(e: &str) -> Stop {
+        Stop::Retry(e.to_owned())
+    }
+}
+
+fn note(proxy: &Proxy, id: u64, message: &str) {
+    tracing::warn!(id, message, "bucket move waiting");
+    let _ = save(proxy, id, |m| m.message = message.to_owned());
+}
+
+async fn finish_rollback(proxy: &Arc<Proxy>, m: &Move, phase: Phase, why: String) {
+    loop {
+        let result = match context(proxy, m).await {
+            Ok(ctx) => rollback(proxy, &ctx).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                note(proxy, m.id, &format!("rolling back: {e}"));
+                if proxy.shutdown.is_cancelled() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    let _ = save(proxy, m.id, |m| {
+        m.phase = phase;
+        m.message = why;
+        m.finished_unix_ms = now_ms();
+    });
+    crate::metrics::GLOBAL
+        .reshard_moves
+        .with_label_values(&[phase.name()])
+        .inc();
+    crate::lock(&proxy.reshard.abort).remove(&m.id);
+}
+
+const MARKER: &str = "CREATE SCHEMA IF NOT EXISTS shardgate; \
+     CREATE TABLE IF NOT EXISTS shardgate.move_marker (id bigint PRIMARY KEY, n bigint NOT NULL)";
+
+async fn prepare(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
+    // A half-done earlier attempt leaves nothing behind.
+    rollback(proxy, ctx).await?;
+    if ctx.tables.is_empty() {
+        return Err(Stop::Fail(format!(
+            "none of the [[sharding.tables]] exists in database {:?} on {}",
+            ctx.m.database, ctx.source
+        )));
+    }
+    let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
+    let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
+    for tb in &ctx.tables {
+        // Row filters on UPDATE and DELETE need the sharding column in the
+        // replica identity (the primary key, usually).
+        let rows = query(
+            &mut s,
+            &format!(
+                "SELECT c.relreplident::text, \
+                   (SELECT string_agg(a.attname, ',') FROM pg_index i JOIN pg_attribute a \
+                      ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                    WHERE i.indrelid = c.oid AND ((c.relreplident = 'd' AND i.indisprimary) \
+                      OR (c.relreplident = 'i' AND i.indisreplident))) \
+                 FROM pg_class c WHERE c.oid = {}::regclass",
+                quote(&tb.sql_name)
+            ),
+        )
+        .await?;
+        let row = rows.first().cloned().unwrap_or_default();
+        let ident_kind = row.first().cloned().flatten().unwrap_or_default();
+        let columns = row.get(1).cloned().flatten();
+        let covered = ident_kind == "f"
+            || columns
+                .as_deref()
+                .is_some_and(|c| c.split(',').any(|c| c == tb.column));
+        if ident_kind == "n" || (ident_kind != "f" && columns.is_none()) {
+            return Err(Stop::Fail(format!(
+                "table {} has no primary key or replica identity; give it one (ALTER TABLE ... ADD PRIMARY KEY, or REPLICA IDENTITY USING INDEX) before moving its buckets",
+                tb.name
+            )));
+        }
+        if !covered {
+            return Err(Stop::Fail(format!(
+                "table {}: its replica identity ({}) does not include the sharding column {:?}; updates and deletes could not be filtered by bucket",
+                tb.name,
+                columns.unwrap_or_default(),
+                tb.column
+            )));
+        }
+        // The schema on the target.
+        let exists = first(
+            &query(
+                &mut t,
+                &format!("SELECT to_regclass({}) IS NOT NULL", quote(&tb.sql_name)),
+            )
+            .await?,
+        );
+        if exists.as_deref() != Some("t") {
+            copy_schema(proxy, ctx, tb).await.map_err(Stop::Fail)?;
+        }
+        let stale = num(&query(
+            &mut t,
+            &format!(
+                "SELECT count(*) FROM {} WHERE {}",
+                tb.sql_name,
+                ctx.filter(tb)
+            ),
+        )
+        .await?);
+        if stale > 0 {
+            return Err(Stop::Fail(format!(
+                "the target {} already has {stale} rows of table {} in the moving buckets (left from an earlier move?); remove them first",
+                ctx.m.to, tb.name
+            )));
+        }
+    }
+    let id = ctx.m.id;
+    query(&mut s, MARKER).await?;
+    query(&mut t, MARKER).await?;
+    query(
+        &mut s,
+        &format!("INSERT INTO shardgate.move_marker VALUES ({id}, 0) ON CONFLICT (id) DO UPDATE SET n = 0"),
+    )
+    .await?;
+    query(
+        &mut t,
+        &format!("DELETE FROM shardgate.move_marker WHERE id = {id}"),
+    )
+    .await?;
+    // What the copy will move, for progress and the ETA.
+    let planned = estimate(proxy, &ctx.m.from, &ctx.m.database, &ctx.moving).await?;
+    let (rows_total, bytes_total) = planned
+        .iter()
+        .fold((0, 0), |(r, b), p| (r + p.rows, b + p.bytes));
+    let names: Vec<String> = ctx.tables.iter().map(|t| t.name.clone()).collect();
+    save(proxy, id, |m| {
+        m.tables = names;
+        m.rows_total = rows_total;
+        m.bytes_total = bytes_total;
+    })?;
+    // Statements across shards that began before the move was published
+    // would see the copies: let them finish first.
+    if !proxy.reshard.wait_scatters(Duration::from_secs(60)).await {
+        return Err(Stop::Retry(
+            "statements across shards have been running for 60 s; waiting for them before the copy"
+                .into(),
+        ));
+    }
+    save(proxy, id, |m| m.copy_started = true)?;
+    let mut members: Vec<String> = ctx
+        .tables
+        .iter()
+        .map(|t| format!("{} WHERE ({})", t.sql_name, ctx.filter(t)))
+        .collect();
+    members.push(format!("shardgate.move_marker WHERE (id = {id})"));
+    query(
+        &mut s,
+        &format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            ctx.name(),
+            members.join(", ")
+        ),
+    )
+    .await?;
+    query(
+        &mut t,
+        &format!(
+            "CREATE SUBSCRIPTION {name} CONNECTION {} PUBLICATION {name} WITH (copy_data = true, slot_name = {name})",
+            quote(&conninfo(proxy, &ctx.source, &ctx.m.database)),
+            name = ctx.name()
+        ),
+    )
+    .await?;
+    tracing::info!(id, from = %ctx.m.from, to = %ctx.m.to, buckets = %ctx.m.buckets.join(","), rows_total, "bucket move: copy started");
+    Ok(())
+}
+
+/// Copies the schema of one table from the source to the target with the
+/// Postgres tools installed beside shardgate.
+async fn copy_schema(proxy: &Proxy, ctx: &Ctx, t: &Table) -> Result<(), String> {
+    let bin = crate::local::PgBin::find().ok_or_else(|| {
+        format!(
+            "table {} does not exist on the target shard {:?}, and no pg_dump is installed here to copy its schema; create it there first",
+            t.name, ctx.m.to
+        )
+    })?;
+    let config = proxy.config.load();
+    let (user, password) = config.probe_login();
+    let url = |addr: &str| {
+        let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "5432"));
+        vec![
+            "-h".to_string(),
+            host.trim_matches(['[', ']']).to_string(),
+            "-p".to_string(),
+            port.to_string(),
+            "-U".to_string(),
+            user.clone(),
+            "-d".to_string(),
+            ctx.m.database.clone(),
+        ]
+    };
+    let mut dump = tokio::process::Command::new(bin.tool("pg_dump"));
+    dump.args(url(&ctx.source))
+        .args([
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--no-publications",
+            "--no-subscriptions",
+            "-t",
+        ])
+        .arg(&t.sql_name);
+    if let Some(p) = &password {
+        dump.env("PGPASSWORD", p);
+    }
+    let out = dump.output().await.map_err(|e| format!("pg_dump: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "pg_dump of {}: {}",
+            t.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let mut psql = tokio::process::Command::new(bin.tool("psql"));
+    psql.args(url(&ctx.target))
+        .args(["-v", "ON_ERROR_STOP=1", "-q"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if let Some(p) = &password {
+        psql.env("PGPASSWORD", p);
+    }
+    let mut child = psql.spawn().map_err(|e| format!("psql: {e}"))?;
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().ok_or("psql stdin")?;
+        // The schema the table lives in may be missing too.
+        let schema = t.sql_name.split('.').next().unwrap_or("public");
+        stdin
+            .write_all(format!("CREATE SCHEMA IF NOT EXISTS {schema};\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        stdin
+            .write_all(&out.stdout)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let done = child.wait_with_output().await.map_err(|e| e.to_string())?;
+    if !done.status.success() {
+        return Err(format!(
+            "creating {} on the target: {}",
+            t.name,
+            String::from_utf8_lossy(&done.stderr).trim()
+        ));
+    }
+    tracing::info!(table = %t.name, target = %ctx.target, "bucket move: schema copied to the target");
+    Ok(())
+}
+
+/// Waits until the subscription's initial copy of every table is done.
+async fn copying(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
+    let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
+    let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
+    let started = Instant::now();
+    loop {
+        if proxy.reshard.abort_requested(ctx.m.id) {
+            return Err(Stop::Aborted);
+        }
+        let rows = query(
+            &mut t,
+            &format!(
+                "SELECT r.srrelid::regclass::text, r.srsubstate::text, \
+                   (SELECT tuples_processed FROM pg_stat_progress_copy p WHERE p.relid = r.srrelid LIMIT 1) \
+                 FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
+                 WHERE s.subname = {}",
+                quote(&ctx.name())
+            ),
+        )
+        .await?;
+        if rows.is_empty() {
+            return Err(Stop::Fail(format!(
+                "subscription {} is missing on the target",
+                ctx.name()
+            )));
+        }
+        let ready = rows
+            .iter()
+            .filter(|r| matches!(r.get(1).cloned().flatten().as_deref(), Some("r" | "s")))
+            .count();
+        let in_flight: u64 = rows
+            .iter()
+            .filter_map(|r| r.get(2).cloned().flatten())
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum();
+        // Tables already copied count in full.
+        let done_rows = if ready == rows.len() {
+            ctx.m.rows_total
+        } else {
+            copied_rows(&mut t, ctx).await.unwrap_or(0).max(in_flight)
+        };
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        proxy.reshard.set_progress(
+            ctx.m.id,
+            Progress {
+                rows_copied: done_rows,
+                tables_ready: ready as u32,
+                tables_total: rows.len() as u32,
+                lag_bytes: lag_bytes(&mut s, ctx).await.unwrap_or(0),
+                rows_per_second: done_rows as f64 / secs,
+            },
+        );
+        if ready == rows.len() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Rows of the moving buckets already on the target (tables whose copy
+/// finished only; a table being copied is counted by the copy's progress).
+async fn copied_rows(t: &mut ServerConn, ctx: &Ctx) -> Result<u64, String> {
+    let rows = query(
+        t,
+        &format!(
+            "SELECT COALESCE(sum(c.reltuples)::bigint, 0) FROM pg_subscription_rel r \
+             JOIN pg_subscription s ON s.oid = r.srsubid JOIN pg_class c ON c.oid = r.srrelid \
+             WHERE s.subname = {} AND r.srsubstate IN ('r', 's') AND c.relname <> 'move_marker'",
+            quote(&ctx.name())
+        ),
+    )
+    .await?;
+    Ok(num(&rows))
+}
+
+/// WAL the slot has not confirmed yet.
+async fn lag_bytes(s: &mut ServerConn, ctx: &Ctx) -> Result<u64, String> {
+    let rows = query(
+        s,
+        &format!(
+            "SELECT GREATEST(pg_current_wal_lsn() - confirmed_flush_lsn, 0)::bigint \
+             FROM pg_replication_slots WHERE slot_name = {}",
+            quote(&ctx.name())
+        ),
+    )
+    .await?;
+    Ok(num(&rows))
+}
+
+/// Bumps the marker on the source and waits (at most `within`) until the
+/// target has applied it: everything committed on the source before is
+/// then applied on the target. Returns false on timeout.
+async fn round_trip(
+    s: &mut ServerConn,
+    t: &mut ServerConn,
+    ctx: &Ctx,
+    within: Duration,
+) -> Result<bool, String> {
+    let id = ctx.m.id;
+    let n = num(&query(
+        s,
+        &format!("UPDATE shardgate.move_marker SET n = n + 1 WHERE id = {id} RETURNING n"),
+    )
+    .await?);
+    if n == 0 {
+        return Err("the move's marker row is missing on the source".into());
+    }
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = num(&query(
+            t,
+            &format!("SELECT COALESCE(max(n), 0) FROM shardgate.move_marker WHERE id = {id}"),
+        )
+        .await?);
+        if seen >= n {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Waits until the stream keeps up: a marker round trip within the
+/// cutover timeout.
+async fn catching_up(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
+    let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
+    let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
+    let within = proxy.config.load().reshard.cutover_timeout;
+    loop {
+        if proxy.reshard.abort_requested(ctx.m.id) {
+            return Err(Stop::Aborted);
+        }
+        let lag = lag_bytes(&mut s, ctx).await.unwrap_or(0);
+        proxy.reshard.set_progress(
+            ctx.m.id,
+            Progress {
+                rows_copied: ctx.m.rows_total,
+                tables_ready: ctx.tables.len() as u32 + 1,
+                tables_total: ctx.tables.len() as u32 + 1,
+                lag_bytes: lag,
+                rows_per_second: 0.0,
+            },
+        );
+        if round_trip(&mut s, &mut t, ctx, within).await? {
+            return Ok(());
+        }
+    }
+}
+
+fn fence_sql(ctx: &Ctx) -> String {
+    let id = ctx.m.id;
+    let mut sql = format!(
+        "SET lock_timeout = '1s'; BEGIN; \
+         CREATE OR REPLACE FUNCTION shardgate.fence_{id}() RETURNS trigger LANGUAGE plpgsql AS $f$ \
+         BEGIN RAISE EXCEPTION 'shardgate: this row''s bucket moved to shard {to} (move {id}); retry the statement through shardgate' \
+         USING ERRCODE = '40001'; END $f$;",
+        to = ctx.m.to.replace('\'', "")
+    );
+    let list = buckets::sql_array(&ctx.moving);
+    for t in &ctx.tables {
+        sql.push_str(&format!(
+            " DROP TRIGGER IF EXISTS shardgate_fence_{id}_new ON {n}; \
+             DROP TRIGGER IF EXISTS shardgate_fence_{id}_old ON {n}; \
+             CREATE TRIGGER shardgate_fence_{id}_new BEFORE INSERT OR UPDATE ON {n} FOR EACH ROW \
+               WHEN ({new} = ANY ({list})) EXECUTE FUNCTION shardgate.fence_{id}(); \
+             CREATE TRIGGER shardgate_fence_{id}_old BEFORE UPDATE OR DELETE ON {n} FOR EACH ROW \
+               WHEN ({old} = ANY ({list})) EXECUTE FUNCTION shardgate.fence_{id}();",
+            n = t.sql_name,
+            new = t.bucket_of("NEW", ctx.total),
+            old = t.bucket_of("OLD", ctx.total),
+        ));
+    }
+    sql.push_str(" COMMIT; RESET lock_timeout");
+    sql
+}
+
+fn unfence_sql(ctx: &Ctx) -> String {
+    let id = ctx.m.id;
+    let mut sql = String::from("SET lock_timeout = '5s';");
+    for t in &ctx.tables {
+        sql.push_str(&format!(
+            " DROP TRIGGER IF EXISTS shardgate_fence_{id}_new ON {n}; DROP TRIGGER IF EXISTS shardgate_fence_{id}_old ON {n};",
+            n = t.sql_name
+        ));
+    }
+    sql.push_str(&format!(
+        " DROP FUNCTION IF EXISTS shardgate.fence_{id}(); RESET lock_timeout"
+    ));
+    sql
+}
+
+/// Per bucket: (rows, checksum) of the moving buckets of every table.
+async fn checksums(
+    c: &mut ServerConn,
+    ctx: &Ctx,
+) -> Result<HashMap<(String, u64), (u64, String)>, String> {
+    let mut out = HashMap::new();
+    for t in &ctx.tables {
+        let rows = query(
+            c,
+            &format!(
+                "SELECT {b}, count(*), sum(('x' || left(md5(t::text), 15))::bit(60)::bigint)::text \
+                 FROM {n} t WHERE {b} = ANY ({list}) GROUP BY 1",
+                b = t.bucket_of("t", ctx.total),
+                n = t.sql_name,
+                list = buckets::sql_array(&ctx.moving)
+            ),
+        )
+        .await?;
+        for r in rows {
+            let bucket: u64 = r
+                .first()
+                .cloned()
+                .flatten()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let count: u64 = r
+                .get(1)
+                .cloned()
+                .flatten()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let sum = r.get(2).cloned().flatten().unwrap_or_default();
+            out.insert((t.name.clone(), bucket), (count, sum));
+        }
+    }
+    Ok(out)
+}
+
+/// Drops the fence triggers again (the cutover did not happen).
+async fn release(s: &mut ServerConn, ctx: &Ctx) -> Result<(), String> {
+    let _ = query(s, "ROLLBACK").await;
+    query(s, &unfence_sql(ctx)).await.map(|_| ())
+}
+
+/// Holds the moving buckets, fences them on the source, proves catch-up,
+/// verifies, switches the map. Returns the next phase.
+async fn cutover(proxy: &Arc<Proxy>, ctx: &Ctx, held: Instant) -> Result<Phase, Stop> {
+    let id = ctx.m.id;
+    // Every way out but the switch publishes the buckets unheld again.
+    let back = |why: String| {
+        let _ = save(proxy, id, |m| {
+            m.phase = Phase::CatchingUp;
+            m.cutover_attempts += 1;
+            m.message = why.clone();
+        });
+        Stop::Retry(why)
+    };
+    if proxy.reshard.abort_requested(id) {
+        back("abort requested".into());
+        return Err(Stop::Aborted);
+    }
+    let mut s = conn(proxy, &ctx.source, &ctx.m.database)
+        .await
+        .map_err(|e| back(format!("cutover: {e}")))?;
+    let mut t = conn(proxy, &ctx.target, &ctx.m.database)
+        .await
+        .map_err(|e| back(format!("cutover: {e}")))?;
+    if let Err(e) = query(&mut s, &fence_sql(ctx)).await {
+        let _ = release(&mut s, ctx).await;
+        return Err(back(format!(
+            "cutover: fencing the source failed ({e}); retrying"
+        )));
+    }
+    let within = proxy.config.load().reshard.cutover_timeout;
+    match round_trip(&mut s, &mut t, ctx, within).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let _ = release(&mut s, ctx).await;
+            return Err(back(format!(
+                "cutover: the target did not catch up within {within:?}; released, retrying"
+            )));
+        }
+        Err(e) => {
+            let _ = release(&mut s, ctx).await;
+            return Err(back(format!("cutover: {e}; released, retrying")));
+        }
+    }
+    let (a, b) = match (checksums(&mut s, ctx).await, checksums(&mut t, ctx).await) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = release(&mut s, ctx).await;
+            return Err(back(format!(
+                "cutover: verification query failed ({e}); retrying"
+            )));
+        }
+    };
+    let mut bad: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|(table, bucket)| {
+            let side = |m: &HashMap<(String, u64), (u64, String)>| {
+                m.get(&(table.clone(), *bucket)).map_or(0, |v| v.0)
+            };
+            format!(
+                "bucket {bucket} of {table} (source {} rows, target {} rows)",
+                side(&a),
+                side(&b)
+            )
+        })
+        .collect();
+    bad.sort();
+    bad.dedup();
+    if !bad.is_empty() {
+        let _ = release(&mut s, ctx).await;
+        let why = format!(
+            "verification failed, nothing was switched: {}",
+            bad.join("; ")
+        );
+        back(why.clone());
+        return Err(Stop::Fail(why));
+    }
+    // Switch: the moving buckets belong to the target from here on.
+    let topology = proxy.topology.load();
+    let Some(map) = topology.map.as_ref() else {
+        let _ = release(&mut s, ctx).await;
+        return Err(back("no [sharding] section".into()));
+    };
+    let Some(to) = topology.shards.iter().position(|x| x.name == ctx.m.to) else {
+        let _ = release(&mut s, ctx).await;
+        return Err(back("the target shard is gone".into()));
+    };
+    let mut owner = map.owner.clone();
+    for b in &ctx.moving {
+        owner[*b as usize] = to as u16;
+    }
+    let names: Vec<String> = topology.shards.iter().map(|x| x.name.clone()).collect();
+    let pause = held.elapsed().as_millis() as u64;
+    let r = proxy.failover.update_state(proxy, |st| {
+        st.buckets = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| crate::store::BucketOwner {
+                shard: name.clone(),
+                buckets: buckets::ranges(
+                    &(0..owner.len() as u32)
+                        .filter(|b| owner[*b as usize] as usize == i)
+                        .collect::<Vec<_>>(),
+                ),
+            })
+            .filter(|o| !o.buckets.is_empty())
+            .collect();
+        if let Some(m) = st.moves.iter_mut().find(|m| m.id == id) {
+            m.phase = Phase::Switched;
+            m.switched_unix_ms = now_ms();
+            m.pause_ms = pause;
+            m.message.clear();
+        }
+    });
+    if let Err(e) = r {
+        let _ = release(&mut s, ctx).await;
+        return Err(back(format!(
+            "cutover: cannot save the new map ({e}); retrying"
+        )));
+    }
+    crate::metrics::GLOBAL
+        .reshard_pause_ms
+        .observe(pause as f64 / 1000.0);
+    tracing::warn!(id, from = %ctx.m.from, to = %ctx.m.to, buckets = %ctx.m.buckets.join(","), pause_ms = pause, "bucket move: cut over");
+    Ok(Phase::Switched)
+}
+
+/// Deletes the rows of the moving buckets from `c` in batches (fence
+/// triggers bypassed, as replication applies do).
+async fn delete_rows(c: &mut ServerConn, ctx: &Ctx) -> Result<u64, String> {
+    query(c, "SET session_replication_role = replica").await?;
+    let mut total = 0;
+    for t in &ctx.tables {
+        loop {
+            let n = num(
+                &query(
+                    c,
+                    &format!(
+                        "WITH d AS (DELETE FROM {n} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {n} WHERE {f} LIMIT 5000)) RETURNING 1) \
+                         SELECT count(*) FROM d",
+                        n = t.sql_name,
+                        f = ctx.filter(t)
+                    ),
+                )
+                .await?,
+            );
+            total += n;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    query(c, "RESET session_replication_role").await?;
+    Ok(total)
+}
+
+/// Drops the subscription (and with it the slot), the publication and
+/// any slot left by a crash.
+async fn drop_replication(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
+    let name = ctx.name();
+    let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
+    let exists = first(
+        &query(
+            &mut t,
+            &format!(
+                "SELECT count(*) FROM pg_subscription WHERE subname = {}",
+                quote(&name)
+            ),
+        )
+        .await?,
+    );
+    if exists.as_deref() != Some("0") {
+        query(&mut t, &format!("ALTER SUBSCRIPTION {name} DISABLE")).await?;
+        // Dropping connects to the source to drop the slot; if the source
+        // cannot be reached, detach the slot and drop it below.
+        if query(&mut t, &format!("DROP SUBSCRIPTION IF EXISTS {name}"))
+            .await
+            .is_err()
+        {
+            query(
+                &mut t,
+                &format!("ALTER SUBSCRIPTION {name} SET (slot_name = NONE)"),
+            )
+            .await?;
+            query(&mut t, &format!("DROP SUBSCRIPTION IF EXISTS {name}")).await?;
+        }
+    }
+    let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
+    query(&mut s, &format!("DROP PUBLICATION IF EXISTS {name}")).await?;
+    // The slot, if the subscription could not drop it. An active slot is
+    // still in use by a walsender that is going away: wait for it.
+    for _ in 0..50 {
+        let rows = query(
+            &mut s,
+            &format!(
+                "SELECT active::text FROM pg_replication_slots WHERE slot_name = {}",
+                quote(&name)
+            ),
+        )
+        .await?;
+        match first(&rows).as_deref() {
+            None => return Ok(()),
+            Some("false") => {
+                query(
+                    &mut s,
+                    &format!("SELECT pg_drop_replication_slot({})", quote(&name)),
+                )
+                .await?;
+                return Ok(());
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    Err(format!(
+        "replication slot {name} on {} stays active",
+        ctx.source
+    ))
+}
+
+/// After the grace period: replication objects, the moved rows on the
+/// source, fence triggers and the marker.
+async fn cleanup(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
+    drop_replication(proxy, ctx).await?;
+    let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
+    let deleted = delete_rows(&mut s, ctx).await?;
+    query(&mut s, &unfence_sql(ctx)).await?;
+    let id = ctx.m.id;
+    query(
+        &mut s,
+        &format!("DELETE FROM shardgate.move_marker WHERE id = {id}"),
+    )
+    .await?;
+    let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
+    query(
+        &mut t,
+        &format!("DELETE FROM shardgate.move_marker WHERE id = {id}"),
+    )
+    .await?;
+    tracing::info!(id, deleted, source = %ctx.source, "bucket move: cleaned up");
+    Ok(())
+}
+
+/// Undoes a move that has not cut over: replication objects, the rows
+/// copied to the target, fence triggers, the marker. Safe to repeat.
+async fn rollback(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
+    rollback_inner(proxy, ctx).await?;
+    save(proxy, ctx.m.id, |m| m.copy_started = false)?;
+    Ok(())
+}
+
+fn copy_started(proxy: &Proxy, id: u64) -> bool {
+    proxy
+        .failover
+        .state()
+        .moves
+        .iter()
+        .any(|m| m.id == id && m.copy_started)
+}
+
+async fn rollback_inner(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
+    drop_replication(proxy, ctx).await?;
+    let id = ctx.m.id;
+    let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
+    query(&mut s, &unfence_sql(ctx)).await?;
+    if first(
+        &query(
+            &mut s,
+            "SELECT (to_regclass('shardgate.move_marker') IS NOT NULL)::text",
+        )
+        .await?,
+    )
+    .as_deref()
+        == Some("true")
+    {
+        query(
+            &mut s,
+            &format!("DELETE FROM shardgate.move_marker WHERE id = {id}"),
+        )
+        .await?;
+    }
+    let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
+    if first(
+        &query(
+            &mut t,
+            "SELECT (to_regclass('shardgate.move_marker') IS NOT NULL)::text",
+        )
+        .await?,
+    )
+    .as_deref()
+        == Some("true")
+    {
+        query(
+            &mut t,
+            &format!("DELETE FROM shardgate.move_marker WHERE id = {id}"),
+        )
+        .await?;
+    }
+    // Rows copied so far: the target does not own these buckets. (Rows
+    // that were there before the copy started are left alone: the move
+    // refuses to start over them.)
+    if !copy_started(proxy, id) {
+        return Ok(());
+    }
+    let mut present = Vec::new();
+    for tb in &ctx.tables {
+        let e = first(
+            &query(
+                &mut t,
+                &format!(
+                    "SELECT (to_regclass({}) IS NOT NULL)::text",
+                    quote(&tb.sql_name)
+                ),
+            )
+            .await?,
+        );
+        if e.as_deref() == Some("true") {
+            present.push(tb);
+        }
+    }
+    if !present.is_empty() {
+        let sub = Ctx {
+            m: ctx.m.clone(),
+            moving: ctx.moving.clone(),
+            total: ctx.total,
+            source: ctx.source.clone(),
+            target: ctx.target.clone(),
+            tables: present
+                .into_iter()
+                .map(|t| Table {
+                    sql_name: t.sql_name.clone(),
+                    name: t.name.clone(),
+                    column: t.column.clone(),
+                    key_type: t.key_type,
+                })
+                .collect(),
+        };
+        delete_rows(&mut t, &sub).await?;
+    }
+    Ok(())
+}
