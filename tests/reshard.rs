@@ -410,3 +410,85 @@ async fn abort_during_the_copy_restores_the_old_placement() {
         .get(0);
     assert_eq!(n, 300);
 }
+
+/// Stops a proxy the way a crash would stop its move: mid-phase.
+fn kill(tp: TestProxy) {
+    tp.proxy.shutdown.cancel();
+}
+
+async fn until_phase(tp: &TestProxy, what: &str, f: impl Fn(&shardgate::reshard::Move) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !moves(tp).iter().any(&f) {
+        assert!(
+            Instant::now() < deadline,
+            "never reached {what}: {:#?}",
+            moves(tp)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_resumes_after_the_proxy_dies_during_copy_catch_up_and_cutover() {
+    let (tp, servers) = setup("cleanup_after = \"0s\"\ncutover_timeout = \"500ms\"");
+    // The same configuration (and state directory) for every restart.
+    let text = tp.proxy.config.load_full();
+    let c = tp.connect().await;
+    for id in 0..200i64 {
+        c.execute("INSERT INTO items (id, v) VALUES ($1, $1)", &[&id])
+            .await
+            .unwrap();
+    }
+    drop(c);
+    let before: BTreeMap<i64, i64> = rows_on_all(&servers).await.into_iter().flatten().collect();
+    // A slow copy (10 ms per row on the target) to die in.
+    let s2 = direct(&servers[2]).await;
+    s2.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL);
+         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.01); RETURN NEW; END $$;
+         CREATE TRIGGER slow BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION slow();
+         ALTER TABLE items ENABLE ALWAYS TRIGGER slow;",
+    )
+    .await
+    .unwrap();
+    start_move(&tp, &["0-31"], "s2").await.unwrap();
+    until_phase(&tp, "copying", |m| m.phase == Phase::Copying).await;
+    kill(tp);
+
+    // A writer on the source holds the table lock the fence needs: the
+    // cutover cannot finish and goes back to catching up.
+    let s0 = direct(&servers[0]).await;
+    s0.batch_execute("BEGIN; LOCK TABLE items IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let tp = common::start_proxy_config(text.as_ref().clone());
+    until_phase(&tp, "catching up after a failed cutover", |m| {
+        m.phase == Phase::CatchingUp && m.cutover_attempts >= 1
+    })
+    .await;
+    kill(tp);
+    let tp = common::start_proxy_config(text.as_ref().clone());
+    until_phase(&tp, "cutting over", |m| m.phase == Phase::CuttingOver).await;
+    kill(tp);
+    s0.batch_execute("COMMIT").await.unwrap();
+
+    let tp = common::start_proxy_config(text.as_ref().clone());
+    let ended = until_ended(&tp, Duration::from_secs(120)).await;
+    assert_eq!(ended[0].phase, Phase::Done, "{:#?}", ended[0]);
+    let on = rows_on_all(&servers).await;
+    for (id, v) in &before {
+        let holders: Vec<usize> = (0..3).filter(|s| on[*s].contains_key(id)).collect();
+        assert_eq!(holders, vec![owner(&tp, *id)], "key {id}");
+        assert_eq!(on[holders[0]][id], *v);
+    }
+    assert_eq!(on.iter().map(|r| r.len()).sum::<usize>(), before.len());
+    for s in &servers {
+        let left: Vec<String> = leftovers(s)
+            .await
+            .into_iter()
+            .filter(|l| l != "trigger slow")
+            .collect();
+        assert_eq!(left, Vec::<String>::new(), "on {}", s.addr());
+    }
+}

@@ -245,7 +245,12 @@ impl Reshard {
         // Not a tracked task: shutdown does not wait for a move; its state
         // is saved and the next start resumes it.
         tokio::spawn(async move {
-            steps::run(&p, id).await;
+            // Stopped mid-phase at shutdown, as a crash would stop it:
+            // every phase can be resumed from the saved state.
+            tokio::select! {
+                _ = steps::run(&p, id) => {}
+                _ = p.shutdown.cancelled() => {}
+            }
             crate::lock(&p.reshard.running).remove(&id);
         });
     }
@@ -357,6 +362,9 @@ impl Reshard {
         tokio::spawn(async move {
             // One at a time: each waits for the one before it.
             for id in run {
+                if p.shutdown.is_cancelled() {
+                    return;
+                }
                 Self::spawn(&p, id);
                 while crate::lock(&p.reshard.running).contains(&id) {
                     tokio::time::sleep(Duration::from_millis(100)).await;

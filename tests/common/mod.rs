@@ -323,7 +323,11 @@ pub fn start_proxy_for(primary: &str, pool: &str, proxy_extra: &str) -> TestProx
 
 /// Starts an in-process proxy with this configuration text.
 pub fn start_proxy_text(text: &str) -> TestProxy {
-    let config = Config::parse(text, "test.toml").expect("valid test config");
+    start_proxy_config(Config::parse(text, "test.toml").expect("valid test config"))
+}
+
+/// Starts an in-process proxy with this configuration.
+pub fn start_proxy_config(config: Config) -> TestProxy {
     // The proxy runs on its own runtime, not the test's.
     let rt = runtime();
     std::thread::scope(|s| {
