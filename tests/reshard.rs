@@ -447,8 +447,17 @@ async fn a_move_resumes_after_the_proxy_dies_during_copy_catch_up_and_cutover() 
         "CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL);
          CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN PERFORM pg_sleep(0.01); RETURN NEW; END $$;
+         CREATE FUNCTION slow_marker() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$;
          CREATE TRIGGER slow BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION slow();
-         ALTER TABLE items ENABLE ALWAYS TRIGGER slow;",
+         ALTER TABLE items ENABLE ALWAYS TRIGGER slow;
+         -- Every catch-up proof (a marker round trip) takes 300 ms: a
+         -- cutover lasts long enough to die in.
+         CREATE SCHEMA shardgate;
+         CREATE TABLE shardgate.move_marker (id bigint PRIMARY KEY, n bigint NOT NULL);
+         CREATE TRIGGER slow_marker BEFORE UPDATE ON shardgate.move_marker FOR EACH ROW
+           EXECUTE FUNCTION slow_marker();
+         ALTER TABLE shardgate.move_marker ENABLE ALWAYS TRIGGER slow_marker;",
     )
     .await
     .unwrap();
@@ -456,22 +465,22 @@ async fn a_move_resumes_after_the_proxy_dies_during_copy_catch_up_and_cutover() 
     until_phase(&tp, "copying", |m| m.phase == Phase::Copying).await;
     kill(tp);
 
-    // A writer on the source holds the table lock the fence needs: the
-    // cutover cannot finish and goes back to catching up.
+    // A transaction on the source holds a lock on the table that the
+    // write watch (a trigger) needs: the move stays in catching up.
     let s0 = direct(&servers[0]).await;
     s0.batch_execute("BEGIN; LOCK TABLE items IN ROW EXCLUSIVE MODE")
         .await
         .unwrap();
     let tp = common::start_proxy_config(text.as_ref().clone());
-    until_phase(&tp, "catching up after a failed cutover", |m| {
-        m.phase == Phase::CatchingUp && m.cutover_attempts >= 1
+    until_phase(&tp, "catching up, waiting for a lock", |m| {
+        m.phase == Phase::CatchingUp && m.message.contains("lock timeout")
     })
     .await;
     kill(tp);
+    s0.batch_execute("COMMIT").await.unwrap();
     let tp = common::start_proxy_config(text.as_ref().clone());
     until_phase(&tp, "cutting over", |m| m.phase == Phase::CuttingOver).await;
     kill(tp);
-    s0.batch_execute("COMMIT").await.unwrap();
 
     let tp = common::start_proxy_config(text.as_ref().clone());
     let ended = until_ended(&tp, Duration::from_secs(120)).await;
@@ -487,7 +496,7 @@ async fn a_move_resumes_after_the_proxy_dies_during_copy_catch_up_and_cutover() 
         let left: Vec<String> = leftovers(s)
             .await
             .into_iter()
-            .filter(|l| l != "trigger slow")
+            .filter(|l| l != "trigger slow" && l != "trigger slow_marker")
             .collect();
         assert_eq!(left, Vec::<String>::new(), "on {}", s.addr());
     }

@@ -306,6 +306,8 @@ impl Admin for Service {
                     switched_unix_ms: m.switched_unix_ms,
                     finished_unix_ms: m.finished_unix_ms,
                     bytes_total: m.bytes_total,
+                    copy_started_unix_ms: m.copy_started_unix_ms,
+                    copied_unix_ms: m.copied_unix_ms,
                 }
             })
             .collect();

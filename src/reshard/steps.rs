@@ -490,7 +490,10 @@ async fn prepare(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
                 .into(),
         ));
     }
-    save(proxy, id, |m| m.copy_started = true)?;
+    save(proxy, id, |m| {
+        m.copy_started = true;
+        m.copy_started_unix_ms = now_ms();
+    })?;
     let mut members: Vec<String> = ctx
         .tables
         .iter()
@@ -654,6 +657,7 @@ async fn copying(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
             },
         );
         if ready == rows.len() {
+            save(proxy, ctx.m.id, |m| m.copied_unix_ms = now_ms())?;
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -747,9 +751,116 @@ async fn catching_up(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
             },
         );
         if round_trip(&mut s, &mut t, ctx, within).await? {
-            return Ok(());
+            break;
         }
     }
+    // The first verification, outside the hold: a watch trigger records
+    // from now on which moving buckets get written on the source; the
+    // cutover then re-checks only those (and any that differ now).
+    if let Err(e) = query(&mut s, &watch_sql(ctx)).await {
+        let _ = query(&mut s, "ROLLBACK").await;
+        let held = lock_holders(&mut s, ctx).await;
+        return Err(Stop::Retry(format!(
+            "installing the write watch failed ({e}{held}); retrying"
+        )));
+    }
+    if !round_trip(&mut s, &mut t, ctx, within).await? {
+        return Err(Stop::Retry("the target fell behind; retrying".into()));
+    }
+    let a = checksums(&mut s, ctx, &ctx.moving).await?;
+    if !round_trip(&mut s, &mut t, ctx, within).await? {
+        return Err(Stop::Retry("the target fell behind; retrying".into()));
+    }
+    let b = checksums(&mut t, ctx, &ctx.moving).await?;
+    let mut suspect: Vec<u32> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|(_, bucket)| *bucket as u32)
+        .collect();
+    suspect.sort_unstable();
+    suspect.dedup();
+    save(proxy, ctx.m.id, |m| m.suspect = suspect)?;
+    Ok(())
+}
+
+/// A trigger on each moved table that records, in
+/// `shardgate.move_dirty`, the moving buckets written on the source (it
+/// waits, at most 1 s, for writes already running on the table, so every
+/// write after it is recorded).
+fn watch_sql(ctx: &Ctx) -> String {
+    let id = ctx.m.id;
+    let mut sql = format!(
+        "SET lock_timeout = '1s'; BEGIN; \
+         CREATE TABLE IF NOT EXISTS shardgate.move_dirty (move_id bigint, bucket bigint, PRIMARY KEY (move_id, bucket));"
+    );
+    let list = buckets::sql_array(&ctx.moving);
+    for (i, t) in ctx.tables.iter().enumerate() {
+        // Only rows of the moving buckets reach the functions (WHEN).
+        for (side, row, events) in [
+            ("new", "NEW", "INSERT OR UPDATE"),
+            ("old", "OLD", "UPDATE OR DELETE"),
+        ] {
+            let b = t.bucket_of(row, ctx.total);
+            sql.push_str(&format!(
+                " CREATE OR REPLACE FUNCTION shardgate.watch_{id}_{i}_{side}() RETURNS trigger LANGUAGE plpgsql AS $f$ \
+                 BEGIN \
+                   IF NOT EXISTS (SELECT 1 FROM shardgate.move_dirty WHERE move_id = {id} AND bucket = {b}) THEN \
+                     INSERT INTO shardgate.move_dirty VALUES ({id}, {b}) ON CONFLICT DO NOTHING; \
+                   END IF; \
+                   RETURN NULL; \
+                 END $f$; \
+                 DROP TRIGGER IF EXISTS shardgate_watch_{id}_{side} ON {n}; \
+                 CREATE TRIGGER shardgate_watch_{id}_{side} AFTER {events} ON {n} FOR EACH ROW \
+                   WHEN ({b} = ANY ({list})) EXECUTE FUNCTION shardgate.watch_{id}_{i}_{side}();",
+                n = t.sql_name,
+            ));
+        }
+    }
+    sql.push_str(" COMMIT; RESET lock_timeout");
+    sql
+}
+
+/// Who holds locks on the moved tables (for messages about lock waits).
+async fn lock_holders(s: &mut ServerConn, ctx: &Ctx) -> String {
+    let names: Vec<String> = ctx.tables.iter().map(|t| quote(&t.sql_name)).collect();
+    let rows = query(
+        s,
+        &format!(
+            "SELECT l.pid::text || ' ' || l.mode || ' (' || coalesce(a.backend_type, '') || ', ' || coalesce(a.state, '') || ': ' || left(coalesce(a.query, ''), 60) || ')' \
+             FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.granted AND l.pid <> pg_backend_pid() AND l.relation IN (SELECT x::regclass FROM unnest(ARRAY[{}]) x)",
+            names.join(", ")
+        ),
+    )
+    .await
+    .unwrap_or_default();
+    let held: Vec<String> = rows
+        .into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect();
+    if held.is_empty() {
+        String::new()
+    } else {
+        format!("; locks held by {}", held.join("; "))
+    }
+}
+
+/// The moving buckets the watch saw written.
+async fn dirty_buckets(s: &mut ServerConn, ctx: &Ctx) -> Result<Vec<u32>, String> {
+    let rows = query(
+        s,
+        &format!(
+            "SELECT bucket FROM shardgate.move_dirty WHERE move_id = {}",
+            ctx.m.id
+        ),
+    )
+    .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| r.first().cloned().flatten())
+        .filter_map(|v| v.parse().ok())
+        .collect())
 }
 
 fn fence_sql(ctx: &Ctx) -> String {
@@ -788,8 +899,27 @@ fn unfence_sql(ctx: &Ctx) -> String {
             n = t.sql_name
         ));
     }
+    sql.push_str(&unwatch_sql(ctx));
     sql.push_str(&format!(
         " DROP FUNCTION IF EXISTS shardgate.fence_{id}(); RESET lock_timeout"
+    ));
+    sql
+}
+
+/// Drops the write watch (triggers, functions, recorded buckets).
+fn unwatch_sql(ctx: &Ctx) -> String {
+    let id = ctx.m.id;
+    let mut sql = String::new();
+    for (i, t) in ctx.tables.iter().enumerate() {
+        for side in ["new", "old"] {
+            sql.push_str(&format!(
+                " DROP TRIGGER IF EXISTS shardgate_watch_{id}_{side} ON {n}; DROP FUNCTION IF EXISTS shardgate.watch_{id}_{i}_{side}();",
+                n = t.sql_name
+            ));
+        }
+    }
+    sql.push_str(&format!(
+        " DO $d$ BEGIN IF to_regclass('shardgate.move_dirty') IS NOT NULL THEN DELETE FROM shardgate.move_dirty WHERE move_id = {id}; END IF; END $d$;"
     ));
     sql
 }
@@ -798,8 +928,12 @@ fn unfence_sql(ctx: &Ctx) -> String {
 async fn checksums(
     c: &mut ServerConn,
     ctx: &Ctx,
+    which: &[u32],
 ) -> Result<HashMap<(String, u64), (u64, String)>, String> {
     let mut out = HashMap::new();
+    if which.is_empty() {
+        return Ok(out);
+    }
     for t in &ctx.tables {
         let rows = query(
             c,
@@ -808,7 +942,7 @@ async fn checksums(
                  FROM {n} t WHERE {b} = ANY ({list}) GROUP BY 1",
                 b = t.bucket_of("t", ctx.total),
                 n = t.sql_name,
-                list = buckets::sql_array(&ctx.moving)
+                list = buckets::sql_array(which)
             ),
         )
         .await?;
@@ -881,7 +1015,33 @@ async fn cutover(proxy: &Arc<Proxy>, ctx: &Ctx, held: Instant) -> Result<Phase, 
             return Err(back(format!("cutover: {e}; released, retrying")));
         }
     }
-    let (a, b) = match (checksums(&mut s, ctx).await, checksums(&mut t, ctx).await) {
+    // Only buckets written since the first verification (or that did not
+    // match then) can differ now: check those, while they are held.
+    let which = match dirty_buckets(&mut s, ctx).await {
+        Ok(mut d) => {
+            // Saved by catching_up after this context was read.
+            let suspect: Vec<u32> = proxy
+                .failover
+                .state()
+                .moves
+                .iter()
+                .find(|m| m.id == id)
+                .map(|m| m.suspect.clone())
+                .unwrap_or_default();
+            d.extend(suspect);
+            d.sort_unstable();
+            d.dedup();
+            d
+        }
+        Err(e) => {
+            let _ = release(&mut s, ctx).await;
+            return Err(back(format!("cutover: {e}; retrying")));
+        }
+    };
+    let (a, b) = match (
+        checksums(&mut s, ctx, &which).await,
+        checksums(&mut t, ctx, &which).await,
+    ) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
             let _ = release(&mut s, ctx).await;
