@@ -790,9 +790,9 @@ async fn catching_up(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
 /// write after it is recorded).
 fn watch_sql(ctx: &Ctx) -> String {
     let id = ctx.m.id;
-    let mut sql = format!(
+    let mut sql = String::from(
         "SET lock_timeout = '1s'; BEGIN; \
-         CREATE TABLE IF NOT EXISTS shardgate.move_dirty (move_id bigint, bucket bigint, PRIMARY KEY (move_id, bucket));"
+         CREATE TABLE IF NOT EXISTS shardgate.move_dirty (move_id bigint, bucket bigint, PRIMARY KEY (move_id, bucket));",
     );
     let list = buckets::sql_array(&ctx.moving);
     for (i, t) in ctx.tables.iter().enumerate() {
