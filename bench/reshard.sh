@@ -32,6 +32,7 @@ RATE=${RATE:-200}
 RESHARD_HOME=${RESHARD_HOME:-/tmp/shardgate-reshard}
 BASE_PORT=${BASE_PORT:-18000}
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 cargo build --release --quiet
 BIN=$PWD/target/release/shardgate
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)

@@ -501,3 +501,47 @@ async fn a_move_resumes_after_the_proxy_dies_during_copy_catch_up_and_cutover() 
         assert_eq!(left, Vec::<String>::new(), "on {}", s.addr());
     }
 }
+
+/// Found by bench/reshard.sh: after a write on a shard with replicas the
+/// proxy asks the server for the commit's WAL position (read-your-writes).
+/// A client's next autocommit statement, for another shard, arrived while
+/// that answer was outstanding and was refused as if a transaction were
+/// open on the first shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autocommit_writes_alternating_shards_are_not_tied_to_the_previous_shard() {
+    let (p0, reps) = private_cluster(1);
+    let p1 = private_cluster(0).0;
+    let state = state_dir();
+    let base = common::config_text(
+        &p0.addr(),
+        "max_size = 10",
+        &format!("state_dir = {:?}", state.display().to_string()),
+    );
+    let text = format!(
+        "{base}replicas = [\"{}\"]\n\n[[shards]]\nname = \"s1\"\nprimary = \"{}\"\n\n[sharding]\nbuckets = {BUCKETS}\n\n[[sharding.tables]]\nname = \"items\"\ncolumn = \"id\"\ntype = \"int8\"\n",
+        reps[0].addr(),
+        p1.addr()
+    );
+    let tp = start_proxy_text(&text);
+    let c = tp.connect().await;
+    c.simple_query("CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL)")
+        .await
+        .unwrap();
+    let mut errors = Vec::new();
+    for id in 0..400i64 {
+        if let Err(e) = c
+            .simple_query(&format!("INSERT INTO items (id, v) VALUES ({id}, 0)"))
+            .await
+        {
+            errors.push(format!("{id}: {e}"));
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{} errors: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+    let on = rows_on_all(&[p0, p1]).await;
+    assert_eq!(on.iter().map(|r| r.len()).sum::<usize>(), 400);
+}

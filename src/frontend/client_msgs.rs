@@ -71,6 +71,22 @@ impl Session {
             self.refresh_pools();
         }
         let sharded = self.shard_map.is_some();
+        // The previous transaction ended, but the server still owes the
+        // answer to its commit-LSN probe: wait for it and release the
+        // server, so this statement is placed on its own shard rather than
+        // tied to that one.
+        if sharded
+            && matches!(frame.tag, fe::QUERY | fe::PARSE | fe::BIND)
+            && self.server.as_ref().is_some_and(|s| s.tx_status == b'I')
+            && !self.pipeline.is_empty()
+            && self
+                .pipeline
+                .iter()
+                .all(|e| matches!(e, super::pipeline::Expect::LsnProbe))
+        {
+            self.await_lsn_probes().await;
+            self.maybe_release().await;
+        }
         if sharded
             && !self.routing.owed.is_empty()
             && !matches!(

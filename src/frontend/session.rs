@@ -1087,6 +1087,13 @@ impl Session {
     /// still answering. Read that answer (briefly) so the connection can go
     /// back to the pool instead of being closed.
     async fn drain_lsn_probes(&mut self) {
+        self.await_lsn_probes().await;
+        self.to_client.clear();
+    }
+
+    /// Waits (at most 1 s) for the answers to the commit-LSN probes that
+    /// are all the server still owes, so the connection can be released.
+    pub(super) async fn await_lsn_probes(&mut self) {
         let deadline = Instant::now() + std::time::Duration::from_secs(1);
         while !self.pipeline.is_empty()
             && self
@@ -1110,7 +1117,6 @@ impl Session {
                     if self.handle_server_bytes().is_err() {
                         return;
                     }
-                    self.to_client.clear();
                 }
                 _ => return,
             }
