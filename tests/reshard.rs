@@ -35,17 +35,22 @@ fn setup(reshard: &str) -> (TestProxy, Vec<PgServer>) {
         "max_size = 20",
         &format!("state_dir = {:?}", state.display().to_string()),
     );
+    // The application's login is not a superuser; the control plane logs
+    // in as postgres (as `shardgate up` sets it up).
     let text = format!(
-        "{base}buckets = [\"0-31\"]\n\n[[shards]]\nname = \"s1\"\nprimary = \"{}\"\nbuckets = [\"32-63\"]\n\n[[shards]]\nname = \"s2\"\nprimary = \"{}\"\n\n[sharding]\nbuckets = {BUCKETS}\n\n[[sharding.tables]]\nname = \"items\"\ncolumn = \"id\"\ntype = \"int8\"\n\n[reshard]\n{reshard}\n",
+        "{base}buckets = [\"0-31\"]\n\n[[shards]]\nname = \"s1\"\nprimary = \"{}\"\nbuckets = [\"32-63\"]\n\n[[shards]]\nname = \"s2\"\nprimary = \"{}\"\n\n[sharding]\nbuckets = {BUCKETS}\n\n[[sharding.tables]]\nname = \"items\"\ncolumn = \"id\"\ntype = \"int8\"\n\n[health]\nuser = \"postgres\"\npassword = \"postgres\"\n\n[reshard]\n{reshard}\n",
         servers[1].addr(),
         servers[2].addr()
     );
+    for s in &servers {
+        s.psql("postgres", "ALTER ROLE app NOSUPERUSER").unwrap();
+    }
     // The table exists on the shards that own buckets; the move copies its
-    // schema to s2.
+    // schema (and owner) to s2.
     for s in &servers[..2] {
         s.psql(
             "app",
-            "CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL)",
+            "CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL); ALTER TABLE items OWNER TO app",
         )
         .unwrap();
     }
@@ -54,7 +59,7 @@ fn setup(reshard: &str) -> (TestProxy, Vec<PgServer>) {
 
 async fn direct(s: &PgServer) -> tokio_postgres::Client {
     common::connect_url(&format!(
-        "host=127.0.0.1 port={} user=app password=app dbname=app",
+        "host=127.0.0.1 port={} user=postgres password=postgres dbname=app",
         s.port
     ))
     .await
@@ -304,6 +309,7 @@ async fn verification_catches_a_corrupted_row_and_switches_nothing() {
     let s2 = direct(&servers[2]).await;
     s2.batch_execute(
         "CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL);
+         ALTER TABLE items OWNER TO app;
          CREATE FUNCTION corrupt() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN IF NEW.id = 7 THEN NEW.v := -1; END IF; RETURN NEW; END $$;
          CREATE TRIGGER corrupt BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION corrupt();
@@ -365,6 +371,7 @@ async fn abort_during_the_copy_restores_the_old_placement() {
     let s2 = direct(&servers[2]).await;
     s2.batch_execute(
         "CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL);
+         ALTER TABLE items OWNER TO app;
          CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN PERFORM pg_sleep(0.02); RETURN NEW; END $$;
          CREATE TRIGGER slow BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION slow();
@@ -445,6 +452,7 @@ async fn a_move_resumes_after_the_proxy_dies_during_copy_catch_up_and_cutover() 
     let s2 = direct(&servers[2]).await;
     s2.batch_execute(
         "CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL);
+         ALTER TABLE items OWNER TO app;
          CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN PERFORM pg_sleep(0.01); RETURN NEW; END $$;
          CREATE FUNCTION slow_marker() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -547,11 +547,11 @@ async fn copy_schema(proxy: &Proxy, ctx: &Ctx, t: &Table) -> Result<(), String> 
         ]
     };
     let mut dump = tokio::process::Command::new(bin.tool("pg_dump"));
+    // Owner and privileges come along: the application's login must be
+    // able to use the table on the target as on the source.
     dump.args(url(&ctx.source))
         .args([
             "--schema-only",
-            "--no-owner",
-            "--no-privileges",
             "--no-publications",
             "--no-subscriptions",
             "-t",
@@ -803,7 +803,11 @@ fn watch_sql(ctx: &Ctx) -> String {
         ] {
             let b = t.bucket_of(row, ctx.total);
             sql.push_str(&format!(
-                " CREATE OR REPLACE FUNCTION shardgate.watch_{id}_{i}_{side}() RETURNS trigger LANGUAGE plpgsql AS $f$ \
+                // SECURITY DEFINER: the application's login writes the
+                // rows; only the superuser that created the watch may write
+                // shardgate.move_dirty.
+                " CREATE OR REPLACE FUNCTION shardgate.watch_{id}_{i}_{side}() RETURNS trigger LANGUAGE plpgsql \
+                 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$ \
                  BEGIN \
                    IF NOT EXISTS (SELECT 1 FROM shardgate.move_dirty WHERE move_id = {id} AND bucket = {b}) THEN \
                      INSERT INTO shardgate.move_dirty VALUES ({id}, {b}) ON CONFLICT DO NOTHING; \
