@@ -90,10 +90,6 @@ pub struct Move {
     /// rows copied to the target.
     #[serde(default)]
     pub copy_started: bool,
-    /// Buckets whose checksums differed at the first verification (before
-    /// the cutover; re-checked while held).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub suspect: Vec<u32>,
     /// When the subscription (and with it the copy) was created, and when
     /// every table's copy had finished.
     #[serde(default)]

@@ -754,9 +754,10 @@ async fn catching_up(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
             break;
         }
     }
-    // The first verification, outside the hold: a watch trigger records
-    // from now on which moving buckets get written on the source; the
-    // cutover then re-checks only those (and any that differ now).
+    // The first verification, outside the hold. A watch trigger records
+    // from now on which keys of the moving buckets get written on the
+    // source. Per bucket, the rows not written since must agree now; the
+    // written ones are compared key by key while held, at the cutover.
     if let Err(e) = query(&mut s, &watch_sql(ctx)).await {
         let _ = query(&mut s, "ROLLBACK").await;
         let held = lock_holders(&mut s, ctx).await;
@@ -767,21 +768,120 @@ async fn catching_up(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
     if !round_trip(&mut s, &mut t, ctx, within).await? {
         return Err(Stop::Retry("the target fell behind; retrying".into()));
     }
-    let a = checksums(&mut s, ctx, &ctx.moving).await?;
+    // Each side is read in one snapshot (a repeatable-read transaction):
+    // the source's first, the target's after it has applied everything
+    // committed before the source's.
+    let mut ss = conn(proxy, &ctx.source, &ctx.m.database).await?;
+    let mut ts = conn(proxy, &ctx.target, &ctx.m.database).await?;
+    query(&mut ss, "BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
+    let mut a = checksums(&mut ss, ctx, &ctx.moving).await?;
     if !round_trip(&mut s, &mut t, ctx, within).await? {
         return Err(Stop::Retry("the target fell behind; retrying".into()));
     }
-    let b = checksums(&mut t, ctx, &ctx.moving).await?;
-    let mut suspect: Vec<u32> = a
+    query(&mut ts, "BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
+    let mut b = checksums(&mut ts, ctx, &ctx.moving).await?;
+    // Keys written since the watch began (read after both snapshots): their
+    // rows may differ between the two; take them out of both sums, each as
+    // its own snapshot saw them.
+    let dirty = dirty_keys(&mut s, ctx).await?;
+    for (sums, c) in [(&mut a, &mut ss), (&mut b, &mut ts)] {
+        for ((table, _), (bucket, hash)) in row_hashes(c, ctx, &dirty).await? {
+            if let Some(v) = sums.get_mut(&(table, bucket)) {
+                v.0 = v.0.saturating_sub(1);
+                v.1 = v.1.wrapping_sub(hash);
+            }
+        }
+        query(c, "COMMIT").await?;
+    }
+    let bad = differences(&a, &b);
+    if !bad.is_empty() {
+        return Err(Stop::Fail(format!(
+            "verification failed, nothing was switched: {}",
+            bad.join("; ")
+        )));
+    }
+    Ok(())
+}
+
+/// Bucket checksums that differ, as messages.
+fn differences(a: &Sums, b: &Sums) -> Vec<String> {
+    let zero = (0, 0);
+    let mut bad: Vec<String> = a
         .keys()
         .chain(b.keys())
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(|(_, bucket)| *bucket as u32)
+        .filter(|k| a.get(*k).unwrap_or(&zero) != b.get(*k).unwrap_or(&zero))
+        .map(|(table, bucket)| {
+            let rows = |m: &Sums| m.get(&(table.clone(), *bucket)).map_or(0, |v| v.0);
+            format!(
+                "bucket {bucket} of {table} (source {} rows, target {} rows)",
+                rows(a),
+                rows(b)
+            )
+        })
         .collect();
-    suspect.sort_unstable();
-    suspect.dedup();
-    save(proxy, ctx.m.id, |m| m.suspect = suspect)?;
-    Ok(())
+    bad.sort();
+    bad.dedup();
+    bad
+}
+
+/// Per (table, bucket): row count and the sum of the rows' hashes.
+type Sums = HashMap<(String, u64), (u64, u128)>;
+
+/// The hash of one row as the checksums sum it: 60 bits of `md5(row)`.
+const ROW_HASH: &str = "('x' || left(md5(t::text), 15))::bit(60)::bigint";
+
+/// Per (table, key) of the given keys present on `c`: (bucket, row hash).
+async fn row_hashes(
+    c: &mut ServerConn,
+    ctx: &Ctx,
+    keys: &[String],
+) -> Result<HashMap<(String, String), (u64, u128)>, String> {
+    let mut out = HashMap::new();
+    if keys.is_empty() {
+        return Ok(out);
+    }
+    let list: Vec<String> = keys.iter().map(|k| quote(k)).collect();
+    for t in &ctx.tables {
+        let rows = query(
+            c,
+            &format!(
+                "SELECT {col}::text, {b}, {ROW_HASH} FROM {n} t WHERE {col} = ANY (ARRAY[{list}]::{ty}[])",
+                col = format_args!("t.{}", ident(&t.column)),
+                b = t.bucket_of("t", ctx.total),
+                n = t.sql_name,
+                list = list.join(","),
+                ty = t.key_type.sql_name(),
+            ),
+        )
+        .await?;
+        for r in rows {
+            let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+            out.insert(
+                (t.name.clone(), get(0)),
+                (
+                    get(1).parse().unwrap_or(0),
+                    get(2).parse::<i64>().unwrap_or(0) as u128,
+                ),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The keys the watch saw written.
+async fn dirty_keys(s: &mut ServerConn, ctx: &Ctx) -> Result<Vec<String>, String> {
+    let rows = query(
+        s,
+        &format!(
+            "SELECT key FROM shardgate.move_dirty WHERE move_id = {}",
+            ctx.m.id
+        ),
+    )
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect())
 }
 
 /// A trigger on each moved table that records, in
@@ -792,7 +892,7 @@ fn watch_sql(ctx: &Ctx) -> String {
     let id = ctx.m.id;
     let mut sql = String::from(
         "SET lock_timeout = '1s'; BEGIN; \
-         CREATE TABLE IF NOT EXISTS shardgate.move_dirty (move_id bigint, bucket bigint, PRIMARY KEY (move_id, bucket));",
+         CREATE TABLE IF NOT EXISTS shardgate.move_dirty (move_id bigint, key text, PRIMARY KEY (move_id, key));",
     );
     let list = buckets::sql_array(&ctx.moving);
     for (i, t) in ctx.tables.iter().enumerate() {
@@ -802,6 +902,7 @@ fn watch_sql(ctx: &Ctx) -> String {
             ("old", "OLD", "UPDATE OR DELETE"),
         ] {
             let b = t.bucket_of(row, ctx.total);
+            let key = format!("{row}.{}::text", ident(&t.column));
             sql.push_str(&format!(
                 // SECURITY DEFINER: the application's login writes the
                 // rows; only the superuser that created the watch may write
@@ -809,8 +910,8 @@ fn watch_sql(ctx: &Ctx) -> String {
                 " CREATE OR REPLACE FUNCTION shardgate.watch_{id}_{i}_{side}() RETURNS trigger LANGUAGE plpgsql \
                  SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$ \
                  BEGIN \
-                   IF NOT EXISTS (SELECT 1 FROM shardgate.move_dirty WHERE move_id = {id} AND bucket = {b}) THEN \
-                     INSERT INTO shardgate.move_dirty VALUES ({id}, {b}) ON CONFLICT DO NOTHING; \
+                   IF NOT EXISTS (SELECT 1 FROM shardgate.move_dirty WHERE move_id = {id} AND key = {key}) THEN \
+                     INSERT INTO shardgate.move_dirty VALUES ({id}, {key}) ON CONFLICT DO NOTHING; \
                    END IF; \
                    RETURN NULL; \
                  END $f$; \
@@ -848,23 +949,6 @@ async fn lock_holders(s: &mut ServerConn, ctx: &Ctx) -> String {
     } else {
         format!("; locks held by {}", held.join("; "))
     }
-}
-
-/// The moving buckets the watch saw written.
-async fn dirty_buckets(s: &mut ServerConn, ctx: &Ctx) -> Result<Vec<u32>, String> {
-    let rows = query(
-        s,
-        &format!(
-            "SELECT bucket FROM shardgate.move_dirty WHERE move_id = {}",
-            ctx.m.id
-        ),
-    )
-    .await?;
-    Ok(rows
-        .iter()
-        .filter_map(|r| r.first().cloned().flatten())
-        .filter_map(|v| v.parse().ok())
-        .collect())
 }
 
 fn fence_sql(ctx: &Ctx) -> String {
@@ -929,11 +1013,7 @@ fn unwatch_sql(ctx: &Ctx) -> String {
 }
 
 /// Per bucket: (rows, checksum) of the moving buckets of every table.
-async fn checksums(
-    c: &mut ServerConn,
-    ctx: &Ctx,
-    which: &[u32],
-) -> Result<HashMap<(String, u64), (u64, String)>, String> {
+async fn checksums(c: &mut ServerConn, ctx: &Ctx, which: &[u32]) -> Result<Sums, String> {
     let mut out = HashMap::new();
     if which.is_empty() {
         return Ok(out);
@@ -942,7 +1022,7 @@ async fn checksums(
         let rows = query(
             c,
             &format!(
-                "SELECT {b}, count(*), sum(('x' || left(md5(t::text), 15))::bit(60)::bigint)::text \
+                "SELECT {b}, count(*), sum({ROW_HASH})::text \
                  FROM {n} t WHERE {b} = ANY ({list}) GROUP BY 1",
                 b = t.bucket_of("t", ctx.total),
                 n = t.sql_name,
@@ -963,7 +1043,12 @@ async fn checksums(
                 .flatten()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            let sum = r.get(2).cloned().flatten().unwrap_or_default();
+            let sum: u128 = r
+                .get(2)
+                .cloned()
+                .flatten()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             out.insert((t.name.clone(), bucket), (count, sum));
         }
     }
@@ -1019,32 +1104,19 @@ async fn cutover(proxy: &Arc<Proxy>, ctx: &Ctx, held: Instant) -> Result<Phase, 
             return Err(back(format!("cutover: {e}; released, retrying")));
         }
     }
-    // Only buckets written since the first verification (or that did not
-    // match then) can differ now: check those, while they are held.
-    let which = match dirty_buckets(&mut s, ctx).await {
-        Ok(mut d) => {
-            // Saved by catching_up after this context was read.
-            let suspect: Vec<u32> = proxy
-                .failover
-                .state()
-                .moves
-                .iter()
-                .find(|m| m.id == id)
-                .map(|m| m.suspect.clone())
-                .unwrap_or_default();
-            d.extend(suspect);
-            d.sort_unstable();
-            d.dedup();
-            d
-        }
+    // The rows not written since the first verification agreed then and
+    // have not changed; the written ones are compared now, key by key,
+    // while held (index lookups, not scans).
+    let dirty = match dirty_keys(&mut s, ctx).await {
+        Ok(d) => d,
         Err(e) => {
             let _ = release(&mut s, ctx).await;
             return Err(back(format!("cutover: {e}; retrying")));
         }
     };
     let (a, b) = match (
-        checksums(&mut s, ctx, &which).await,
-        checksums(&mut t, ctx, &which).await,
+        row_hashes(&mut s, ctx, &dirty).await,
+        row_hashes(&mut t, ctx, &dirty).await,
     ) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
@@ -1058,15 +1130,12 @@ async fn cutover(proxy: &Arc<Proxy>, ctx: &Ctx, held: Instant) -> Result<Phase, 
         .keys()
         .chain(b.keys())
         .filter(|k| a.get(*k) != b.get(*k))
-        .map(|(table, bucket)| {
-            let side = |m: &HashMap<(String, u64), (u64, String)>| {
-                m.get(&(table.clone(), *bucket)).map_or(0, |v| v.0)
-            };
-            format!(
-                "bucket {bucket} of {table} (source {} rows, target {} rows)",
-                side(&a),
-                side(&b)
-            )
+        .map(|(table, key)| {
+            let bucket = a
+                .get(&(table.clone(), key.clone()))
+                .or(b.get(&(table.clone(), key.clone())))
+                .map_or(0, |v| v.0);
+            format!("bucket {bucket} of {table} (key {key}: source and target differ)")
         })
         .collect();
     bad.sort();
