@@ -131,7 +131,7 @@ wait $LOAD || true
 admin --json reshard status >"$OUT/pauses.json"
 jq -r --argjson n "$MOVES" '
   [.moves[-$n:][] | .pause_ms] | sort as $p
-  | "| moves | pause p50 (ms) | pause p99 (ms) | pause max (ms) | phases |\n|---|---|---|---|---|\n| \($p | length) | \($p[($p | length) / 2 | floor]) | \($p[(($p | length) * 0.99 | floor)]) | \($p | max) | \([$p[]] | map(tostring) | join(" ")) |"
+  | "| moves | pause p50 (ms) | pause p99 (ms) | pause max (ms) | every pause (ms) |\n|---|---|---|---|---|\n| \($p | length) | \($p[($p | length) / 2 | floor]) | \($p[(($p | length) * 0.99 | floor)]) | \($p | max) | \([$p[]] | map(tostring) | join(" ")) |"
 ' "$OUT/pauses.json"
 echo
 echo "| pgbench load | transactions | failed | clients aborted | latency max (ms) |"
