@@ -89,8 +89,34 @@ impl Topology {
                 addr: a.as_str().into(),
             }));
         }
+        // Shards added at run time (`reshard add-shard`), after the
+        // configured ones.
+        for st in &state.shards {
+            if t.shards.iter().any(|s| s.name == st.name) {
+                continue;
+            }
+            t.shards.push(Shard {
+                name: st.name.clone(),
+                primary: st.primary.as_str().into(),
+                replicas: st
+                    .replicas
+                    .iter()
+                    .map(|a| Replica {
+                        addr: a.as_str().into(),
+                        weight: 1,
+                        zone: None,
+                        priority: 1,
+                    })
+                    .collect(),
+            });
+            t.fenced.extend(st.fenced.iter().map(|a| Fenced {
+                shard: st.name.clone(),
+                addr: a.as_str().into(),
+            }));
+        }
         if let Some(map) = t.map.as_mut() {
             let map = Arc::make_mut(map);
+            map.shards = t.shards.len();
             // Bucket owners resharding changed.
             for o in &state.buckets {
                 let Some(i) = t.shards.iter().position(|s| s.name == o.shard) else {

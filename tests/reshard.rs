@@ -553,3 +553,94 @@ async fn autocommit_writes_alternating_shards_are_not_tied_to_the_previous_shard
     let on = rows_on_all(&[p0, p1]).await;
     assert_eq!(on.iter().map(|r| r.len()).sum::<usize>(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_shard_takes_a_fair_share_under_writes_and_survives_a_restart() {
+    let servers: Vec<PgServer> = (0..3).map(|_| private_cluster(0).0).collect();
+    let state = state_dir();
+    let base = common::config_text(
+        &servers[0].addr(),
+        "max_size = 20",
+        &format!("state_dir = {:?}", state.display().to_string()),
+    );
+    // Two shards configured; the third server is not in the configuration.
+    let text = format!(
+        "{base}buckets = [\"0-31\"]\n\n[[shards]]\nname = \"s1\"\nprimary = \"{}\"\nbuckets = [\"32-63\"]\n\n[sharding]\nbuckets = {BUCKETS}\n\n[[sharding.tables]]\nname = \"items\"\ncolumn = \"id\"\ntype = \"int8\"\n\n[health]\nuser = \"postgres\"\npassword = \"postgres\"\n\n[reshard]\ncleanup_after = \"0s\"\n",
+        servers[1].addr(),
+    );
+    for s in &servers {
+        s.psql("postgres", "ALTER ROLE app NOSUPERUSER").unwrap();
+    }
+    for s in &servers[..2] {
+        s.psql(
+            "app",
+            "CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL); ALTER TABLE items OWNER TO app",
+        )
+        .unwrap();
+    }
+    let tp = start_proxy_text(&text);
+    let c = tp.connect().await;
+    for id in 0..2000i64 {
+        c.execute("INSERT INTO items (id, v) VALUES ($1, $1)", &[&id])
+            .await
+            .unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = tokio::spawn(writer(tp.url("app", "app", "app"), 0, 1, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let proxy = tp.proxy.clone();
+    let s2 = servers[2].addr();
+    let (plan, ids) = runtime()
+        .spawn(async move { Reshard::add_shard(&proxy, "s2", &s2, &[], "app", false).await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(plan.len(), 2, "{plan:?}");
+    assert_eq!(ids.len(), 2);
+    let ended = until_ended(&tp, Duration::from_secs(120)).await;
+    stop.store(true, Ordering::Relaxed);
+    let l = w.await.unwrap();
+    assert!(ended.iter().all(|m| m.phase == Phase::Done), "{ended:#?}");
+    assert!(l.errors.is_empty(), "client errors: {:?}", l.errors);
+
+    // About a third of the buckets each.
+    let counts = |tp: &TestProxy| {
+        let t = tp.proxy.topology.load();
+        let map = t.map.as_ref().unwrap();
+        let mut n = vec![0; t.shards.len()];
+        for o in &map.owner {
+            n[*o as usize] += 1;
+        }
+        n
+    };
+    assert_eq!(counts(&tp), vec![21, 22, 21]);
+    let on = rows_on_all(&servers).await;
+    for (id, want) in &l.rows {
+        let holders: Vec<usize> = (0..3).filter(|s| on[*s].contains_key(id)).collect();
+        match want {
+            Some(v) => {
+                assert_eq!(holders, vec![owner(&tp, *id)], "key {id}");
+                assert_eq!(on[holders[0]][id], *v);
+            }
+            None => assert!(holders.is_empty(), "deleted key {id} on {holders:?}"),
+        }
+    }
+    // A restarted proxy (same configuration, without s2) keeps s2 and its
+    // buckets, and routes to it.
+    let config = tp.proxy.config.load_full();
+    kill(tp);
+    let tp = common::start_proxy_config(config.as_ref().clone());
+    assert_eq!(counts(&tp), vec![21, 22, 21]);
+    let (id, v) = l
+        .rows
+        .iter()
+        .find_map(|(id, v)| v.filter(|_| owner(&tp, *id) == 2).map(|v| (*id, v)))
+        .expect("a live key on s2");
+    let c = tp.connect().await;
+    let got: i64 = c
+        .query_one("SELECT v FROM items WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(got, v);
+}

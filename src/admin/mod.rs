@@ -223,23 +223,7 @@ impl Admin for Service {
         .await
         .map_err(Status::failed_precondition)?;
         Ok(Response::new(pb::ReshardPlanReply {
-            moves: moves
-                .into_iter()
-                .map(|m| pb::PlannedMove {
-                    from: m.from,
-                    to: m.to,
-                    buckets: m.buckets,
-                    tables: m
-                        .tables
-                        .into_iter()
-                        .map(|t| pb::PlannedTable {
-                            table: t.table,
-                            rows: t.rows,
-                            bytes: t.bytes,
-                        })
-                        .collect(),
-                })
-                .collect(),
+            moves: moves.into_iter().map(planned_pb).collect(),
         }))
     }
 
@@ -314,6 +298,27 @@ impl Admin for Service {
         Ok(Response::new(pb::ReshardStatusReply { moves }))
     }
 
+    async fn reshard_add_shard(
+        &self,
+        req: Request<pb::AddShardRequest>,
+    ) -> Result<Response<pb::AddShardReply>, Status> {
+        let r = req.into_inner();
+        let (plan, ids) = Reshard::add_shard(
+            &self.proxy,
+            &r.name,
+            &r.primary,
+            &r.replicas,
+            &database(&self.proxy, &r.database),
+            r.dry_run,
+        )
+        .await
+        .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::AddShardReply {
+            moves: plan.into_iter().map(planned_pb).collect(),
+            ids,
+        }))
+    }
+
     async fn reshard_abort(
         &self,
         _: Request<pb::ReshardAbortRequest>,
@@ -321,6 +326,23 @@ impl Admin for Service {
         Reshard::abort(&self.proxy)
             .map(|ids| Response::new(pb::ReshardMoveReply { ids }))
             .map_err(Status::failed_precondition)
+    }
+}
+
+fn planned_pb(m: crate::reshard::PlannedMove) -> pb::PlannedMove {
+    pb::PlannedMove {
+        from: m.from,
+        to: m.to,
+        buckets: m.buckets,
+        tables: m
+            .tables
+            .into_iter()
+            .map(|t| pb::PlannedTable {
+                table: t.table,
+                rows: t.rows,
+                bytes: t.bytes,
+            })
+            .collect(),
     }
 }
 

@@ -28,6 +28,27 @@ pub enum ReshardCmd {
         #[arg(long)]
         detach: bool,
     },
+    /// Register a new shard (its primary must run with wal_level =
+    /// logical and have the database and logins) and move its fair share
+    /// of buckets to it, one source shard after another.
+    AddShard {
+        #[arg(long)]
+        name: String,
+        /// host:port of its primary.
+        #[arg(long)]
+        primary: String,
+        /// host:port of a replica (repeat for several).
+        #[arg(long = "replica")]
+        replicas: Vec<String>,
+        #[arg(long, default_value = "")]
+        database: String,
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
+        /// Return at once instead of showing progress.
+        #[arg(long)]
+        detach: bool,
+    },
     /// Phase, rows copied, rate, lag and ETA of each move.
     Status {
         /// Keep showing progress until no move is running.
@@ -128,6 +149,54 @@ pub async fn run(c: &mut Client, cmd: &ReshardCmd, json: bool) -> Result<()> {
                     .map(|m| m.id)
                     .collect();
                 watch(c, &ids, json).await?;
+            }
+        }
+        ReshardCmd::AddShard {
+            name,
+            primary,
+            replicas,
+            database,
+            dry_run,
+            detach,
+        } => {
+            let r = c
+                .reshard_add_shard(pb::AddShardRequest {
+                    name: name.clone(),
+                    primary: primary.clone(),
+                    replicas: replicas.clone(),
+                    database: database.clone(),
+                    dry_run: *dry_run,
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("add-shard refused: {}", e.message()))?
+                .into_inner();
+            let plan = pb::ReshardPlanReply {
+                moves: r.moves.clone(),
+            };
+            if json && (*dry_run || *detach) {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            if !json {
+                print!("{}", plan_table(&plan));
+            }
+            if *dry_run {
+                return Ok(());
+            }
+            if !json {
+                println!("shard {name} added; started move(s) {:?}", r.ids);
+            }
+            if !*detach {
+                let end = watch(c, &r.ids, json).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&end)?);
+                }
+                if let Some(m) = end
+                    .iter()
+                    .find(|m| matches!(m.phase.as_str(), "failed" | "aborted"))
+                {
+                    bail!("move {} {}: {}", m.id, m.phase, m.message);
+                }
             }
         }
         ReshardCmd::Abort => {

@@ -66,4 +66,20 @@ mod tests {
         assert!(parse(&["x".into()], 8).is_err());
         assert_eq!(sql_array(&[1, 5]), "'{1,5}'::int8[]");
     }
+
+    #[test]
+    fn a_new_shard_takes_its_fair_share_from_the_end_of_each_range() {
+        let owner: Vec<u16> = (0..64).map(|b| if b < 32 { 0 } else { 1 }).collect();
+        let take = crate::reshard::Reshard::fair_share(&owner, 2);
+        assert_eq!(take.len(), 21);
+        assert_eq!(
+            ranges(&take),
+            vec!["21-31".to_string(), "54-63".to_string()]
+        );
+        // Uneven owners: the largest gives most.
+        let owner: Vec<u16> = (0..90).map(|b| if b < 60 { 0 } else { 1 }).collect();
+        let take = crate::reshard::Reshard::fair_share(&owner, 2);
+        assert_eq!(take.len(), 30);
+        assert!(take.iter().all(|b| *b < 60), "{take:?}");
+    }
 }

@@ -398,6 +398,117 @@ impl Reshard {
         Ok(ids)
     }
 
+    /// The buckets a new shard takes so that every shard owns about B / N
+    /// of them: each existing shard gives its excess over the fair share,
+    /// from the end of its range.
+    pub fn fair_share(owner: &[u16], shards: usize) -> Vec<u32> {
+        let n = shards + 1;
+        let fair = owner.len() / n;
+        let mut counts = vec![0usize; shards];
+        for o in owner {
+            if let Some(c) = counts.get_mut(*o as usize) {
+                *c += 1;
+            }
+        }
+        let mut take = Vec::new();
+        // Largest owners give first, until the new shard has its share.
+        let mut order: Vec<usize> = (0..shards).collect();
+        order.sort_by_key(|s| std::cmp::Reverse(counts[*s]));
+        let mut wanted = fair;
+        for s in order {
+            let excess = counts[s].saturating_sub(fair).min(wanted);
+            let mine: Vec<u32> = (0..owner.len() as u32)
+                .filter(|b| owner[*b as usize] as usize == s)
+                .collect();
+            take.extend(mine.iter().rev().take(excess));
+            wanted -= excess;
+        }
+        take.sort_unstable();
+        take
+    }
+
+    /// `reshard add-shard`: registers shard `name` (saved in the cluster
+    /// state; it should be added to the configuration later) and moves its
+    /// fair share of buckets to it. With `dry_run`, only the plan.
+    pub async fn add_shard(
+        proxy: &Arc<Proxy>,
+        name: &str,
+        primary: &str,
+        replicas: &[String],
+        database: &str,
+        dry_run: bool,
+    ) -> Result<(Vec<PlannedMove>, Vec<u64>), String> {
+        let topology = proxy.topology.load();
+        let map = topology
+            .map
+            .as_ref()
+            .ok_or("resharding needs a [sharding] section")?;
+        if topology.shards.iter().any(|s| s.name == name) {
+            return Err(format!("a shard named {name:?} exists already"));
+        }
+        for a in std::iter::once(primary).chain(replicas.iter().map(String::as_str)) {
+            if a.rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+            {
+                return Err(format!("{a:?} is not host:port"));
+            }
+            if topology
+                .shards
+                .iter()
+                .any(|s| &*s.primary == a || s.replicas.iter().any(|r| &*r.addr == a))
+            {
+                return Err(format!("{a} already serves another shard"));
+            }
+        }
+        if map.owner.len() < topology.shards.len() + 1 {
+            return Err(format!(
+                "{} buckets cannot be shared by {} shards",
+                map.owner.len(),
+                topology.shards.len() + 1
+            ));
+        }
+        let take = Self::fair_share(&map.owner, topology.shards.len());
+        let ranges = buckets::ranges(&take);
+        // The plan, per source shard.
+        let mut plan = Vec::new();
+        let mut groups: Vec<(String, Vec<u32>)> = Vec::new();
+        for b in &take {
+            let owner = &topology.shards[map.owner[*b as usize] as usize].name;
+            match groups.iter_mut().find(|(s, _)| s == owner) {
+                Some((_, v)) => v.push(*b),
+                None => groups.push((owner.clone(), vec![*b])),
+            }
+        }
+        for (from, b) in groups {
+            plan.push(PlannedMove {
+                tables: steps::estimate(proxy, &from, database, &b).await?,
+                from,
+                to: name.to_owned(),
+                buckets: buckets::ranges(&b),
+            });
+        }
+        if dry_run {
+            return Ok((plan, Vec::new()));
+        }
+        // The new shard must answer before anything is saved.
+        steps::check_server(proxy, primary, database).await?;
+        proxy
+            .failover
+            .update_state(proxy, |s| {
+                s.shards.push(crate::store::ShardState {
+                    name: name.to_owned(),
+                    primary: primary.to_owned(),
+                    replicas: replicas.to_vec(),
+                    fenced: Vec::new(),
+                    promoting: false,
+                })
+            })
+            .map_err(|e| format!("cannot save the new shard: {e}"))?;
+        tracing::warn!(shard = name, primary, buckets = %ranges.join(","), "shard added; moving its buckets to it");
+        let ids = Self::start(proxy, &ranges, name, database)?;
+        Ok((plan, ids))
+    }
+
     /// Asks the running moves to stop and roll back. Only moves that have
     /// not cut over yet can be aborted.
     pub fn abort(proxy: &Arc<Proxy>) -> Result<Vec<u64>, String> {

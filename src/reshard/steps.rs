@@ -134,6 +134,12 @@ async fn tables(proxy: &Proxy, c: &mut ServerConn) -> Result<Vec<Table>, String>
     Ok(out)
 }
 
+/// Checks that `addr` answers for `database` with the control-plane login.
+pub(super) async fn check_server(proxy: &Proxy, addr: &str, database: &str) -> Result<(), String> {
+    let mut c = conn(proxy, addr, database).await?;
+    query(&mut c, "SELECT 1").await.map(|_| ())
+}
+
 /// Rows and bytes of the moving buckets on shard `from`, per table.
 pub(super) async fn estimate(
     proxy: &Proxy,
