@@ -644,3 +644,67 @@ async fn add_shard_takes_a_fair_share_under_writes_and_survives_a_restart() {
         .get(0);
     assert_eq!(got, v);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_across_a_cutover_never_reads_the_old_copy() {
+    let (tp, _servers) = setup("cleanup_after = \"0s\"");
+    let c = tp.connect().await;
+    for id in 0..200i64 {
+        c.execute("INSERT INTO items (id, v) VALUES ($1, $1)", &[&id])
+            .await
+            .unwrap();
+    }
+    let moving = |id: i64| {
+        let t = tp.proxy.topology.load();
+        let b = t
+            .map
+            .as_ref()
+            .unwrap()
+            .locate(
+                shardgate::sharding::hash::KeyType::Int8,
+                &shardgate::sharding::hash::KeyValue::Int(id),
+            )
+            .bucket;
+        (16..=31).contains(&b)
+    };
+    let k = (0..200i64).find(|id| moving(*id)).unwrap();
+    // A transaction on s0 reads the key before the move...
+    let t = tp.connect().await;
+    t.batch_execute("BEGIN").await.unwrap();
+    let v: i64 = t
+        .query_one(&format!("SELECT v FROM items WHERE id = {k}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, k);
+    start_move(&tp, &["16-31"], "s2").await.unwrap();
+    // (The cleanup then waits for this transaction: dropping the fence
+    // needs a lock its read holds.)
+    until_phase(&tp, "cut over", |m| {
+        matches!(m.phase, Phase::Switched | Phase::CleaningUp)
+    })
+    .await;
+    // ... and again after the cutover, when the key lives on s2 and was
+    // changed there. The transaction (begun with a plain BEGIN) spreads to
+    // s2 and reads the new value, or is refused; it never answers from
+    // s0's old copy.
+    c.execute("UPDATE items SET v = -1 WHERE id = $1", &[&k])
+        .await
+        .unwrap();
+    match t
+        .query_one(&format!("SELECT v FROM items WHERE id = {k}"), &[])
+        .await
+    {
+        Ok(row) => assert_eq!(row.get::<_, i64>(0), -1, "read the old owner's copy"),
+        Err(e) => assert_eq!(common::code(&e), "0A000", "{e}"),
+    }
+    t.batch_execute("ROLLBACK").await.unwrap();
+    let ended = until_ended(&tp, Duration::from_secs(60)).await;
+    assert_eq!(ended[0].phase, Phase::Done, "{:#?}", ended[0]);
+    let v: i64 = t
+        .query_one(&format!("SELECT v FROM items WHERE id = {k}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, -1);
+}

@@ -65,10 +65,17 @@ impl Session {
     }
 
     async fn dispatch_client_message(&mut self, frame: Frame) -> Result<(), SessionError> {
-        // Between transactions, place statements with the current bucket
-        // map (a bucket move may have switched owners).
-        if self.server.is_none() && self.proxy.topology.epoch() != self.pool_epoch {
-            self.refresh_pools();
+        // Place statements with the current bucket map (a bucket move may
+        // have switched owners). Inside a transaction only the map changes:
+        // a statement whose bucket moved away from the transaction's shard
+        // is then refused (or spreads the transaction) instead of reading
+        // the old owner's leftover copy.
+        if self.proxy.topology.epoch() != self.pool_epoch {
+            if self.server.is_none() {
+                self.refresh_pools();
+            } else {
+                self.shard_map = self.proxy.topology.load().sharded().cloned();
+            }
         }
         let sharded = self.shard_map.is_some();
         // The previous transaction ended, but the server still owes the
