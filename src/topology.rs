@@ -28,6 +28,19 @@ pub struct Replica {
     pub priority: u32,
 }
 
+impl Replica {
+    /// A replica the configuration does not list (the control plane added
+    /// it): default weight and priority, no zone.
+    fn unconfigured(addr: &str) -> Replica {
+        Replica {
+            addr: addr.into(),
+            weight: 1,
+            zone: None,
+            priority: 1,
+        }
+    }
+}
+
 /// A former primary that must not get traffic again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fenced {
@@ -76,12 +89,7 @@ impl Topology {
                         zone: r.zone().map(Into::into),
                         priority: r.priority(),
                     },
-                    None => Replica {
-                        addr: addr.as_str().into(),
-                        weight: 1,
-                        zone: None,
-                        priority: 1,
-                    },
+                    None => Replica::unconfigured(addr),
                 })
                 .collect();
             t.fenced.extend(st.fenced.iter().map(|a| Fenced {
@@ -101,12 +109,7 @@ impl Topology {
                 replicas: st
                     .replicas
                     .iter()
-                    .map(|a| Replica {
-                        addr: a.as_str().into(),
-                        weight: 1,
-                        zone: None,
-                        priority: 1,
-                    })
+                    .map(|a| Replica::unconfigured(a))
                     .collect(),
             });
             t.fenced.extend(st.fenced.iter().map(|a| Fenced {

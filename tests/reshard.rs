@@ -192,26 +192,42 @@ async fn writer(url: String, me: i64, writers: i64, stop: Arc<AtomicBool>) -> Le
     l
 }
 
-/// The shard index owning `id`'s bucket, as the proxy's map says now.
-fn owner(tp: &TestProxy, id: i64) -> usize {
+/// Where `id` lives, as the proxy's map says now.
+fn location(tp: &TestProxy, id: i64) -> shardgate::sharding::map::Location {
     let t = tp.proxy.topology.load();
-    let map = t.map.as_ref().unwrap();
-    map.locate(
+    t.map.as_ref().unwrap().locate(
         shardgate::sharding::hash::KeyType::Int8,
         &shardgate::sharding::hash::KeyValue::Int(id),
     )
-    .shard
+}
+
+/// The shard index owning `id`'s bucket, as the proxy's map says now.
+fn owner(tp: &TestProxy, id: i64) -> usize {
+    location(tp, id).shard
+}
+
+/// Inserts keys 0..n (value = key) through the proxy.
+async fn load(c: &tokio_postgres::Client, n: i64) {
+    for id in 0..n {
+        c.execute("INSERT INTO items (id, v) VALUES ($1, $1)", &[&id])
+            .await
+            .unwrap();
+    }
+}
+
+/// No replication slot, publication, subscription or shardgate trigger
+/// is left on any server.
+async fn assert_clean(servers: &[PgServer]) {
+    for s in servers {
+        assert_eq!(leftovers(s).await, Vec::<String>::new(), "on {}", s.addr());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buckets_move_to_a_new_shard_under_writes_with_nothing_lost() {
     let (tp, servers) = setup("cleanup_after = \"0s\"");
     let c = tp.connect().await;
-    for id in 0..2000i64 {
-        c.execute("INSERT INTO items (id, v) VALUES ($1, $1)", &[&id])
-            .await
-            .unwrap();
-    }
+    load(&c, 2000).await;
     let before: Vec<usize> = rows_on_all(&servers)
         .await
         .iter()
@@ -275,9 +291,7 @@ async fn buckets_move_to_a_new_shard_under_writes_with_nothing_lost() {
     let total: usize = on.iter().map(|r| r.len()).sum();
     assert_eq!(total, ledger.values().filter(|v| v.is_some()).count());
     assert!(!on[2].is_empty(), "s2 got no rows");
-    for s in &servers {
-        assert_eq!(leftovers(s).await, Vec::<String>::new(), "on {}", s.addr());
-    }
+    assert_clean(&servers).await;
     // The refusal is lifted: a scatter read answers from the new owners.
     let count: i64 = c
         .query_one("SELECT count(*) FROM items", &[])
@@ -299,11 +313,7 @@ async fn rows_on_all(servers: &[PgServer]) -> Vec<BTreeMap<i64, i64>> {
 async fn verification_catches_a_corrupted_row_and_switches_nothing() {
     let (tp, servers) = setup("cleanup_after = \"0s\"");
     let c = tp.connect().await;
-    for id in 0..500i64 {
-        c.execute("INSERT INTO items (id, v) VALUES ($1, $1)", &[&id])
-            .await
-            .unwrap();
-    }
+    load(&c, 500).await;
     // The target's copy of key 7 is altered as it arrives (a trigger that
     // fires for replication too): a corruption the verification must see.
     let s2 = direct(&servers[2]).await;
@@ -317,17 +327,7 @@ async fn verification_catches_a_corrupted_row_and_switches_nothing() {
     )
     .await
     .unwrap();
-    let bucket = {
-        let t = tp.proxy.topology.load();
-        t.map
-            .as_ref()
-            .unwrap()
-            .locate(
-                shardgate::sharding::hash::KeyType::Int8,
-                &shardgate::sharding::hash::KeyValue::Int(7),
-            )
-            .bucket
-    };
+    let bucket = location(&tp, 7).bucket;
     let owner_before = owner(&tp, 7);
     start_move(&tp, &[&bucket.to_string()], "s2").await.unwrap();
     let ended = until_ended(&tp, Duration::from_secs(60)).await;
@@ -348,25 +348,14 @@ async fn verification_catches_a_corrupted_row_and_switches_nothing() {
         .get(0);
     assert_eq!(v, 7);
     assert!(rows_on(&servers[2]).await.is_empty());
-    for s in &servers {
-        let left: Vec<String> = leftovers(s)
-            .await
-            .into_iter()
-            .filter(|l| l != "trigger corrupt")
-            .collect();
-        assert_eq!(left, Vec::<String>::new(), "on {}", s.addr());
-    }
+    assert_clean(&servers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_during_the_copy_restores_the_old_placement() {
     let (tp, servers) = setup("cleanup_after = \"0s\"");
     let c = tp.connect().await;
-    for id in 0..300i64 {
-        c.execute("INSERT INTO items (id, v) VALUES ($1, $1)", &[&id])
-            .await
-            .unwrap();
-    }
+    load(&c, 300).await;
     // A slow copy: every row takes 20 ms to arrive on the target.
     let s2 = direct(&servers[2]).await;
     s2.batch_execute(
@@ -401,14 +390,7 @@ async fn abort_during_the_copy_restores_the_old_placement() {
     for id in [0i64, 1, 2, 299] {
         assert_ne!(owner(&tp, id), 2);
     }
-    for s in &servers {
-        let left: Vec<String> = leftovers(s)
-            .await
-            .into_iter()
-            .filter(|l| l != "trigger slow")
-            .collect();
-        assert_eq!(left, Vec::<String>::new(), "on {}", s.addr());
-    }
+    assert_clean(&servers).await;
     // Scatter reads work again.
     let n: i64 = c
         .query_one("SELECT count(*) FROM items", &[])
@@ -441,11 +423,7 @@ async fn a_move_resumes_after_the_proxy_dies_during_copy_catch_up_and_cutover() 
     // The same configuration (and state directory) for every restart.
     let text = tp.proxy.config.load_full();
     let c = tp.connect().await;
-    for id in 0..200i64 {
-        c.execute("INSERT INTO items (id, v) VALUES ($1, $1)", &[&id])
-            .await
-            .unwrap();
-    }
+    load(&c, 200).await;
     drop(c);
     let before: BTreeMap<i64, i64> = rows_on_all(&servers).await.into_iter().flatten().collect();
     // A slow copy (10 ms per row on the target) to die in.
@@ -500,14 +478,7 @@ async fn a_move_resumes_after_the_proxy_dies_during_copy_catch_up_and_cutover() 
         assert_eq!(on[holders[0]][id], *v);
     }
     assert_eq!(on.iter().map(|r| r.len()).sum::<usize>(), before.len());
-    for s in &servers {
-        let left: Vec<String> = leftovers(s)
-            .await
-            .into_iter()
-            .filter(|l| l != "trigger slow" && l != "trigger slow_marker")
-            .collect();
-        assert_eq!(left, Vec::<String>::new(), "on {}", s.addr());
-    }
+    assert_clean(&servers).await;
 }
 
 /// Found by bench/reshard.sh: after a write on a shard with replicas the
@@ -580,11 +551,7 @@ async fn add_shard_takes_a_fair_share_under_writes_and_survives_a_restart() {
     }
     let tp = start_proxy_text(&text);
     let c = tp.connect().await;
-    for id in 0..2000i64 {
-        c.execute("INSERT INTO items (id, v) VALUES ($1, $1)", &[&id])
-            .await
-            .unwrap();
-    }
+    load(&c, 2000).await;
     let stop = Arc::new(AtomicBool::new(false));
     let w = tokio::spawn(writer(tp.url("app", "app", "app"), 0, 1, stop.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -649,24 +616,8 @@ async fn add_shard_takes_a_fair_share_under_writes_and_survives_a_restart() {
 async fn a_transaction_open_across_a_cutover_never_reads_the_old_copy() {
     let (tp, _servers) = setup("cleanup_after = \"0s\"");
     let c = tp.connect().await;
-    for id in 0..200i64 {
-        c.execute("INSERT INTO items (id, v) VALUES ($1, $1)", &[&id])
-            .await
-            .unwrap();
-    }
-    let moving = |id: i64| {
-        let t = tp.proxy.topology.load();
-        let b = t
-            .map
-            .as_ref()
-            .unwrap()
-            .locate(
-                shardgate::sharding::hash::KeyType::Int8,
-                &shardgate::sharding::hash::KeyValue::Int(id),
-            )
-            .bucket;
-        (16..=31).contains(&b)
-    };
+    load(&c, 200).await;
+    let moving = |id: i64| (16..=31).contains(&location(&tp, id).bucket);
     let k = (0..200i64).find(|id| moving(*id)).unwrap();
     // A transaction on s0 reads the key before the move...
     let t = tp.connect().await;

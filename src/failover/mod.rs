@@ -459,6 +459,16 @@ pub(crate) async fn query(
     }
 }
 
+/// The first column of the first row.
+pub(crate) fn first(rows: &[Vec<Option<String>>]) -> Option<String> {
+    rows.first().and_then(|r| r.first().cloned().flatten())
+}
+
+/// Column `i` of a row, parsed; None if NULL, missing or unparsable.
+pub(crate) fn cell<T: std::str::FromStr>(row: &[Option<String>], i: usize) -> Option<T> {
+    row.get(i)?.as_deref()?.parse().ok()
+}
+
 /// A SQL string literal.
 pub(crate) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))

@@ -1,6 +1,6 @@
 //! Choosing, promoting and following a new primary.
 
-use super::{admin_conn, conninfo, query, quote, Report};
+use super::{admin_conn, conninfo, first, query, quote, Report};
 use crate::health::{parse_lsn, SyncReplication};
 use crate::proxy::Proxy;
 use crate::topology::{Shard, Topology};
@@ -607,8 +607,4 @@ async fn wal_position(proxy: &Proxy, addr: &str, timeout: Duration) -> Option<Wa
         replayed: lsn(1)?,
         streaming: row.get(2).cloned().flatten().as_deref() == Some("true"),
     })
-}
-
-fn first(rows: &[Vec<Option<String>>]) -> Option<String> {
-    rows.first().and_then(|r| r.first().cloned().flatten())
 }

@@ -271,6 +271,10 @@ impl Session {
         bind: Option<(&[u32], &[u8])>,
     ) {
         let Some(sql) = text else { return };
+        // Per statement: no clone, no clock unless a bucket is held.
+        if self.shard_map.as_ref().is_none_or(|m| m.held.is_empty()) {
+            return;
+        }
         let limit = tokio::time::Instant::now() + CUTOVER_WAIT;
         let mut counted = false;
         loop {

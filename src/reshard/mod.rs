@@ -46,6 +46,7 @@
 
 pub mod buckets;
 mod steps;
+mod verify;
 
 use crate::proxy::Proxy;
 use serde::{Deserialize, Serialize};
@@ -269,17 +270,48 @@ impl Reshard {
         database: &str,
     ) -> Result<Vec<PlannedMove>, String> {
         let groups = Self::groups(proxy, buckets, to)?;
+        Self::estimate_groups(proxy, groups, to, database).await
+    }
+
+    /// Rows and bytes each group of buckets would copy from its owner.
+    async fn estimate_groups(
+        proxy: &Proxy,
+        groups: Vec<(String, Vec<u32>)>,
+        to: &str,
+        database: &str,
+    ) -> Result<Vec<PlannedMove>, String> {
         let mut out = Vec::new();
         for (from, b) in groups {
-            let tables = steps::estimate(proxy, &from, database, &b).await?;
             out.push(PlannedMove {
+                tables: steps::estimate(proxy, &from, database, &b).await?,
                 from,
                 to: to.to_owned(),
                 buckets: buckets::ranges(&b),
-                tables,
             });
         }
         Ok(out)
+    }
+
+    /// `buckets` grouped by their owner's name, leaving out those `to`
+    /// owns.
+    fn by_owner(
+        topology: &crate::topology::Topology,
+        owner: &[u16],
+        buckets: impl IntoIterator<Item = u32>,
+        to: &str,
+    ) -> Vec<(String, Vec<u32>)> {
+        let mut groups: Vec<(String, Vec<u32>)> = Vec::new();
+        for b in buckets {
+            let name = &topology.shards[owner[b as usize] as usize].name;
+            if name == to {
+                continue;
+            }
+            match groups.iter_mut().find(|(s, _)| s == name) {
+                Some((_, v)) => v.push(b),
+                None => groups.push((name.clone(), vec![b])),
+            }
+        }
+        groups
     }
 
     /// The moving buckets grouped by their current owner (buckets `to`
@@ -307,17 +339,7 @@ impl Reshard {
         if wanted.is_empty() {
             return Err("no buckets given".into());
         }
-        let mut groups: Vec<(String, Vec<u32>)> = Vec::new();
-        for b in wanted {
-            let owner = &topology.shards[map.owner[b as usize] as usize].name;
-            if owner == to {
-                continue;
-            }
-            match groups.iter_mut().find(|(s, _)| s == owner) {
-                Some((_, v)) => v.push(b),
-                None => groups.push((owner.clone(), vec![b])),
-            }
-        }
+        let groups = Self::by_owner(&topology, &map.owner, wanted, to);
         if groups.is_empty() {
             return Err(format!("shard {to:?} already owns every bucket given"));
         }
@@ -469,24 +491,8 @@ impl Reshard {
         }
         let take = Self::fair_share(&map.owner, topology.shards.len());
         let ranges = buckets::ranges(&take);
-        // The plan, per source shard.
-        let mut plan = Vec::new();
-        let mut groups: Vec<(String, Vec<u32>)> = Vec::new();
-        for b in &take {
-            let owner = &topology.shards[map.owner[*b as usize] as usize].name;
-            match groups.iter_mut().find(|(s, _)| s == owner) {
-                Some((_, v)) => v.push(*b),
-                None => groups.push((owner.clone(), vec![*b])),
-            }
-        }
-        for (from, b) in groups {
-            plan.push(PlannedMove {
-                tables: steps::estimate(proxy, &from, database, &b).await?,
-                from,
-                to: name.to_owned(),
-                buckets: buckets::ranges(&b),
-            });
-        }
+        let groups = Self::by_owner(&topology, &map.owner, take, name);
+        let plan = Self::estimate_groups(proxy, groups, name, database).await?;
         if dry_run {
             return Ok((plan, Vec::new()));
         }

@@ -1,28 +1,28 @@
 //! The phases of a move, as SQL on the source and target primaries.
 
+use super::verify::{checksums, differences, dirty_keys, row_hashes, unwatch_sql, watch_sql};
 use super::{buckets, now_ms, save, Move, Phase, PlannedTable, Progress};
 use crate::backend::conn::{ConnectParams, ServerConn};
-use crate::failover::{query, quote};
+use crate::failover::{cell, first, query, quote};
 use crate::proxy::Proxy;
 use crate::sharding::hash::{bucket_sql, KeyType};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A moved table: its qualified name as SQL and its bucket expression.
-struct Table {
+pub(super) struct Table {
     /// `"public"."orders"`.
-    sql_name: String,
+    pub(super) sql_name: String,
     /// `public.orders`, for messages and the state.
-    name: String,
+    pub(super) name: String,
     /// The bucket of a row, for a row alias `t` (`NEW`/`OLD` in triggers
     /// use [`Table::bucket_of`]).
-    column: String,
-    key_type: KeyType,
+    pub(super) column: String,
+    pub(super) key_type: KeyType,
 }
 
 impl Table {
-    fn bucket_of(&self, row: &str, total: u32) -> String {
+    pub(super) fn bucket_of(&self, row: &str, total: u32) -> String {
         let col = format!("{row}.{}", ident(&self.column));
         bucket_sql(
             crate::sharding::hash::HashFunction::Postgres,
@@ -33,7 +33,7 @@ impl Table {
         .expect("postgres hash")
     }
 
-    fn bucket_plain(&self, total: u32) -> String {
+    pub(super) fn bucket_plain(&self, total: u32) -> String {
         bucket_sql(
             crate::sharding::hash::HashFunction::Postgres,
             self.key_type,
@@ -44,7 +44,7 @@ impl Table {
     }
 }
 
-fn ident(s: &str) -> String {
+pub(super) fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
@@ -80,10 +80,6 @@ fn conninfo(proxy: &Proxy, addr: &str, database: &str) -> String {
         s.push_str(&format!(" password={}", v(&p)));
     }
     s
-}
-
-fn first(rows: &[Vec<Option<String>>]) -> Option<String> {
-    rows.first().and_then(|r| r.first().cloned().flatten())
 }
 
 fn num(rows: &[Vec<Option<String>>]) -> u64 {
@@ -162,29 +158,24 @@ pub(super) async fn estimate(
             ),
         )
         .await?;
-        let get = |i: usize| {
-            rows.first()
-                .and_then(|r| r.get(i).cloned().flatten())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
+        let row = rows.first().map(Vec::as_slice).unwrap_or_default();
         out.push(PlannedTable {
             table: t.name,
-            rows: get(0),
-            bytes: get(1),
+            rows: cell(row, 0).unwrap_or(0),
+            bytes: cell(row, 1).unwrap_or(0),
         });
     }
     Ok(out)
 }
 
 /// Everything a phase needs.
-struct Ctx {
-    m: Move,
-    moving: Vec<u32>,
-    total: u32,
-    source: String,
-    target: String,
-    tables: Vec<Table>,
+pub(super) struct Ctx {
+    pub(super) m: Move,
+    pub(super) moving: Vec<u32>,
+    pub(super) total: u32,
+    pub(super) source: String,
+    pub(super) target: String,
+    pub(super) tables: Vec<Table>,
 }
 
 impl Ctx {
@@ -638,13 +629,9 @@ async fn copying(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
         }
         let ready = rows
             .iter()
-            .filter(|r| matches!(r.get(1).cloned().flatten().as_deref(), Some("r" | "s")))
+            .filter(|r| matches!(cell::<String>(r, 1).as_deref(), Some("r" | "s")))
             .count();
-        let in_flight: u64 = rows
-            .iter()
-            .filter_map(|r| r.get(2).cloned().flatten())
-            .filter_map(|v| v.parse::<u64>().ok())
-            .sum();
+        let in_flight: u64 = rows.iter().filter_map(|r| cell::<u64>(r, 2)).sum();
         // Tables already copied count in full.
         let done_rows = if ready == rows.len() {
             ctx.m.rows_total
@@ -809,129 +796,6 @@ async fn catching_up(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
     Ok(())
 }
 
-/// Bucket checksums that differ, as messages.
-fn differences(a: &Sums, b: &Sums) -> Vec<String> {
-    let zero = (0, 0);
-    let mut bad: Vec<String> = a
-        .keys()
-        .chain(b.keys())
-        .filter(|k| a.get(*k).unwrap_or(&zero) != b.get(*k).unwrap_or(&zero))
-        .map(|(table, bucket)| {
-            let rows = |m: &Sums| m.get(&(table.clone(), *bucket)).map_or(0, |v| v.0);
-            format!(
-                "bucket {bucket} of {table} (source {} rows, target {} rows)",
-                rows(a),
-                rows(b)
-            )
-        })
-        .collect();
-    bad.sort();
-    bad.dedup();
-    bad
-}
-
-/// Per (table, bucket): row count and the sum of the rows' hashes.
-type Sums = HashMap<(String, u64), (u64, u128)>;
-
-/// The hash of one row as the checksums sum it: 60 bits of `md5(row)`.
-const ROW_HASH: &str = "('x' || left(md5(t::text), 15))::bit(60)::bigint";
-
-/// Per (table, key) of the given keys present on `c`: (bucket, row hash).
-async fn row_hashes(
-    c: &mut ServerConn,
-    ctx: &Ctx,
-    keys: &[String],
-) -> Result<HashMap<(String, String), (u64, u128)>, String> {
-    let mut out = HashMap::new();
-    if keys.is_empty() {
-        return Ok(out);
-    }
-    let list: Vec<String> = keys.iter().map(|k| quote(k)).collect();
-    for t in &ctx.tables {
-        let rows = query(
-            c,
-            &format!(
-                "SELECT {col}::text, {b}, {ROW_HASH} FROM {n} t WHERE {col} = ANY (ARRAY[{list}]::{ty}[])",
-                col = format_args!("t.{}", ident(&t.column)),
-                b = t.bucket_of("t", ctx.total),
-                n = t.sql_name,
-                list = list.join(","),
-                ty = t.key_type.sql_name(),
-            ),
-        )
-        .await?;
-        for r in rows {
-            let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
-            out.insert(
-                (t.name.clone(), get(0)),
-                (
-                    get(1).parse().unwrap_or(0),
-                    get(2).parse::<i64>().unwrap_or(0) as u128,
-                ),
-            );
-        }
-    }
-    Ok(out)
-}
-
-/// The keys the watch saw written.
-async fn dirty_keys(s: &mut ServerConn, ctx: &Ctx) -> Result<Vec<String>, String> {
-    let rows = query(
-        s,
-        &format!(
-            "SELECT key FROM shardgate.move_dirty WHERE move_id = {}",
-            ctx.m.id
-        ),
-    )
-    .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|r| r.into_iter().next().flatten())
-        .collect())
-}
-
-/// A trigger on each moved table that records, in
-/// `shardgate.move_dirty`, the moving buckets written on the source (it
-/// waits, at most 1 s, for writes already running on the table, so every
-/// write after it is recorded).
-fn watch_sql(ctx: &Ctx) -> String {
-    let id = ctx.m.id;
-    let mut sql = String::from(
-        "SET lock_timeout = '1s'; BEGIN; \
-         CREATE TABLE IF NOT EXISTS shardgate.move_dirty (move_id bigint, key text, PRIMARY KEY (move_id, key));",
-    );
-    let list = buckets::sql_array(&ctx.moving);
-    for (i, t) in ctx.tables.iter().enumerate() {
-        // Only rows of the moving buckets reach the functions (WHEN).
-        for (side, row, events) in [
-            ("new", "NEW", "INSERT OR UPDATE"),
-            ("old", "OLD", "UPDATE OR DELETE"),
-        ] {
-            let b = t.bucket_of(row, ctx.total);
-            let key = format!("{row}.{}::text", ident(&t.column));
-            sql.push_str(&format!(
-                // SECURITY DEFINER: the application's login writes the
-                // rows; only the superuser that created the watch may write
-                // shardgate.move_dirty.
-                " CREATE OR REPLACE FUNCTION shardgate.watch_{id}_{i}_{side}() RETURNS trigger LANGUAGE plpgsql \
-                 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$ \
-                 BEGIN \
-                   IF NOT EXISTS (SELECT 1 FROM shardgate.move_dirty WHERE move_id = {id} AND key = {key}) THEN \
-                     INSERT INTO shardgate.move_dirty VALUES ({id}, {key}) ON CONFLICT DO NOTHING; \
-                   END IF; \
-                   RETURN NULL; \
-                 END $f$; \
-                 DROP TRIGGER IF EXISTS shardgate_watch_{id}_{side} ON {n}; \
-                 CREATE TRIGGER shardgate_watch_{id}_{side} AFTER {events} ON {n} FOR EACH ROW \
-                   WHEN ({b} = ANY ({list})) EXECUTE FUNCTION shardgate.watch_{id}_{i}_{side}();",
-                n = t.sql_name,
-            ));
-        }
-    }
-    sql.push_str(" COMMIT; RESET lock_timeout");
-    sql
-}
-
 /// Who holds locks on the moved tables (for messages about lock waits).
 async fn lock_holders(s: &mut ServerConn, ctx: &Ctx) -> String {
     let names: Vec<String> = ctx.tables.iter().map(|t| quote(&t.sql_name)).collect();
@@ -998,67 +862,6 @@ fn unfence_sql(ctx: &Ctx) -> String {
         " DROP FUNCTION IF EXISTS shardgate.fence_{id}(); RESET lock_timeout"
     ));
     sql
-}
-
-/// Drops the write watch (triggers, functions, recorded buckets).
-fn unwatch_sql(ctx: &Ctx) -> String {
-    let id = ctx.m.id;
-    let mut sql = String::new();
-    for (i, t) in ctx.tables.iter().enumerate() {
-        for side in ["new", "old"] {
-            sql.push_str(&format!(
-                " DROP TRIGGER IF EXISTS shardgate_watch_{id}_{side} ON {n}; DROP FUNCTION IF EXISTS shardgate.watch_{id}_{i}_{side}();",
-                n = t.sql_name
-            ));
-        }
-    }
-    sql.push_str(&format!(
-        " DO $d$ BEGIN IF to_regclass('shardgate.move_dirty') IS NOT NULL THEN DELETE FROM shardgate.move_dirty WHERE move_id = {id}; END IF; END $d$;"
-    ));
-    sql
-}
-
-/// Per bucket: (rows, checksum) of the moving buckets of every table.
-async fn checksums(c: &mut ServerConn, ctx: &Ctx, which: &[u32]) -> Result<Sums, String> {
-    let mut out = HashMap::new();
-    if which.is_empty() {
-        return Ok(out);
-    }
-    for t in &ctx.tables {
-        let rows = query(
-            c,
-            &format!(
-                "SELECT {b}, count(*), sum({ROW_HASH})::text \
-                 FROM {n} t WHERE {b} = ANY ({list}) GROUP BY 1",
-                b = t.bucket_of("t", ctx.total),
-                n = t.sql_name,
-                list = buckets::sql_array(which)
-            ),
-        )
-        .await?;
-        for r in rows {
-            let bucket: u64 = r
-                .first()
-                .cloned()
-                .flatten()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let count: u64 = r
-                .get(1)
-                .cloned()
-                .flatten()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let sum: u128 = r
-                .get(2)
-                .cloned()
-                .flatten()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            out.insert((t.name.clone(), bucket), (count, sum));
-        }
-    }
-    Ok(out)
 }
 
 /// Drops the fence triggers again (the cutover did not happen).
@@ -1207,10 +1010,14 @@ async fn cutover(proxy: &Arc<Proxy>, ctx: &Ctx, held: Instant) -> Result<Phase, 
 
 /// Deletes the rows of the moving buckets from `c` in batches (fence
 /// triggers bypassed, as replication applies do).
-async fn delete_rows(c: &mut ServerConn, ctx: &Ctx) -> Result<u64, String> {
+async fn delete_rows<'a>(
+    c: &mut ServerConn,
+    ctx: &Ctx,
+    tables: impl IntoIterator<Item = &'a Table>,
+) -> Result<u64, String> {
     query(c, "SET session_replication_role = replica").await?;
     let mut total = 0;
-    for t in &ctx.tables {
+    for t in tables {
         loop {
             let n = num(
                 &query(
@@ -1302,20 +1109,12 @@ async fn drop_replication(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
 async fn cleanup(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
     drop_replication(proxy, ctx).await?;
     let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
-    let deleted = delete_rows(&mut s, ctx).await?;
+    let deleted = delete_rows(&mut s, ctx, &ctx.tables).await?;
     query(&mut s, &unfence_sql(ctx)).await?;
-    let id = ctx.m.id;
-    query(
-        &mut s,
-        &format!("DELETE FROM shardgate.move_marker WHERE id = {id}"),
-    )
-    .await?;
+    query(&mut s, &forget_marker_sql(ctx)).await?;
     let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
-    query(
-        &mut t,
-        &format!("DELETE FROM shardgate.move_marker WHERE id = {id}"),
-    )
-    .await?;
+    query(&mut t, &forget_marker_sql(ctx)).await?;
+    let id = ctx.m.id;
     tracing::info!(id, deleted, source = %ctx.source, "bucket move: cleaned up");
     Ok(())
 }
@@ -1339,82 +1138,36 @@ fn copy_started(proxy: &Proxy, id: u64) -> bool {
 
 async fn rollback_inner(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
     drop_replication(proxy, ctx).await?;
-    let id = ctx.m.id;
     let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
     query(&mut s, &unfence_sql(ctx)).await?;
-    if first(
-        &query(
-            &mut s,
-            "SELECT (to_regclass('shardgate.move_marker') IS NOT NULL)::text",
-        )
-        .await?,
-    )
-    .as_deref()
-        == Some("true")
-    {
-        query(
-            &mut s,
-            &format!("DELETE FROM shardgate.move_marker WHERE id = {id}"),
-        )
-        .await?;
-    }
+    query(&mut s, &forget_marker_sql(ctx)).await?;
     let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
-    if first(
-        &query(
-            &mut t,
-            "SELECT (to_regclass('shardgate.move_marker') IS NOT NULL)::text",
-        )
-        .await?,
-    )
-    .as_deref()
-        == Some("true")
-    {
-        query(
-            &mut t,
-            &format!("DELETE FROM shardgate.move_marker WHERE id = {id}"),
-        )
-        .await?;
-    }
+    query(&mut t, &forget_marker_sql(ctx)).await?;
     // Rows copied so far: the target does not own these buckets. (Rows
     // that were there before the copy started are left alone: the move
     // refuses to start over them.)
-    if !copy_started(proxy, id) {
+    if !copy_started(proxy, ctx.m.id) {
         return Ok(());
     }
     let mut present = Vec::new();
     for tb in &ctx.tables {
-        let e = first(
-            &query(
-                &mut t,
-                &format!(
-                    "SELECT (to_regclass({}) IS NOT NULL)::text",
-                    quote(&tb.sql_name)
-                ),
-            )
-            .await?,
+        let sql = format!(
+            "SELECT (to_regclass({}) IS NOT NULL)::text",
+            quote(&tb.sql_name)
         );
-        if e.as_deref() == Some("true") {
+        if first(&query(&mut t, &sql).await?).as_deref() == Some("true") {
             present.push(tb);
         }
     }
-    if !present.is_empty() {
-        let sub = Ctx {
-            m: ctx.m.clone(),
-            moving: ctx.moving.clone(),
-            total: ctx.total,
-            source: ctx.source.clone(),
-            target: ctx.target.clone(),
-            tables: present
-                .into_iter()
-                .map(|t| Table {
-                    sql_name: t.sql_name.clone(),
-                    name: t.name.clone(),
-                    column: t.column.clone(),
-                    key_type: t.key_type,
-                })
-                .collect(),
-        };
-        delete_rows(&mut t, &sub).await?;
-    }
+    delete_rows(&mut t, ctx, present).await?;
     Ok(())
+}
+
+/// Deletes the move's marker row, if the marker table exists.
+fn forget_marker_sql(ctx: &Ctx) -> String {
+    format!(
+        "DO $d$ BEGIN IF to_regclass('shardgate.move_marker') IS NOT NULL THEN \
+         DELETE FROM shardgate.move_marker WHERE id = {}; END IF; END $d$",
+        ctx.m.id
+    )
 }
