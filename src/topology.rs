@@ -133,7 +133,7 @@ impl Topology {
             }
             for m in state.moves.iter().filter(|m| m.phase.active()) {
                 map.moving = true;
-                if m.phase == crate::reshard::Phase::CuttingOver {
+                if m.phase.held() {
                     if map.held.is_empty() {
                         map.held = vec![false; map.buckets as usize];
                     }

@@ -400,6 +400,73 @@ async fn abort_during_the_copy_restores_the_old_placement() {
     assert_eq!(n, 300);
 }
 
+/// Writers run through the whole of it; the ledger ends on the old
+/// owners exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_the_cutover_moves_the_buckets_back_with_nothing_lost() {
+    // A long grace period: the move waits in `switched` for the abort.
+    let (tp, servers) = setup("cleanup_after = \"10m\"");
+    let c = tp.connect().await;
+    load(&c, 2000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..3)
+        .map(|w| tokio::spawn(writer(tp.url("app", "app", "app"), w, 3, stop.clone())))
+        .collect();
+    start_move(&tp, &["16-31"], "s2").await.unwrap();
+    until_phase(&tp, "switched", |m| m.phase == Phase::Switched).await;
+    assert!(moves(&tp)[0].back_lsn.contains('/'), "{:#?}", moves(&tp));
+    // The new owner takes writes for a while: they must come back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let on_target = rows_on(&servers[2]).await.len();
+    assert!(on_target > 0, "s2 got no rows");
+    let proxy = tp.proxy.clone();
+    runtime()
+        .spawn(async move { Reshard::abort(&proxy) })
+        .await
+        .unwrap()
+        .unwrap();
+    let ended = until_ended(&tp, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut ledger: BTreeMap<i64, Option<i64>> = BTreeMap::new();
+    let mut errors = Vec::new();
+    for w in writers {
+        let l = w.await.unwrap();
+        ledger.extend(l.rows);
+        errors.extend(l.errors);
+    }
+    let m = &ended[0];
+    assert_eq!(m.phase, Phase::Aborted, "{m:#?}");
+    assert!(m.message.contains("moved back"), "{m:#?}");
+    assert!(m.back_pause_ms < 5000, "{m:#?}");
+    assert!(errors.is_empty(), "client errors: {errors:?}");
+    // The old placement: nothing on s2, every acknowledged row once, on
+    // its owner (s0 or s1), with its value.
+    let on = rows_on_all(&servers).await;
+    assert!(on[2].is_empty(), "s2 kept {} rows", on[2].len());
+    for (id, want) in &ledger {
+        let holders: Vec<usize> = (0..3).filter(|s| on[*s].contains_key(id)).collect();
+        match want {
+            Some(v) => {
+                let o = owner(&tp, *id);
+                assert!(o < 2, "key {id} is owned by s{o}");
+                assert_eq!(holders, vec![o], "key {id}");
+                assert_eq!(on[o][id], *v, "key {id}");
+            }
+            None => assert!(holders.is_empty(), "deleted key {id} is on {holders:?}"),
+        }
+    }
+    let total: usize = on.iter().map(|r| r.len()).sum();
+    assert_eq!(total, ledger.values().filter(|v| v.is_some()).count());
+    assert_clean(&servers).await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n as usize, total);
+}
+
 /// Stops a proxy the way a crash would stop its move: mid-phase.
 fn kill(tp: TestProxy) {
     tp.proxy.shutdown.cancel();
@@ -478,6 +545,81 @@ async fn a_move_resumes_after_the_proxy_dies_during_copy_catch_up_and_cutover() 
         assert_eq!(on[holders[0]][id], *v);
     }
     assert_eq!(on.iter().map(|r| r.len()).sum::<usize>(), before.len());
+    assert_clean(&servers).await;
+}
+
+/// The move back is resumed like the move: the proxy dies while the
+/// target's changes stream back and again while the buckets are held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_back_resumes_after_the_proxy_dies() {
+    let (tp, servers) = setup("cleanup_after = \"10m\"\ncutover_timeout = \"1s\"");
+    let text = tp.proxy.config.load_full();
+    let c = tp.connect().await;
+    load(&c, 200).await;
+    start_move(&tp, &["0-31"], "s2").await.unwrap();
+    until_phase(&tp, "switched", |m| m.phase == Phase::Switched).await;
+    // Writes on the new owner: they must survive the move back.
+    let mut want: BTreeMap<i64, i64> = rows_on_all(&servers).await.into_iter().flatten().collect();
+    for id in 0..200i64 {
+        if owner(&tp, id) != 2 {
+            continue;
+        }
+        match id % 3 {
+            0 => {
+                c.execute("UPDATE items SET v = v + 1000 WHERE id = $1", &[&id])
+                    .await
+                    .unwrap();
+                *want.get_mut(&id).unwrap() += 1000;
+            }
+            1 => {
+                c.execute("DELETE FROM items WHERE id = $1", &[&id])
+                    .await
+                    .unwrap();
+                want.remove(&id);
+            }
+            _ => {
+                let new = id + 10_000;
+                c.execute("INSERT INTO items (id, v) VALUES ($1, $1)", &[&new])
+                    .await
+                    .unwrap();
+                want.insert(new, new);
+            }
+        }
+    }
+    drop(c);
+    // Every catch-up proof back takes 300 ms: phases long enough to die in.
+    let s0 = direct(&servers[0]).await;
+    s0.batch_execute(
+        "CREATE FUNCTION slow_marker() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$;
+         CREATE TRIGGER slow_marker BEFORE UPDATE ON shardgate.move_marker FOR EACH ROW
+           EXECUTE FUNCTION slow_marker();
+         ALTER TABLE shardgate.move_marker ENABLE ALWAYS TRIGGER slow_marker;",
+    )
+    .await
+    .unwrap();
+    let proxy = tp.proxy.clone();
+    runtime()
+        .spawn(async move { Reshard::abort(&proxy) })
+        .await
+        .unwrap()
+        .unwrap();
+    until_phase(&tp, "moving back", |m| m.phase == Phase::MovingBack).await;
+    kill(tp);
+    let tp = common::start_proxy_config(text.as_ref().clone());
+    until_phase(&tp, "cutting back", |m| m.phase == Phase::CuttingBack).await;
+    kill(tp);
+    let tp = common::start_proxy_config(text.as_ref().clone());
+    let ended = until_ended(&tp, Duration::from_secs(120)).await;
+    assert_eq!(ended[0].phase, Phase::Aborted, "{:#?}", ended[0]);
+    let on = rows_on_all(&servers).await;
+    assert!(on[2].is_empty(), "s2 kept {} rows", on[2].len());
+    for (id, v) in &want {
+        let holders: Vec<usize> = (0..3).filter(|s| on[*s].contains_key(id)).collect();
+        assert_eq!(holders, vec![owner(&tp, *id)], "key {id}");
+        assert_eq!(on[holders[0]][id], *v, "key {id}");
+    }
+    assert_eq!(on.iter().map(|r| r.len()).sum::<usize>(), want.len());
     assert_clean(&servers).await;
 }
 

@@ -292,6 +292,7 @@ impl Admin for Service {
                     bytes_total: m.bytes_total,
                     copy_started_unix_ms: m.copy_started_unix_ms,
                     copied_unix_ms: m.copied_unix_ms,
+                    back_pause_ms: m.back_pause_ms,
                 }
             })
             .collect();

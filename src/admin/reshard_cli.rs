@@ -209,7 +209,7 @@ pub async fn run(c: &mut Client, cmd: &ReshardCmd, json: bool) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&ids)?);
             } else {
-                println!("aborting move(s) {ids:?}; `shardgate admin reshard status` shows when they are rolled back");
+                println!("aborting move(s) {ids:?}: a move that has not cut over rolls back, one that has moves its buckets back; `shardgate admin reshard status` shows when they are aborted");
             }
         }
     }
@@ -296,6 +296,9 @@ fn progress_line(m: &pb::MoveStatus) -> String {
     }
     if m.switched_unix_ms > 0 {
         s.push_str(&format!(", writes to its buckets paused {} ms", m.pause_ms));
+    }
+    if m.back_pause_ms > 0 {
+        s.push_str(&format!(", {} ms moving back", m.back_pause_ms));
     }
     if !m.message.is_empty() {
         s.push_str(&format!(" ({})", m.message));

@@ -39,6 +39,13 @@
 //!    replication objects and the copied rows on the target the same way,
 //!    so no replication slot is ever left behind.
 //!
+//! A move aborted after its cutover moves back through **reverse
+//! replication**: a slot on the target (made before the cutover, advanced
+//! to the target's WAL position at the switch) feeds a subscription on
+//! the source; then the same catch-up, verification and cutover run in
+//! the other direction (MovingBack, CuttingBack, MovedBack) and the
+//! target's copy is removed.
+//!
 //! While any move is unfinished, statements that would run on several
 //! shards and name a sharded table are refused (SQLSTATE 0A000): a shard
 //! holding copies of buckets it does not own (before the cutover on the
@@ -97,6 +104,13 @@ pub struct Move {
     pub copy_started_unix_ms: u64,
     #[serde(default)]
     pub copied_unix_ms: u64,
+    /// The target's WAL position at the cutover: a move back (an abort
+    /// after the cutover) replays the target's changes from here.
+    #[serde(default)]
+    pub back_lsn: String,
+    /// How long statements were held when the buckets moved back.
+    #[serde(default)]
+    pub back_pause_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +123,13 @@ pub enum Phase {
     CuttingOver,
     Switched,
     CleaningUp,
+    /// Aborted after the cutover: the target's changes stream back to the
+    /// source (reverse replication) until it has caught up.
+    MovingBack,
+    /// The moving buckets are held while the old map is restored.
+    CuttingBack,
+    /// The source owns the buckets again; the target's copy is removed.
+    MovedBack,
     Done,
     Failed,
     Aborted,
@@ -129,6 +150,19 @@ impl Phase {
         )
     }
 
+    /// Statements on the moving buckets wait in the proxy.
+    pub fn held(self) -> bool {
+        matches!(self, Phase::CuttingOver | Phase::CuttingBack)
+    }
+
+    /// An abort after the cutover is under way.
+    pub fn moving_back(self) -> bool {
+        matches!(
+            self,
+            Phase::MovingBack | Phase::CuttingBack | Phase::MovedBack
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Phase::Preparing => "preparing",
@@ -137,6 +171,9 @@ impl Phase {
             Phase::CuttingOver => "cutting_over",
             Phase::Switched => "switched",
             Phase::CleaningUp => "cleaning_up",
+            Phase::MovingBack => "moving_back",
+            Phase::CuttingBack => "cutting_back",
+            Phase::MovedBack => "moved_back",
             Phase::Done => "done",
             Phase::Failed => "failed",
             Phase::Aborted => "aborted",
@@ -230,7 +267,7 @@ impl Reshard {
         crate::lock(&self.progress).insert(id, p);
     }
 
-    fn abort_requested(&self, id: u64) -> bool {
+    pub(super) fn abort_requested(&self, id: u64) -> bool {
         crate::lock(&self.abort).contains(&id)
     }
 
@@ -515,25 +552,45 @@ impl Reshard {
         Ok((plan, ids))
     }
 
-    /// Asks the running moves to stop and roll back. Only moves that have
-    /// not cut over yet can be aborted.
+    /// Asks the running moves to stop and roll back. A move that has not
+    /// cut over rolls back; one that has (and is not cleaning up yet)
+    /// moves its buckets back through reverse replication.
     pub fn abort(proxy: &Arc<Proxy>) -> Result<Vec<u64>, String> {
-        let state = proxy.failover.state();
-        let active: Vec<&Move> = state.moves.iter().filter(|m| m.phase.active()).collect();
-        if active.is_empty() {
-            return Err("no move is running".into());
-        }
-        if let Some(m) = active.iter().find(|m| !m.phase.before_cutover()) {
-            return Err(format!(
-                "move {} has cut over already (phase {}): moving its buckets back needs reverse replication, which is not built yet; move them back with `reshard move --buckets {} --to {}` after its cleanup",
-                m.id,
-                m.phase.name(),
-                m.buckets.join(","),
-                m.from
-            ));
-        }
-        let ids: Vec<u64> = active.iter().map(|m| m.id).collect();
-        crate::lock(&proxy.reshard.abort).extend(ids.iter().copied());
+        // Decided under the state's lock: the runner switching a move to
+        // cleaning_up reads the abort requests under the same lock, so
+        // an abort either wins or is told that cleanup began.
+        let (ids, _) = proxy
+            .failover
+            .update_state(proxy, |s| {
+                let active: Vec<&Move> = s.moves.iter().filter(|m| m.phase.active()).collect();
+                if active.is_empty() {
+                    return Err("no move is running".to_owned());
+                }
+                if let Some(m) = active.iter().find(|m| m.phase == Phase::CleaningUp) {
+                    return Err(format!(
+                        "move {} is cleaning up (the source's copy is being deleted); move its buckets back with `reshard move --buckets {} --to {}` once it is done",
+                        m.id,
+                        m.buckets.join(","),
+                        m.from
+                    ));
+                }
+                if let Some(m) = active
+                    .iter()
+                    .find(|m| m.phase == Phase::Switched && m.back_lsn.is_empty())
+                {
+                    return Err(format!(
+                        "move {} cut over without a reverse replication slot (a move started by an older shardgate); move its buckets back with `reshard move --buckets {} --to {}` after its cleanup",
+                        m.id,
+                        m.buckets.join(","),
+                        m.from
+                    ));
+                }
+                let ids: Vec<u64> = active.iter().map(|m| m.id).collect();
+                crate::lock(&proxy.reshard.abort).extend(ids.iter().copied());
+                Ok(ids)
+            })
+            .map_err(|e| format!("cannot save the abort: {e}"))?;
+        let ids = ids?;
         // Moves queued behind the running one never start.
         for id in &ids {
             if !crate::lock(&proxy.reshard.running).contains(id) {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A moved table: its qualified name as SQL and its bucket expression.
+#[derive(Clone)]
 pub(super) struct Table {
     /// `"public"."orders"`.
     pub(super) sql_name: String,
@@ -169,6 +170,7 @@ pub(super) async fn estimate(
 }
 
 /// Everything a phase needs.
+#[derive(Clone)]
 pub(super) struct Ctx {
     pub(super) m: Move,
     pub(super) moving: Vec<u32>,
@@ -176,11 +178,44 @@ pub(super) struct Ctx {
     pub(super) source: String,
     pub(super) target: String,
     pub(super) tables: Vec<Table>,
+    /// The move back after an abort: `source`, `target` and the move's
+    /// `from`/`to` are swapped, and the replication objects are the
+    /// reverse ones (the marker row, fence and watch names stay: each
+    /// lives on the server that writes it).
+    pub(super) back: bool,
 }
 
 impl Ctx {
+    /// The publication, slot and subscription of this direction.
     fn name(&self) -> String {
-        format!("sg_move_{}", self.m.id)
+        if self.back {
+            format!("sg_back_{}", self.m.id)
+        } else {
+            format!("sg_move_{}", self.m.id)
+        }
+    }
+
+    /// The same move in the other direction.
+    fn reversed(&self) -> Ctx {
+        let mut c = self.clone();
+        std::mem::swap(&mut c.m.from, &mut c.m.to);
+        std::mem::swap(&mut c.source, &mut c.target);
+        c.back = !c.back;
+        c
+    }
+
+    /// The operator's abort applies (the move back itself ignores it).
+    fn aborted(&self, proxy: &Proxy) -> bool {
+        !self.back && proxy.reshard.abort_requested(self.m.id)
+    }
+
+    /// The phase a failed cutover returns to, and the one a cutover ends in.
+    fn cutover_phases(&self) -> (Phase, Phase) {
+        if self.back {
+            (Phase::MovingBack, Phase::MovedBack)
+        } else {
+            (Phase::CatchingUp, Phase::Switched)
+        }
     }
 
     fn filter(&self, t: &Table) -> String {
@@ -212,6 +247,7 @@ async fn context(proxy: &Proxy, m: &Move) -> Result<Ctx, String> {
         source,
         target,
         tables,
+        back: false,
     })
 }
 
@@ -237,6 +273,21 @@ pub(super) async fn run(proxy: &Arc<Proxy>, id: u64) {
             finish_rollback(proxy, &m, Phase::Aborted, "aborted by the operator".into()).await;
             return;
         }
+        if proxy.reshard.abort_requested(id) && m.phase == Phase::Switched {
+            let r = save(proxy, id, |m| {
+                m.phase = Phase::MovingBack;
+                m.message = "aborted by the operator after the cutover: moving back".into();
+            });
+            if let Err(e) = r {
+                tracing::error!(id, error = %e, "bucket move state not saved");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            tracing::warn!(
+                id,
+                "bucket move aborted after the cutover; moving the buckets back"
+            );
+            continue;
+        }
         let ctx = match context(proxy, &m).await {
             Ok(c) => c,
             Err(e) => {
@@ -261,13 +312,34 @@ pub(super) async fn run(proxy: &Arc<Proxy>, id: u64) {
             },
             // Interrupted (the proxy stopped during a cutover): undo the
             // fence and start the cutover over.
-            Phase::CuttingOver => match conn(proxy, &ctx.source, &m.database).await {
-                Ok(mut s) => match release(&mut s, &ctx).await {
-                    Ok(()) => Ok(Phase::CatchingUp),
-                    Err(e) => Err(Stop::Retry(e)),
-                },
-                Err(e) => Err(Stop::Retry(e)),
-            },
+            Phase::CuttingOver => interrupted(proxy, &ctx).await,
+            Phase::CuttingBack => interrupted(proxy, &ctx.reversed()).await,
+            Phase::MovingBack => {
+                let back = ctx.reversed();
+                match moving_back(proxy, &ctx).await {
+                    Ok(()) => {
+                        let held = Instant::now();
+                        match save(proxy, id, |m| m.phase = Phase::CuttingBack) {
+                            Ok(_) => cutover(proxy, &back, held).await,
+                            Err(e) => Err(Stop::Retry(e)),
+                        }
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Phase::MovedBack => {
+                finish_rollback(
+                    proxy,
+                    &m,
+                    Phase::Aborted,
+                    format!(
+                        "aborted after the cutover: moved back to {} (paused {} ms)",
+                        m.from, m.back_pause_ms
+                    ),
+                )
+                .await;
+                return;
+            }
             Phase::Switched => {
                 let grace = proxy.config.load().reshard.cleanup_after;
                 let due = m.switched_unix_ms + grace.as_millis() as u64;
@@ -284,6 +356,17 @@ pub(super) async fn run(proxy: &Arc<Proxy>, id: u64) {
         match step {
             Ok(next) => {
                 let r = save(proxy, id, |m| {
+                    // An abort that came in while the grace period ended
+                    // (read under the state's lock, as the abort is
+                    // decided): move back instead of cleaning up.
+                    let next = if next == Phase::CleaningUp
+                        && proxy.reshard.abort_requested(id)
+                        && !m.back_lsn.is_empty()
+                    {
+                        Phase::MovingBack
+                    } else {
+                        next
+                    };
                     if m.phase != next {
                         tracing::info!(
                             id,
@@ -306,6 +389,16 @@ pub(super) async fn run(proxy: &Arc<Proxy>, id: u64) {
                     tracing::error!(id, error = %e, "bucket move state not saved");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
+            }
+            Err(Stop::Fail(why)) if m.phase.moving_back() => {
+                // The target owns the buckets and stays their owner: its
+                // rows are the truth, so nothing is rolled back.
+                tracing::error!(id, error = %why, "moving back failed; the move stays switched");
+                let _ = save(proxy, id, |m| {
+                    m.phase = Phase::Switched;
+                    m.message = format!("moving back failed, the buckets stay on {}: {why}", m.to);
+                });
+                crate::lock(&proxy.reshard.abort).remove(&id);
             }
             Err(Stop::Fail(why)) => {
                 tracing::error!(id, error = %why, "bucket move failed; rolling back");
@@ -722,14 +815,40 @@ async fn round_trip(
     }
 }
 
+/// The subscription's apply worker on the target, for messages.
+async fn subscription_health(t: &mut ServerConn, ctx: &Ctx) -> String {
+    let rows = query(
+        t,
+        &format!(
+            "SELECT coalesce(w.pid::text, 'not running'), coalesce(w.received_lsn::text, '-'),                coalesce(st.apply_error_count, 0)::text              FROM pg_subscription s LEFT JOIN pg_stat_subscription w ON w.subid = s.oid AND w.relid IS NULL              LEFT JOIN pg_stat_subscription_stats st ON st.subid = s.oid WHERE s.subname = {}",
+            quote(&ctx.name())
+        ),
+    )
+    .await;
+    match rows.as_deref() {
+        Ok([r, ..]) => format!(
+            "subscription {}: apply worker {}, received up to {}, {} apply errors (the target's server log says why)",
+            ctx.name(),
+            cell::<String>(r, 0).unwrap_or_default(),
+            cell::<String>(r, 1).unwrap_or_default(),
+            cell::<String>(r, 2).unwrap_or_default()
+        ),
+        Ok([]) => format!("subscription {} is missing on {}", ctx.name(), ctx.target),
+        Err(e) => format!("subscription {}: {e}", ctx.name()),
+    }
+}
+
 /// Waits until the stream keeps up: a marker round trip within the
 /// cutover timeout.
 async fn catching_up(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
     let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
     let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
+    if !ctx.back {
+        prepare_back(&mut t, ctx).await?;
+    }
     let within = proxy.config.load().reshard.cutover_timeout;
     loop {
-        if proxy.reshard.abort_requested(ctx.m.id) {
+        if ctx.aborted(proxy) {
             return Err(Stop::Aborted);
         }
         let lag = lag_bytes(&mut s, ctx).await.unwrap_or(0);
@@ -746,6 +865,12 @@ async fn catching_up(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
         if round_trip(&mut s, &mut t, ctx, within).await? {
             break;
         }
+        let worker = subscription_health(&mut t, ctx).await;
+        note(
+            proxy,
+            ctx.m.id,
+            &format!("the target has not applied the source's changes within {within:?}; {worker}"),
+        );
     }
     // The first verification, outside the hold. A watch trigger records
     // from now on which keys of the moving buckets get written on the
@@ -875,15 +1000,16 @@ async fn release(s: &mut ServerConn, ctx: &Ctx) -> Result<(), String> {
 async fn cutover(proxy: &Arc<Proxy>, ctx: &Ctx, held: Instant) -> Result<Phase, Stop> {
     let id = ctx.m.id;
     // Every way out but the switch publishes the buckets unheld again.
+    let (retry_phase, switched_phase) = ctx.cutover_phases();
     let back = |why: String| {
         let _ = save(proxy, id, |m| {
-            m.phase = Phase::CatchingUp;
+            m.phase = retry_phase;
             m.cutover_attempts += 1;
             m.message = why.clone();
         });
         Stop::Retry(why)
     };
-    if proxy.reshard.abort_requested(id) {
+    if ctx.aborted(proxy) {
         back("abort requested".into());
         return Err(Stop::Aborted);
     }
@@ -958,6 +1084,33 @@ async fn cutover(proxy: &Arc<Proxy>, ctx: &Ctx, held: Instant) -> Result<Phase, 
         back(why.clone());
         return Err(Stop::Fail(why));
     }
+    // Where a move back would replay the target's changes from: every
+    // change the target applied for the source is before it, every write
+    // of the new owner after it (nothing is routed there yet). The insert
+    // position, not the write position: the apply worker commits
+    // asynchronously, so its last commit records may not be written yet.
+    let back_lsn = if ctx.back {
+        String::new()
+    } else {
+        match query(&mut t, "SELECT pg_current_wal_insert_lsn()::text").await {
+            Ok(rows) => first(&rows).unwrap_or_default(),
+            Err(e) => {
+                let _ = release(&mut s, ctx).await;
+                return Err(back(format!("cutover: {e}; retrying")));
+            }
+        }
+    };
+    // Moving back: the old owner's fence goes (its copy is current
+    // again) before the map names it owner again.
+    if ctx.back {
+        if let Err(e) = query(&mut t, &unfence_sql(ctx)).await {
+            let _ = release(&mut s, ctx).await;
+            return Err(back(format!(
+                "cutover: unfencing {} failed ({e}); retrying",
+                ctx.m.to
+            )));
+        }
+    }
     // Switch: the moving buckets belong to the target from here on.
     let topology = proxy.topology.load();
     let Some(map) = topology.map.as_ref() else {
@@ -989,9 +1142,14 @@ async fn cutover(proxy: &Arc<Proxy>, ctx: &Ctx, held: Instant) -> Result<Phase, 
             .filter(|o| !o.buckets.is_empty())
             .collect();
         if let Some(m) = st.moves.iter_mut().find(|m| m.id == id) {
-            m.phase = Phase::Switched;
-            m.switched_unix_ms = now_ms();
-            m.pause_ms = pause;
+            m.phase = switched_phase;
+            if ctx.back {
+                m.back_pause_ms = pause;
+            } else {
+                m.switched_unix_ms = now_ms();
+                m.pause_ms = pause;
+                m.back_lsn = back_lsn;
+            }
             m.message.clear();
         }
     });
@@ -1004,8 +1162,156 @@ async fn cutover(proxy: &Arc<Proxy>, ctx: &Ctx, held: Instant) -> Result<Phase, 
     crate::metrics::GLOBAL
         .reshard_pause_ms
         .observe(pause as f64 / 1000.0);
-    tracing::warn!(id, from = %ctx.m.from, to = %ctx.m.to, buckets = %ctx.m.buckets.join(","), pause_ms = pause, "bucket move: cut over");
-    Ok(Phase::Switched)
+    if ctx.back {
+        crate::metrics::GLOBAL
+            .reshard_moves
+            .with_label_values(&["moved_back"])
+            .inc();
+    } else if let Ok(m) = save(proxy, id, |_| ()) {
+        // From here on the reverse slot keeps only the WAL a move back
+        // would replay.
+        let ctx = Ctx { m, ..ctx.clone() };
+        if let Err(e) = advance_back_slot(proxy, &ctx).await {
+            tracing::warn!(id, error = %e, "reverse replication slot not advanced");
+        }
+    }
+    tracing::warn!(id, from = %ctx.m.from, to = %ctx.m.to, buckets = %ctx.m.buckets.join(","), pause_ms = pause, back = ctx.back, "bucket move: cut over");
+    Ok(switched_phase)
+}
+
+/// A cutover the proxy stopped in the middle of: drops the fence and
+/// goes back to catching up.
+async fn interrupted(proxy: &Proxy, ctx: &Ctx) -> Result<Phase, Stop> {
+    let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
+    release(&mut s, ctx).await?;
+    Ok(ctx.cutover_phases().0)
+}
+
+/// On the target, before the cutover: the publication and the logical
+/// slot a move back replays the target's changes from. Created now, not
+/// during the hold (a new slot waits for running transactions); advanced
+/// to the cutover's WAL position once the map has switched, so what the
+/// target applied for the source is never sent back.
+async fn prepare_back(t: &mut ServerConn, ctx: &Ctx) -> Result<(), String> {
+    let name = ctx.reversed().name();
+    let has_publication = first(
+        &query(
+            t,
+            &format!(
+                "SELECT count(*) FROM pg_publication WHERE pubname = {}",
+                quote(&name)
+            ),
+        )
+        .await?,
+    );
+    if has_publication.as_deref() == Some("0") {
+        let mut members: Vec<String> = ctx
+            .tables
+            .iter()
+            .map(|tb| format!("{} WHERE ({})", tb.sql_name, ctx.filter(tb)))
+            .collect();
+        members.push(format!("shardgate.move_marker WHERE (id = {})", ctx.m.id));
+        query(
+            t,
+            &format!("CREATE PUBLICATION {name} FOR TABLE {}", members.join(", ")),
+        )
+        .await?;
+    }
+    let has_slot = first(
+        &query(
+            t,
+            &format!(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = {}",
+                quote(&name)
+            ),
+        )
+        .await?,
+    );
+    if has_slot.as_deref() == Some("0") {
+        query(
+            t,
+            &format!(
+                "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
+                quote(&name)
+            ),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Moves the reverse slot on the target to the cutover's WAL position
+/// (if it is not there or past it yet).
+async fn advance_back_slot(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
+    if ctx.m.back_lsn.is_empty() {
+        return Ok(());
+    }
+    let name = ctx.reversed().name();
+    let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
+    let rows = query(
+        &mut t,
+        &format!(
+            "SELECT (confirmed_flush_lsn < {lsn}::pg_lsn)::text, active::text FROM pg_replication_slots WHERE slot_name = {name}",
+            lsn = quote(&ctx.m.back_lsn),
+            name = quote(&name)
+        ),
+    )
+    .await?;
+    let Some(row) = rows.first() else {
+        return Err(format!(
+            "the reverse replication slot {name} is missing on {}",
+            ctx.target
+        ));
+    };
+    if cell::<String>(row, 0).as_deref() == Some("true")
+        && cell::<String>(row, 1).as_deref() == Some("false")
+    {
+        query(
+            &mut t,
+            &format!(
+                "SELECT pg_replication_slot_advance({}, {}::pg_lsn)",
+                quote(&name),
+                quote(&ctx.m.back_lsn)
+            ),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// An abort after the cutover: the forward stream stops, the target's
+/// changes since the cutover stream back to the source (a subscription
+/// there on the reverse slot), and the same catch-up and verification as
+/// a move's run in the other direction.
+async fn moving_back(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
+    // The forward stream would send the reverse stream's changes back.
+    drop_replication(proxy, ctx).await?;
+    let back = ctx.reversed();
+    let name = back.name();
+    let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
+    let subscribed = first(
+        &query(
+            &mut s,
+            &format!(
+                "SELECT count(*) FROM pg_subscription WHERE subname = {}",
+                quote(&name)
+            ),
+        )
+        .await?,
+    );
+    if subscribed.as_deref() == Some("0") {
+        advance_back_slot(proxy, ctx).await.map_err(Stop::Fail)?;
+        query(
+            &mut s,
+            &format!(
+                "CREATE SUBSCRIPTION {name} CONNECTION {} PUBLICATION {name}                  WITH (copy_data = false, create_slot = false, slot_name = {name})",
+                quote(&conninfo(proxy, &ctx.target, &ctx.m.database))
+            ),
+        )
+        .await?;
+        tracing::info!(id = ctx.m.id, from = %ctx.m.to, to = %ctx.m.from, "bucket move: streaming back");
+    }
+    catching_up(proxy, &back).await
 }
 
 /// Deletes the rows of the moving buckets from `c` in batches (fence
@@ -1108,11 +1414,14 @@ async fn drop_replication(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
 /// source, fence triggers and the marker.
 async fn cleanup(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
     drop_replication(proxy, ctx).await?;
+    drop_replication(proxy, &ctx.reversed()).await?;
     let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
     let deleted = delete_rows(&mut s, ctx, &ctx.tables).await?;
     query(&mut s, &unfence_sql(ctx)).await?;
     query(&mut s, &forget_marker_sql(ctx)).await?;
     let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
+    // A move back that failed may have left its watch there.
+    query(&mut t, &unfence_sql(ctx)).await?;
     query(&mut t, &forget_marker_sql(ctx)).await?;
     let id = ctx.m.id;
     tracing::info!(id, deleted, source = %ctx.source, "bucket move: cleaned up");
@@ -1138,6 +1447,7 @@ fn copy_started(proxy: &Proxy, id: u64) -> bool {
 
 async fn rollback_inner(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
     drop_replication(proxy, ctx).await?;
+    drop_replication(proxy, &ctx.reversed()).await?;
     let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
     query(&mut s, &unfence_sql(ctx)).await?;
     query(&mut s, &forget_marker_sql(ctx)).await?;
@@ -1160,6 +1470,9 @@ async fn rollback_inner(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
         }
     }
     delete_rows(&mut t, ctx, present).await?;
+    // After a move back, the target was fenced while the map switched
+    // back: its copy is gone now.
+    query(&mut t, &unfence_sql(ctx)).await?;
     Ok(())
 }
 
