@@ -278,6 +278,9 @@ pub struct ReshardConfig {
     /// held; longer, and the hold is released and the cutover retried.
     #[serde(with = "humantime_serde")]
     pub cutover_timeout: Duration,
+    /// The most bytes per second a move's copy reads from the source
+    /// (0: no limit). Re-read while the copy runs: a reload changes it.
+    pub copy_bytes_per_second: u64,
 }
 
 impl Default for ReshardConfig {
@@ -285,6 +288,7 @@ impl Default for ReshardConfig {
         ReshardConfig {
             cleanup_after: Duration::from_secs(600),
             cutover_timeout: Duration::from_millis(2000),
+            copy_bytes_per_second: 0,
         }
     }
 }

@@ -28,6 +28,10 @@ fn state_dir() -> std::path::PathBuf {
 /// Three shards: s0 owns buckets 0-31, s1 32-63, s2 none (a shard just
 /// added). `items` is sharded by id.
 fn setup(reshard: &str) -> (TestProxy, Vec<PgServer>) {
+    setup_hash(reshard, "postgres")
+}
+
+fn setup_hash(reshard: &str, hash: &str) -> (TestProxy, Vec<PgServer>) {
     let servers: Vec<PgServer> = (0..3).map(|_| private_cluster(0).0).collect();
     let state = state_dir();
     let base = common::config_text(
@@ -38,7 +42,7 @@ fn setup(reshard: &str) -> (TestProxy, Vec<PgServer>) {
     // The application's login is not a superuser; the control plane logs
     // in as postgres (as `shardgate up` sets it up).
     let text = format!(
-        "{base}buckets = [\"0-31\"]\n\n[[shards]]\nname = \"s1\"\nprimary = \"{}\"\nbuckets = [\"32-63\"]\n\n[[shards]]\nname = \"s2\"\nprimary = \"{}\"\n\n[sharding]\nbuckets = {BUCKETS}\n\n[[sharding.tables]]\nname = \"items\"\ncolumn = \"id\"\ntype = \"int8\"\n\n[health]\nuser = \"postgres\"\npassword = \"postgres\"\n\n[reshard]\n{reshard}\n",
+        "{base}buckets = [\"0-31\"]\n\n[[shards]]\nname = \"s1\"\nprimary = \"{}\"\nbuckets = [\"32-63\"]\n\n[[shards]]\nname = \"s2\"\nprimary = \"{}\"\n\n[sharding]\nbuckets = {BUCKETS}\nhash = \"{hash}\"\n\n[[sharding.tables]]\nname = \"items\"\ncolumn = \"id\"\ntype = \"int8\"\n\n[health]\nuser = \"postgres\"\npassword = \"postgres\"\n\n[reshard]\n{reshard}\n",
         servers[1].addr(),
         servers[2].addr()
     );
@@ -186,10 +190,60 @@ async fn writer(url: String, me: i64, writers: i64, stop: Arc<AtomicBool>) -> Le
         };
         l.ops += 1;
         if let Err(e) = r {
-            l.errors.push(format!("{}: {e}", common::code(&e)));
+            l.errors.push(format!(
+                "{}: {}",
+                common::code(&e),
+                e.as_db_error()
+                    .map_or(e.to_string(), |d| d.message().to_owned())
+            ));
         }
     }
     l
+}
+
+/// Asks the proxy to abort its moves.
+async fn abort(tp: &TestProxy) {
+    let proxy = tp.proxy.clone();
+    runtime()
+        .spawn(async move { Reshard::abort(&proxy) })
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// Stops the writers; their merged ledger, errors and operation count.
+async fn stop_writers(
+    stop: &AtomicBool,
+    writers: Vec<tokio::task::JoinHandle<Ledger>>,
+) -> (BTreeMap<i64, Option<i64>>, Vec<String>, u64) {
+    stop.store(true, Ordering::Relaxed);
+    let mut ledger = BTreeMap::new();
+    let mut errors = Vec::new();
+    let mut ops = 0;
+    for w in writers {
+        let l = w.await.unwrap();
+        ledger.extend(l.rows);
+        errors.extend(l.errors);
+        ops += l.ops;
+    }
+    (ledger, errors, ops)
+}
+
+/// Every acknowledged row exactly once, on its owner as the map says now,
+/// with its value; nothing else anywhere.
+fn assert_ledger(tp: &TestProxy, on: &[BTreeMap<i64, i64>], ledger: &BTreeMap<i64, Option<i64>>) {
+    for (id, want) in ledger {
+        let holders: Vec<usize> = (0..on.len()).filter(|s| on[*s].contains_key(id)).collect();
+        match want {
+            Some(v) => {
+                assert_eq!(holders, vec![owner(tp, *id)], "key {id}");
+                assert_eq!(on[holders[0]][id], *v, "key {id}");
+            }
+            None => assert!(holders.is_empty(), "deleted key {id} is on {holders:?}"),
+        }
+    }
+    let total: usize = on.iter().map(|r| r.len()).sum();
+    assert_eq!(total, ledger.values().filter(|v| v.is_some()).count());
 }
 
 /// Where `id` lives, as the proxy's map says now.
@@ -259,16 +313,7 @@ async fn buckets_move_to_a_new_shard_under_writes_with_nothing_lost() {
     assert!(refused, "a scatter read during the move was not refused");
     let ended = until_ended(&tp, Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut ledger: BTreeMap<i64, Option<i64>> = BTreeMap::new();
-    let mut errors = Vec::new();
-    let mut ops = 0;
-    for w in writers {
-        let l = w.await.unwrap();
-        ledger.extend(l.rows);
-        errors.extend(l.errors);
-        ops += l.ops;
-    }
+    let (ledger, errors, ops) = stop_writers(&stop, writers).await;
     for m in &ended {
         assert_eq!(m.phase, Phase::Done, "{m:#?}");
         assert!(m.pause_ms < 5000, "{m:#?}");
@@ -276,20 +321,9 @@ async fn buckets_move_to_a_new_shard_under_writes_with_nothing_lost() {
     assert!(errors.is_empty(), "client errors: {errors:?}");
     assert!(ops > 100, "the writers did too little: {ops}");
 
-    // Every acknowledged row exactly once, on its owner, with its value.
     let on = rows_on_all(&servers).await;
-    for (id, want) in &ledger {
-        let holders: Vec<usize> = (0..3).filter(|s| on[*s].contains_key(id)).collect();
-        match want {
-            Some(v) => {
-                assert_eq!(holders, vec![owner(&tp, *id)], "key {id}");
-                assert_eq!(on[holders[0]][id], *v, "key {id}");
-            }
-            None => assert!(holders.is_empty(), "deleted key {id} is on {holders:?}"),
-        }
-    }
+    assert_ledger(&tp, &on, &ledger);
     let total: usize = on.iter().map(|r| r.len()).sum();
-    assert_eq!(total, ledger.values().filter(|v| v.is_some()).count());
     assert!(!on[2].is_empty(), "s2 got no rows");
     assert_clean(&servers).await;
     // The refusal is lifted: a scatter read answers from the new owners.
@@ -374,12 +408,7 @@ async fn abort_during_the_copy_restores_the_old_placement() {
         moves(&tp).iter().any(|m| m.phase == Phase::Copying)
     })
     .await;
-    let proxy = tp.proxy.clone();
-    runtime()
-        .spawn(async move { Reshard::abort(&proxy) })
-        .await
-        .unwrap()
-        .unwrap();
+    abort(&tp).await;
     let ended = until_ended(&tp, Duration::from_secs(60)).await;
     assert_eq!(ended[0].phase, Phase::Aborted, "{:#?}", ended[0]);
     let after = rows_on_all(&servers).await;
@@ -419,22 +448,10 @@ async fn abort_after_the_cutover_moves_the_buckets_back_with_nothing_lost() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let on_target = rows_on(&servers[2]).await.len();
     assert!(on_target > 0, "s2 got no rows");
-    let proxy = tp.proxy.clone();
-    runtime()
-        .spawn(async move { Reshard::abort(&proxy) })
-        .await
-        .unwrap()
-        .unwrap();
+    abort(&tp).await;
     let ended = until_ended(&tp, Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut ledger: BTreeMap<i64, Option<i64>> = BTreeMap::new();
-    let mut errors = Vec::new();
-    for w in writers {
-        let l = w.await.unwrap();
-        ledger.extend(l.rows);
-        errors.extend(l.errors);
-    }
+    let (ledger, errors, _) = stop_writers(&stop, writers).await;
     let m = &ended[0];
     assert_eq!(m.phase, Phase::Aborted, "{m:#?}");
     assert!(m.message.contains("moved back"), "{m:#?}");
@@ -444,20 +461,12 @@ async fn abort_after_the_cutover_moves_the_buckets_back_with_nothing_lost() {
     // its owner (s0 or s1), with its value.
     let on = rows_on_all(&servers).await;
     assert!(on[2].is_empty(), "s2 kept {} rows", on[2].len());
-    for (id, want) in &ledger {
-        let holders: Vec<usize> = (0..3).filter(|s| on[*s].contains_key(id)).collect();
-        match want {
-            Some(v) => {
-                let o = owner(&tp, *id);
-                assert!(o < 2, "key {id} is owned by s{o}");
-                assert_eq!(holders, vec![o], "key {id}");
-                assert_eq!(on[o][id], *v, "key {id}");
-            }
-            None => assert!(holders.is_empty(), "deleted key {id} is on {holders:?}"),
-        }
-    }
+    assert!(
+        (0..2000).all(|id| owner(&tp, id) < 2),
+        "a bucket stayed on s2"
+    );
+    assert_ledger(&tp, &on, &ledger);
     let total: usize = on.iter().map(|r| r.len()).sum();
-    assert_eq!(total, ledger.values().filter(|v| v.is_some()).count());
     assert_clean(&servers).await;
     let n: i64 = c
         .query_one("SELECT count(*) FROM items", &[])
@@ -465,6 +474,158 @@ async fn abort_after_the_cutover_moves_the_buckets_back_with_nothing_lost() {
         .unwrap()
         .get(0);
     assert_eq!(n as usize, total);
+}
+
+/// `reshard.copy_bytes_per_second` paces the copy: it cannot have taken
+/// less than its bytes at that rate (a lower bound, which a slow machine
+/// only exceeds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_keeps_to_its_rate_limit() {
+    const LIMIT: u64 = 4096;
+    let (tp, servers) = setup(&format!(
+        "cleanup_after = \"0s\"\ncopy_bytes_per_second = {LIMIT}"
+    ));
+    let c = tp.connect().await;
+    load(&c, 3000).await;
+    let before: BTreeMap<i64, i64> = rows_on_all(&servers).await.into_iter().flatten().collect();
+    start_move(&tp, &["0-31"], "s2").await.unwrap();
+    let ended = until_ended(&tp, Duration::from_secs(120)).await;
+    let m = &ended[0];
+    assert_eq!(m.phase, Phase::Done, "{m:#?}");
+    assert!(m.bytes_copied > 2 * LIMIT, "{m:#?}");
+    let took_ms = m.copied_unix_ms - m.copy_started_unix_ms;
+    assert!(
+        took_ms >= m.bytes_copied * 1000 / LIMIT,
+        "{} bytes copied in {took_ms} ms at most {LIMIT} bytes/s",
+        m.bytes_copied
+    );
+    let on = rows_on_all(&servers).await;
+    for (id, v) in &before {
+        let holders: Vec<usize> = (0..3).filter(|s| on[*s].contains_key(id)).collect();
+        assert_eq!(holders, vec![owner(&tp, *id)], "key {id}");
+        assert_eq!(on[holders[0]][id], *v);
+    }
+    assert_clean(&servers).await;
+}
+
+/// Postgres computes a murmur3 bucket exactly as the proxy does (the SQL
+/// functions a move installs), for int, text of every length up to three
+/// blocks (multibyte too) and uuid keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn murmur3_buckets_computed_in_postgres_match_the_proxy() {
+    use shardgate::sharding::hash::{
+        bucket, bucket_sql_installed, HashFunction, KeyType, KeyValue,
+    };
+    let (server, _) = private_cluster(0);
+    let c = direct(&server).await;
+    c.batch_execute(shardgate::reshard::MURMUR3_SQL)
+        .await
+        .unwrap();
+    // A large prime bucket count compares nearly all of the hash.
+    const B: u32 = 4_294_967_291;
+    let f = HashFunction::Murmur3;
+    let mut ints: Vec<i64> = vec![0, 1, -1, i64::MIN, i64::MAX, 42, 1 << 40];
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..200 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        ints.push(seed as i64);
+        ints.push((seed % 100_000) as i64);
+    }
+    let sql = bucket_sql_installed(f, KeyType::Int8, "k", B);
+    let rows = c
+        .query(
+            &format!("SELECT k, {sql} FROM unnest($1::int8[]) k"),
+            &[&ints],
+        )
+        .await
+        .unwrap();
+    for r in rows {
+        let k: i64 = r.get(0);
+        let got: i64 = r.get(1);
+        assert_eq!(
+            got as u32,
+            bucket(f, KeyType::Int8, &KeyValue::Int(k), B),
+            "int {k}"
+        );
+    }
+    let mut texts: Vec<String> = (0..50)
+        .map(|n| "abcdefghij".repeat(5)[..n].to_string())
+        .collect();
+    texts.extend(["é", "日本語のキー", "user:1234", "ünïcödé-ключ-🙂"].map(String::from));
+    let sql = bucket_sql_installed(f, KeyType::Text, "k", B);
+    let rows = c
+        .query(
+            &format!("SELECT k, {sql} FROM unnest($1::text[]) k"),
+            &[&texts],
+        )
+        .await
+        .unwrap();
+    for r in rows {
+        let k: String = r.get(0);
+        let got: i64 = r.get(1);
+        assert_eq!(
+            got as u32,
+            bucket(f, KeyType::Text, &KeyValue::Text(k.clone()), B),
+            "text {k:?}"
+        );
+    }
+    let sql = bucket_sql_installed(f, KeyType::Uuid, "k", B);
+    let rows = c
+        .query(
+            &format!("SELECT k::text, uuid_send(k), {sql} FROM (SELECT gen_random_uuid() k FROM generate_series(1, 50)) x"),
+            &[],
+        )
+        .await
+        .unwrap();
+    for r in rows {
+        let bytes: Vec<u8> = r.get(1);
+        let got: i64 = r.get(2);
+        let u: [u8; 16] = bytes.try_into().unwrap();
+        assert_eq!(
+            got as u32,
+            bucket(f, KeyType::Uuid, &KeyValue::Uuid(u), B),
+            "uuid {}",
+            r.get::<_, String>(0)
+        );
+    }
+}
+
+/// Tables on the murmur3 hash move too: the publication sends every
+/// change and the receiving side keeps the moving buckets' (a trigger).
+/// One move completes, a second is aborted after its cutover and moves
+/// back, under writers throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn murmur3_tables_move_and_move_back_under_writes() {
+    let (tp, servers) = setup_hash("cleanup_after = \"3s\"", "murmur3");
+    let c = tp.connect().await;
+    load(&c, 2000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|w| tokio::spawn(writer(tp.url("app", "app", "app"), w, 2, stop.clone())))
+        .collect();
+    start_move(&tp, &["16-31"], "s2").await.unwrap();
+    let first = until_ended(&tp, Duration::from_secs(120)).await;
+    assert_eq!(first[0].phase, Phase::Done, "{:#?}", first[0]);
+    start_move(&tp, &["48-63"], "s2").await.unwrap();
+    until_phase(&tp, "switched", |m| m.id == 2 && m.phase == Phase::Switched).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    abort(&tp).await;
+    let ended = until_ended(&tp, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ledger, errors, _) = stop_writers(&stop, writers).await;
+    let second = ended.iter().find(|m| m.id == 2).unwrap();
+    assert_eq!(second.phase, Phase::Aborted, "{second:#?}");
+    assert!(second.message.contains("moved back"), "{second:#?}");
+    assert!(errors.is_empty(), "client errors: {errors:?}");
+    let on = rows_on_all(&servers).await;
+    for id in ledger.keys() {
+        let l = location(&tp, *id);
+        assert_eq!(l.shard == 2, (16..32).contains(&l.bucket), "key {id}");
+    }
+    assert_ledger(&tp, &on, &ledger);
+    assert_clean(&servers).await;
 }
 
 /// Stops a proxy the way a crash would stop its move: mid-phase.
@@ -598,12 +759,7 @@ async fn a_move_back_resumes_after_the_proxy_dies() {
     )
     .await
     .unwrap();
-    let proxy = tp.proxy.clone();
-    runtime()
-        .spawn(async move { Reshard::abort(&proxy) })
-        .await
-        .unwrap()
-        .unwrap();
+    abort(&tp).await;
     until_phase(&tp, "moving back", |m| m.phase == Phase::MovingBack).await;
     kill(tp);
     let tp = common::start_proxy_config(text.as_ref().clone());

@@ -293,6 +293,7 @@ impl Admin for Service {
                     copy_started_unix_ms: m.copy_started_unix_ms,
                     copied_unix_ms: m.copied_unix_ms,
                     back_pause_ms: m.back_pause_ms,
+                    bytes_copied: m.bytes_copied,
                 }
             })
             .collect();

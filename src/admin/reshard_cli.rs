@@ -291,6 +291,14 @@ fn progress_line(m: &pb::MoveStatus) -> String {
             m.rows_per_second, m.eta_seconds
         ));
     }
+    if m.copied_unix_ms > m.copy_started_unix_ms && m.bytes_copied > 0 {
+        let secs = (m.copied_unix_ms - m.copy_started_unix_ms) as f64 / 1000.0;
+        s.push_str(&format!(
+            ", copied {:.1} MB in {secs:.1} s ({:.1} MB/s)",
+            m.bytes_copied as f64 / 1e6,
+            m.bytes_copied as f64 / 1e6 / secs.max(0.001)
+        ));
+    }
     if m.lag_bytes > 0 {
         s.push_str(&format!(", lag {} bytes", m.lag_bytes));
     }

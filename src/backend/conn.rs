@@ -87,13 +87,26 @@ pub struct ServerConn {
 
 impl ServerConn {
     pub async fn connect(p: &ConnectParams, timeout: Duration) -> Result<ServerConn, ConnectError> {
-        match tokio::time::timeout(timeout, Self::connect_inner(p)).await {
+        Self::connect_with(p, timeout, &[]).await
+    }
+
+    /// [`Self::connect`] with more startup parameters (`replication`, for
+    /// a WAL sender connection).
+    pub async fn connect_with(
+        p: &ConnectParams,
+        timeout: Duration,
+        extra: &[(&str, &str)],
+    ) -> Result<ServerConn, ConnectError> {
+        match tokio::time::timeout(timeout, Self::connect_inner(p, extra)).await {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Timeout(p.addr.clone())),
         }
     }
 
-    async fn connect_inner(p: &ConnectParams) -> Result<ServerConn, ConnectError> {
+    async fn connect_inner(
+        p: &ConnectParams,
+        extra: &[(&str, &str)],
+    ) -> Result<ServerConn, ConnectError> {
         let io = |source| ConnectError::Io {
             addr: p.addr.clone(),
             source,
@@ -115,10 +128,9 @@ impl ServerConn {
             last_released: Instant::now(),
             read_buf: BytesMut::with_capacity(8192),
         };
-        let startup = crate::protocol::frontend::build_startup(&[
-            ("user", p.user.as_str()),
-            ("database", p.database.as_str()),
-        ]);
+        let mut params = vec![("user", p.user.as_str()), ("database", p.database.as_str())];
+        params.extend_from_slice(extra);
+        let startup = crate::protocol::frontend::build_startup(&params);
         conn.stream.write_all(&startup).await.map_err(io)?;
         conn.authenticate(p).await?;
         // After AuthenticationOk: ParameterStatus*, BackendKeyData, ReadyForQuery.

@@ -8,16 +8,17 @@
 //! 1. **Preparing**: schema on the target (copied with `pg_dump` when
 //!    missing), then a publication on the source whose row filters select
 //!    the moving buckets (the `postgres` hash computed by Postgres itself,
-//!    [`crate::sharding::hash::bucket_sql`]) and a subscription on the
-//!    target. Postgres's own logical replication is used rather than
-//!    decoding the stream in the proxy: its initial copy runs in the
-//!    snapshot exported by the replication slot it creates, so nothing
-//!    between snapshot and stream is lost, and it applies changes
-//!    transactionally in commit order, with row filters that turn an
-//!    UPDATE moving a row into or out of the buckets into an INSERT or a
-//!    DELETE.
-//! 2. **Copying**: the subscription's table synchronisation runs; reads and
-//!    writes continue on the source.
+//!    [`crate::sharding::hash::bucket_sql`]). Postgres's own logical
+//!    replication carries the stream rather than a decoder in the proxy:
+//!    it applies changes transactionally in commit order, with row filters
+//!    that turn an UPDATE moving a row into or out of the buckets into an
+//!    INSERT or a DELETE.
+//! 2. **Copying**: the replication slot is created over a WAL sender
+//!    connection and exports its snapshot; shardgate copies the moving rows
+//!    in that snapshot (`COPY ... TO STDOUT` into `COPY ... FROM STDIN`,
+//!    rate-limited by `reshard.copy_bytes_per_second`), so nothing between
+//!    copy and stream is lost, then subscribes the target to the slot.
+//!    Reads and writes continue on the source.
 //! 3. **CatchingUp**: the stream applies the source's changes; a marker row
 //!    (`shardgate.move_marker`, part of the publication) bumped on the
 //!    source and seen on the target proves the target has applied
@@ -54,6 +55,10 @@
 pub mod buckets;
 mod steps;
 mod verify;
+
+/// The SQL functions that compute a murmur3 bucket inside Postgres
+/// (installed on both sides of a move of a murmur3-sharded table).
+pub const MURMUR3_SQL: &str = include_str!("murmur3.sql");
 
 use crate::proxy::Proxy;
 use serde::{Deserialize, Serialize};
@@ -104,6 +109,9 @@ pub struct Move {
     pub copy_started_unix_ms: u64,
     #[serde(default)]
     pub copied_unix_ms: u64,
+    /// Bytes the copy sent to the target (COPY text format).
+    #[serde(default)]
+    pub bytes_copied: u64,
     /// The target's WAL position at the cutover: a move back (an abort
     /// after the cutover) replays the target's changes from here.
     #[serde(default)]
@@ -363,12 +371,6 @@ impl Reshard {
             .map
             .as_ref()
             .ok_or("resharding needs a [sharding] section")?;
-        if map.hash != crate::sharding::hash::HashFunction::Postgres {
-            return Err(
-                "moving buckets of tables on the murmur3 hash is not supported yet (Postgres cannot compute murmur3 to filter the rows)"
-                    .into(),
-            );
-        }
         if !topology.shards.iter().any(|s| s.name == to) {
             return Err(format!("no shard named {to:?}"));
         }

@@ -5,7 +5,8 @@ use super::{buckets, now_ms, save, Move, Phase, PlannedTable, Progress};
 use crate::backend::conn::{ConnectParams, ServerConn};
 use crate::failover::{cell, first, query, quote};
 use crate::proxy::Proxy;
-use crate::sharding::hash::{bucket_sql, KeyType};
+use crate::sharding::hash::{bucket_sql_installed, HashFunction, KeyType};
+use futures::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,28 +21,23 @@ pub(super) struct Table {
     /// use [`Table::bucket_of`]).
     pub(super) column: String,
     pub(super) key_type: KeyType,
+    pub(super) hash: HashFunction,
 }
 
 impl Table {
     pub(super) fn bucket_of(&self, row: &str, total: u32) -> String {
         let col = format!("{row}.{}", ident(&self.column));
-        bucket_sql(
-            crate::sharding::hash::HashFunction::Postgres,
-            self.key_type,
-            &col,
-            total,
-        )
-        .expect("postgres hash")
+        bucket_sql_installed(self.hash, self.key_type, &col, total)
     }
 
     pub(super) fn bucket_plain(&self, total: u32) -> String {
-        bucket_sql(
-            crate::sharding::hash::HashFunction::Postgres,
-            self.key_type,
-            &ident(&self.column),
-            total,
-        )
-        .expect("postgres hash")
+        bucket_sql_installed(self.hash, self.key_type, &ident(&self.column), total)
+    }
+
+    /// Postgres computes the bucket with built-in functions only (a
+    /// publication row filter can select the rows).
+    fn filterable(&self) -> bool {
+        self.hash == HashFunction::Postgres
     }
 }
 
@@ -51,6 +47,15 @@ pub(super) fn ident(s: &str) -> String {
 
 /// A connection to `database` on `addr` as the control-plane login.
 async fn conn(proxy: &Proxy, addr: &str, database: &str) -> Result<ServerConn, String> {
+    conn_with(proxy, addr, database, &[]).await
+}
+
+async fn conn_with(
+    proxy: &Proxy,
+    addr: &str,
+    database: &str,
+    extra: &[(&str, &str)],
+) -> Result<ServerConn, String> {
     let config = proxy.config.load();
     let (user, password) = config.probe_login();
     let p = ConnectParams {
@@ -59,9 +64,33 @@ async fn conn(proxy: &Proxy, addr: &str, database: &str) -> Result<ServerConn, S
         user,
         password,
     };
-    ServerConn::connect(&p, Duration::from_secs(5))
+    ServerConn::connect_with(&p, Duration::from_secs(5), extra)
         .await
         .map_err(|e| format!("{addr}: {e}"))
+}
+
+/// A tokio-postgres client for the copy (its COPY streams), as the
+/// control-plane login.
+async fn copy_client(
+    proxy: &Proxy,
+    addr: &str,
+    database: &str,
+) -> Result<tokio_postgres::Client, String> {
+    let (client, connection) =
+        tokio_postgres::connect(&conninfo(proxy, addr, database), tokio_postgres::NoTls)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+fn pg_err(addr: &str) -> impl Fn(tokio_postgres::Error) -> String + '_ {
+    move |e| match e.as_db_error() {
+        Some(d) => format!("{addr}: {}: {}", d.code().code(), d.message()),
+        None => format!("{addr}: {e}"),
+    }
 }
 
 /// A libpq connection string to `addr` for the target's subscription.
@@ -102,6 +131,7 @@ fn primary_of(proxy: &Proxy, shard: &str) -> Result<String, String> {
 async fn tables(proxy: &Proxy, c: &mut ServerConn) -> Result<Vec<Table>, String> {
     let topology = proxy.topology.load();
     let map = topology.map.as_ref().ok_or("no [sharding] section")?;
+    let hash = map.hash;
     let mut out = Vec::new();
     for (schema, name, column, key_type) in map.sharded_tables() {
         let reference = match &schema {
@@ -126,7 +156,11 @@ async fn tables(proxy: &Proxy, c: &mut ServerConn) -> Result<Vec<Table>, String>
             name: format!("{nsp}.{rel}"),
             column,
             key_type,
+            hash,
         });
+    }
+    if out.iter().any(|t| !t.filterable()) {
+        query(c, super::MURMUR3_SQL).await?;
     }
     Ok(out)
 }
@@ -225,6 +259,26 @@ impl Ctx {
             buckets::sql_array(&self.moving)
         )
     }
+
+    /// The tables (with their index) whose publication cannot filter by
+    /// bucket.
+    fn unfilterable(&self) -> impl Iterator<Item = (usize, &Table)> {
+        self.tables
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !t.filterable())
+    }
+
+    /// A table of the publication: with the bucket filter where Postgres
+    /// can compute it; otherwise every change is sent and the receiving
+    /// side keeps those of the moving buckets ([`keep_sql`]).
+    fn publication_member(&self, t: &Table) -> String {
+        if t.filterable() {
+            format!("{} WHERE ({})", t.sql_name, self.filter(t))
+        } else {
+            t.sql_name.clone()
+        }
+    }
 }
 
 async fn context(proxy: &Proxy, m: &Move) -> Result<Ctx, String> {
@@ -298,7 +352,7 @@ pub(super) async fn run(proxy: &Arc<Proxy>, id: u64) {
         };
         let step = match m.phase {
             Phase::Preparing => prepare(proxy, &ctx).await.map(|()| Phase::Copying),
-            Phase::Copying => copying(proxy, &ctx).await.map(|()| Phase::CatchingUp),
+            Phase::Copying => copy(proxy, &ctx).await.map(|()| Phase::CatchingUp),
             Phase::CatchingUp => match catching_up(proxy, &ctx).await {
                 Ok(()) => {
                     // Saving the phase publishes the held buckets.
@@ -484,6 +538,9 @@ async fn prepare(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
     }
     let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
     let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
+    if ctx.tables.iter().any(|tb| !tb.filterable()) {
+        query(&mut t, super::MURMUR3_SQL).await?;
+    }
     for tb in &ctx.tables {
         // Row filters on UPDATE and DELETE need the sharding column in the
         // replica identity (the primary key, usually).
@@ -587,7 +644,7 @@ async fn prepare(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
     let mut members: Vec<String> = ctx
         .tables
         .iter()
-        .map(|t| format!("{} WHERE ({})", t.sql_name, ctx.filter(t)))
+        .map(|t| ctx.publication_member(t))
         .collect();
     members.push(format!("shardgate.move_marker WHERE (id = {id})"));
     query(
@@ -599,16 +656,7 @@ async fn prepare(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
         ),
     )
     .await?;
-    query(
-        &mut t,
-        &format!(
-            "CREATE SUBSCRIPTION {name} CONNECTION {} PUBLICATION {name} WITH (copy_data = true, slot_name = {name})",
-            quote(&conninfo(proxy, &ctx.source, &ctx.m.database)),
-            name = ctx.name()
-        ),
-    )
-    .await?;
-    tracing::info!(id, from = %ctx.m.from, to = %ctx.m.to, buckets = %ctx.m.buckets.join(","), rows_total, "bucket move: copy started");
+    tracing::info!(id, from = %ctx.m.from, to = %ctx.m.to, buckets = %ctx.m.buckets.join(","), rows_total, "bucket move: prepared");
     Ok(())
 }
 
@@ -694,76 +742,177 @@ async fn copy_schema(proxy: &Proxy, ctx: &Ctx, t: &Table) -> Result<(), String> 
     Ok(())
 }
 
-/// Waits until the subscription's initial copy of every table is done.
-async fn copying(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
+/// Copies the rows of the moving buckets to the target and starts the
+/// stream after them.
+///
+/// The copy runs in the snapshot the replication slot exports when it is
+/// created (a WAL sender connection, `CREATE_REPLICATION_SLOT ... (SNAPSHOT
+/// 'export')`), so the stream from the slot starts exactly where the copy's
+/// view ends: nothing is lost or applied twice. shardgate drives the copy
+/// itself (rather than the subscription's table synchronisation) so that
+/// it can be rate-limited (`reshard.copy_bytes_per_second`) and counted.
+/// The target takes the whole copy in one transaction: a copy interrupted
+/// by a crash leaves nothing there, and starts over.
+async fn copy(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
+    let name = ctx.name();
     let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
-    let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
-    let started = Instant::now();
-    loop {
-        if proxy.reshard.abort_requested(ctx.m.id) {
-            return Err(Stop::Aborted);
-        }
-        let rows = query(
+    let subscribed = first(
+        &query(
             &mut t,
             &format!(
-                "SELECT r.srrelid::regclass::text, r.srsubstate::text, \
-                   (SELECT tuples_processed FROM pg_stat_progress_copy p WHERE p.relid = r.srrelid LIMIT 1) \
-                 FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
-                 WHERE s.subname = {}",
-                quote(&ctx.name())
+                "SELECT count(*) FROM pg_subscription WHERE subname = {}",
+                quote(&name)
             ),
         )
-        .await?;
-        if rows.is_empty() {
-            return Err(Stop::Fail(format!(
-                "subscription {} is missing on the target",
-                ctx.name()
-            )));
-        }
-        let ready = rows
-            .iter()
-            .filter(|r| matches!(cell::<String>(r, 1).as_deref(), Some("r" | "s")))
-            .count();
-        let in_flight: u64 = rows.iter().filter_map(|r| cell::<u64>(r, 2)).sum();
-        // Tables already copied count in full.
-        let done_rows = if ready == rows.len() {
-            ctx.m.rows_total
-        } else {
-            copied_rows(&mut t, ctx).await.unwrap_or(0).max(in_flight)
-        };
-        let secs = started.elapsed().as_secs_f64().max(0.001);
-        proxy.reshard.set_progress(
-            ctx.m.id,
-            Progress {
-                rows_copied: done_rows,
-                tables_ready: ready as u32,
-                tables_total: rows.len() as u32,
-                lag_bytes: lag_bytes(&mut s, ctx).await.unwrap_or(0),
-                rows_per_second: done_rows as f64 / secs,
-            },
-        );
-        if ready == rows.len() {
-            save(proxy, ctx.m.id, |m| m.copied_unix_ms = now_ms())?;
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        .await?,
+    );
+    if subscribed.as_deref() != Some("0") {
+        // Copied and streaming already (the proxy stopped right after).
+        return Ok(());
     }
-}
+    // What an interrupted attempt left: its slot, rows it committed.
+    let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
+    drop_slot(&mut s, &name, &ctx.source).await?;
+    delete_rows(&mut t, ctx, &ctx.tables).await?;
+    query(
+        &mut t,
+        &format!("DELETE FROM shardgate.move_marker WHERE id = {}", ctx.m.id),
+    )
+    .await?;
 
-/// Rows of the moving buckets already on the target (tables whose copy
-/// finished only; a table being copied is counted by the copy's progress).
-async fn copied_rows(t: &mut ServerConn, ctx: &Ctx) -> Result<u64, String> {
-    let rows = query(
-        t,
+    let mut r = conn_with(
+        proxy,
+        &ctx.source,
+        &ctx.m.database,
+        &[("replication", "database")],
+    )
+    .await?;
+    let slot = query(
+        &mut r,
+        &format!("CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (SNAPSHOT 'export')"),
+    )
+    .await?;
+    let snapshot: String = slot
+        .first()
+        .and_then(|row| cell(row, 2))
+        .ok_or("CREATE_REPLICATION_SLOT returned no snapshot")?;
+    let src = copy_client(proxy, &ctx.source, &ctx.m.database).await?;
+    let se = pg_err(&ctx.source);
+    src.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        quote(&snapshot)
+    ))
+    .await
+    .map_err(&se)?;
+    // The snapshot is imported: the WAL sender connection may go.
+    drop(r);
+    let dst = copy_client(proxy, &ctx.target, &ctx.m.database).await?;
+    let te = pg_err(&ctx.target);
+    // As the subscription's own copy: replica role (ordinary triggers and
+    // foreign-key checks do not fire).
+    dst.batch_execute("BEGIN; SET LOCAL session_replication_role = replica")
+        .await
+        .map_err(&te)?;
+    let mut jobs: Vec<(String, String)> = ctx
+        .tables
+        .iter()
+        .map(|tb| (tb.sql_name.clone(), ctx.filter(tb)))
+        .collect();
+    jobs.push(("shardgate.move_marker".into(), format!("id = {}", ctx.m.id)));
+    let started = Instant::now();
+    let mut rows = 0u64;
+    let mut bytes = 0u64;
+    for (i, (table, filter)) in jobs.iter().enumerate() {
+        let columns: String = src
+            .query_one(
+                "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute \
+                 WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped AND attgenerated = ''",
+                &[table],
+            )
+            .await
+            .map_err(&se)?
+            .get(0);
+        let out = src
+            .copy_out(&format!(
+                "COPY (SELECT {columns} FROM {table} WHERE {filter}) TO STDOUT"
+            ))
+            .await
+            .map_err(&se)?;
+        let sink = dst
+            .copy_in(&format!("COPY {table} ({columns}) FROM STDIN"))
+            .await
+            .map_err(&te)?;
+        futures::pin_mut!(out);
+        futures::pin_mut!(sink);
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            let row = out.next().await.transpose().map_err(&se)?;
+            if let Some(row) = &row {
+                buf.extend_from_slice(row);
+                rows += 1;
+            }
+            if buf.len() < 256 * 1024 && row.is_some() {
+                continue;
+            }
+            bytes += buf.len() as u64;
+            sink.send(buf.split().freeze()).await.map_err(&te)?;
+            if proxy.shutdown.is_cancelled() {
+                return Err(Stop::Retry("the proxy is stopping".into()));
+            }
+            if ctx.aborted(proxy) {
+                return Err(Stop::Aborted);
+            }
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            proxy.reshard.set_progress(
+                ctx.m.id,
+                Progress {
+                    rows_copied: rows,
+                    tables_ready: i as u32,
+                    tables_total: jobs.len() as u32,
+                    lag_bytes: 0,
+                    rows_per_second: rows as f64 / secs,
+                },
+            );
+            // The rate limit, re-read each chunk (a reload changes it).
+            let limit = proxy.config.load().reshard.copy_bytes_per_second;
+            if limit > 0 {
+                let due = Duration::from_secs_f64(bytes as f64 / limit as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            if row.is_none() {
+                break;
+            }
+        }
+        sink.as_mut().finish().await.map_err(&te)?;
+    }
+    dst.batch_execute("COMMIT").await.map_err(&te)?;
+    src.batch_execute("COMMIT").await.map_err(&se)?;
+    query(&mut t, &keep_sql(ctx)).await?;
+    query(
+        &mut t,
         &format!(
-            "SELECT COALESCE(sum(c.reltuples)::bigint, 0) FROM pg_subscription_rel r \
-             JOIN pg_subscription s ON s.oid = r.srsubid JOIN pg_class c ON c.oid = r.srrelid \
-             WHERE s.subname = {} AND r.srsubstate IN ('r', 's') AND c.relname <> 'move_marker'",
-            quote(&ctx.name())
+            "CREATE SUBSCRIPTION {name} CONNECTION {} PUBLICATION {name} \
+             WITH (copy_data = false, create_slot = false, slot_name = {name})",
+            quote(&conninfo(proxy, &ctx.source, &ctx.m.database))
         ),
     )
     .await?;
-    Ok(num(&rows))
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        id = ctx.m.id,
+        rows,
+        bytes,
+        secs,
+        "bucket move: copied; streaming"
+    );
+    save(proxy, ctx.m.id, |m| {
+        m.rows_total = rows.saturating_sub(1);
+        m.bytes_copied = bytes;
+        m.copied_unix_ms = now_ms();
+    })?;
+    Ok(())
 }
 
 /// WAL the slot has not confirmed yet.
@@ -820,7 +969,10 @@ async fn subscription_health(t: &mut ServerConn, ctx: &Ctx) -> String {
     let rows = query(
         t,
         &format!(
-            "SELECT coalesce(w.pid::text, 'not running'), coalesce(w.received_lsn::text, '-'),                coalesce(st.apply_error_count, 0)::text              FROM pg_subscription s LEFT JOIN pg_stat_subscription w ON w.subid = s.oid AND w.relid IS NULL              LEFT JOIN pg_stat_subscription_stats st ON st.subid = s.oid WHERE s.subname = {}",
+            "SELECT coalesce(w.pid::text, 'not running'), coalesce(w.received_lsn::text, '-'), \
+               coalesce(st.apply_error_count, 0)::text \
+             FROM pg_subscription s LEFT JOIN pg_stat_subscription w ON w.subid = s.oid AND w.relid IS NULL \
+             LEFT JOIN pg_stat_subscription_stats st ON st.subid = s.oid WHERE s.subname = {}",
             quote(&ctx.name())
         ),
     )
@@ -986,6 +1138,46 @@ fn unfence_sql(ctx: &Ctx) -> String {
     sql.push_str(&format!(
         " DROP FUNCTION IF EXISTS shardgate.fence_{id}(); RESET lock_timeout"
     ));
+    sql
+}
+
+/// On the receiving side of a stream whose publication cannot filter by
+/// bucket (murmur3): a trigger that fires only for replicated changes
+/// (`ENABLE REPLICA`) and keeps the rows of the moving buckets. A change
+/// to a row the receiver does not have is skipped by the apply itself; an
+/// update that takes a row out of the moving buckets is not applied, so
+/// the verification finds it rather than a row being left twice.
+fn keep_sql(ctx: &Ctx) -> String {
+    let id = ctx.m.id;
+    let list = buckets::sql_array(&ctx.moving);
+    let mut sql = String::from("SET lock_timeout = '5s';");
+    for (i, t) in ctx.unfilterable() {
+        sql.push_str(&format!(
+            " CREATE OR REPLACE FUNCTION shardgate.keep_{id}_{i}() RETURNS trigger LANGUAGE plpgsql AS $f$ \
+             BEGIN IF {b} = ANY ({list}) THEN RETURN NEW; END IF; RETURN NULL; END $f$; \
+             DROP TRIGGER IF EXISTS shardgate_keep_{id} ON {n}; \
+             CREATE TRIGGER shardgate_keep_{id} BEFORE INSERT OR UPDATE ON {n} FOR EACH ROW \
+               EXECUTE FUNCTION shardgate.keep_{id}_{i}(); \
+             ALTER TABLE {n} ENABLE REPLICA TRIGGER shardgate_keep_{id};",
+            b = t.bucket_of("NEW", ctx.total),
+            n = t.sql_name,
+        ));
+    }
+    sql.push_str(" RESET lock_timeout");
+    sql
+}
+
+/// Drops the [`keep_sql`] triggers (after the streams are gone).
+fn unkeep_sql(ctx: &Ctx) -> String {
+    let id = ctx.m.id;
+    let mut sql = String::from("SET lock_timeout = '5s';");
+    for (i, t) in ctx.unfilterable() {
+        sql.push_str(&format!(
+            " DROP TRIGGER IF EXISTS shardgate_keep_{id} ON {n}; DROP FUNCTION IF EXISTS shardgate.keep_{id}_{i}();",
+            n = t.sql_name
+        ));
+    }
+    sql.push_str(" RESET lock_timeout");
     sql
 }
 
@@ -1208,7 +1400,7 @@ async fn prepare_back(t: &mut ServerConn, ctx: &Ctx) -> Result<(), String> {
         let mut members: Vec<String> = ctx
             .tables
             .iter()
-            .map(|tb| format!("{} WHERE ({})", tb.sql_name, ctx.filter(tb)))
+            .map(|tb| ctx.publication_member(tb))
             .collect();
         members.push(format!("shardgate.move_marker WHERE (id = {})", ctx.m.id));
         query(
@@ -1301,10 +1493,12 @@ async fn moving_back(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
     );
     if subscribed.as_deref() == Some("0") {
         advance_back_slot(proxy, ctx).await.map_err(Stop::Fail)?;
+        query(&mut s, &keep_sql(&back)).await?;
         query(
             &mut s,
             &format!(
-                "CREATE SUBSCRIPTION {name} CONNECTION {} PUBLICATION {name}                  WITH (copy_data = false, create_slot = false, slot_name = {name})",
+                "CREATE SUBSCRIPTION {name} CONNECTION {} PUBLICATION {name} \
+                 WITH (copy_data = false, create_slot = false, slot_name = {name})",
                 quote(&conninfo(proxy, &ctx.target, &ctx.m.database))
             ),
         )
@@ -1380,14 +1574,18 @@ async fn drop_replication(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
     }
     let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
     query(&mut s, &format!("DROP PUBLICATION IF EXISTS {name}")).await?;
-    // The slot, if the subscription could not drop it. An active slot is
-    // still in use by a walsender that is going away: wait for it.
+    drop_slot(&mut s, &name, &ctx.source).await
+}
+
+/// Drops replication slot `name` on `s` if it exists. An active slot is
+/// still in use by a WAL sender that is going away: wait for it.
+async fn drop_slot(s: &mut ServerConn, name: &str, addr: &str) -> Result<(), String> {
     for _ in 0..50 {
         let rows = query(
-            &mut s,
+            s,
             &format!(
                 "SELECT active::text FROM pg_replication_slots WHERE slot_name = {}",
-                quote(&name)
+                quote(name)
             ),
         )
         .await?;
@@ -1395,8 +1593,8 @@ async fn drop_replication(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
             None => return Ok(()),
             Some("false") => {
                 query(
-                    &mut s,
-                    &format!("SELECT pg_drop_replication_slot({})", quote(&name)),
+                    s,
+                    &format!("SELECT pg_drop_replication_slot({})", quote(name)),
                 )
                 .await?;
                 return Ok(());
@@ -1404,10 +1602,7 @@ async fn drop_replication(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
-    Err(format!(
-        "replication slot {name} on {} stays active",
-        ctx.source
-    ))
+    Err(format!("replication slot {name} on {addr} stays active"))
 }
 
 /// After the grace period: replication objects, the moved rows on the
@@ -1419,9 +1614,11 @@ async fn cleanup(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
     let deleted = delete_rows(&mut s, ctx, &ctx.tables).await?;
     query(&mut s, &unfence_sql(ctx)).await?;
     query(&mut s, &forget_marker_sql(ctx)).await?;
+    query(&mut s, &unkeep_sql(ctx)).await?;
     let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
     // A move back that failed may have left its watch there.
     query(&mut t, &unfence_sql(ctx)).await?;
+    query(&mut t, &unkeep_sql(ctx)).await?;
     query(&mut t, &forget_marker_sql(ctx)).await?;
     let id = ctx.m.id;
     tracing::info!(id, deleted, source = %ctx.source, "bucket move: cleaned up");
@@ -1451,8 +1648,10 @@ async fn rollback_inner(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
     let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
     query(&mut s, &unfence_sql(ctx)).await?;
     query(&mut s, &forget_marker_sql(ctx)).await?;
+    query(&mut s, &unkeep_sql(ctx)).await?;
     let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
     query(&mut t, &forget_marker_sql(ctx)).await?;
+    query(&mut t, &unkeep_sql(ctx)).await?;
     // Rows copied so far: the target does not own these buckets. (Rows
     // that were there before the copy started are left alone: the move
     // refuses to start over them.)

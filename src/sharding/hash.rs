@@ -424,6 +424,27 @@ pub fn bucket_sql(f: HashFunction, ty: KeyType, column: &str, buckets: u32) -> O
     ))
 }
 
+/// [`bucket_sql`] for either hash function: murmur3 through the SQL
+/// functions shardgate installs for bucket moves
+/// (`src/reshard/murmur3.sql`, schema `shardgate`). User-defined
+/// functions are not allowed in publication row filters, so this is for
+/// queries and triggers only.
+pub fn bucket_sql_installed(f: HashFunction, ty: KeyType, column: &str, buckets: u32) -> String {
+    if let Some(sql) = bucket_sql(f, ty, column, buckets) {
+        return sql;
+    }
+    let h1 = match ty {
+        KeyType::Int2 | KeyType::Int4 | KeyType::Int8 => {
+            format!("shardgate.murmur3_h1_int(({column})::int8)")
+        }
+        KeyType::Text | KeyType::Varchar => {
+            format!("shardgate.murmur3_h1(convert_to(({column})::text, 'UTF8'))")
+        }
+        KeyType::Uuid => format!("shardgate.murmur3_h1(uuid_send({column}))"),
+    };
+    format!("({h1} % {})::int8", buckets.max(1))
+}
+
 /// `compute_partition_hash_value` (partbounds.c) for one non-null column:
 /// the type's extended hash with the partition seed, combined into 0.
 fn postgres_partition_hash(v: &KeyValue) -> u64 {
