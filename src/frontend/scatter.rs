@@ -242,8 +242,33 @@ impl Session {
                 Merge::Final(_) => "final",
             }])
             .inc();
+        // During a bucket move, each shard's part leaves out the copies
+        // it holds of buckets it does not own.
+        let exclusions = std::mem::take(&mut self.routing.scatter_exclusions);
+        let mut shard_sql = Vec::with_capacity(shards.len());
+        for s in shards {
+            match exclusions.iter().find(|(i, _)| i == s) {
+                Some((_, buckets)) => {
+                    match crate::router::shard::exclude_buckets(&map, &plan.shard_sql, buckets) {
+                        Ok(sql) => shard_sql.push(sql),
+                        Err(what) => {
+                            // Nothing was sent: the connections go back.
+                            drop(conns);
+                            return fail(
+                                "0A000",
+                                format!("shardgate: a bucket move is under way (see `shardgate admin reshard status`) and {what} is not supported across shards until it has cleaned up; give a sharding key"),
+                            );
+                        }
+                    }
+                }
+                None => shard_sql.push(plan.shard_sql.clone()),
+            }
+        }
         let answer = match self.check_collations(&cached, &plan, &mut conns).await {
-            Ok(()) => self.scatter_phases(&plan, &mut conns, bind).await,
+            Ok(()) => {
+                self.scatter_phases(&plan, &shard_sql, &mut conns, bind)
+                    .await
+            }
             Err(e) => ScatterAnswer {
                 notices: Vec::new(),
                 result: Err(e),
@@ -375,9 +400,11 @@ impl Session {
         self.catalog()
     }
 
+    /// `shard_sql`: the phase-1 statement of each connection's shard.
     async fn scatter_phases(
         &mut self,
         plan: &ScatterPlan,
+        shard_sql: &[String],
         conns: &mut Vec<PooledConn>,
         bind: Option<&ScatterBind>,
     ) -> ScatterAnswer {
@@ -385,26 +412,32 @@ impl Session {
         let max = self.max_message_size;
         // Phase 1: rows come back in the client's formats only when they
         // go straight to it.
-        let request = match bind {
-            None => {
-                let mut out = BytesMut::new();
-                fe::build_query(&plan.shard_sql).encode(&mut out);
-                out
+        let request = |sql: &str| {
+            match bind {
+                None => {
+                    let mut out = BytesMut::new();
+                    fe::build_query(sql).encode(&mut out);
+                    out
+                }
+                Some(b) => {
+                    let formats: &[i16] = match plan.merge {
+                        Merge::Concat { .. } => &b.result_formats,
+                        Merge::Final(_) => &[],
+                    };
+                    extended_request(sql, &b.types, &b.params, formats)
+                }
             }
-            Some(b) => {
-                let formats: &[i16] = match plan.merge {
-                    Merge::Concat { .. } => &b.result_formats,
-                    Merge::Final(_) => &[],
-                };
-                extended_request(&plan.shard_sql, &b.types, &b.params, formats)
-            }
-        }
-        .freeze();
+            .freeze()
+        };
+        let common = request(&plan.shard_sql);
         // Each connection goes to its own task (the shards answer at once)
         // and comes back in order.
         let mut tasks = Vec::with_capacity(conns.len());
-        for mut conn in std::mem::take(conns) {
-            let req = request.clone();
+        for (i, mut conn) in std::mem::take(conns).into_iter().enumerate() {
+            let req = match shard_sql.get(i) {
+                Some(sql) if *sql != plan.shard_sql => request(sql),
+                _ => common.clone(),
+            };
             tasks.push(tokio::spawn(async move {
                 let r = conn.exchange(&req, max).await;
                 (conn, r)

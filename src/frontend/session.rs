@@ -121,6 +121,10 @@ pub(super) struct RoutingState {
     /// Reads may go to replicas (transaction pooling, splitting on, the
     /// shard has replicas).
     pub split: bool,
+    /// For the cross-shard read being placed while a bucket move is under
+    /// way: per shard index, the buckets it holds copies of but does not
+    /// own (its part of the read leaves them out).
+    pub scatter_exclusions: Vec<(usize, Vec<u32>)>,
     /// Learn commit positions (read-your-writes on, the shard has
     /// replicas).
     pub track_lsn: bool,

@@ -217,18 +217,24 @@ impl Session {
                 // for this statement, or this statement sees the move.
                 let guard = self.proxy.reshard.enter_scatter();
                 let current = self.proxy.topology.load();
+                self.routing.scatter_exclusions.clear();
                 if current.map.as_ref().is_some_and(|m| m.moving) {
-                    let tables = map.mentioned_sharded_tables(&String::from_utf8_lossy(
-                        text.unwrap_or_default(),
-                    ));
+                    let sql = text.unwrap_or_default();
+                    let tables = map.mentioned_sharded_tables(&String::from_utf8_lossy(sql));
                     if !tables.is_empty() {
-                        return Err((
-                            "0A000",
-                            format!(
-                                "shardgate: a bucket move is under way (see `shardgate admin reshard status`): statements that run on several shards and read or write the sharded table(s) {} are refused until it has cleaned up, because a shard still holds copies of buckets it does not own; give a sharding key",
-                                tables.join(", ")
-                            ),
-                        ));
+                        // A read leaves out, on each shard, the copies it
+                        // does not own; a write would change them.
+                        if !self.is_read(sql) {
+                            return Err((
+                                "0A000",
+                                format!(
+                                    "shardgate: a bucket move is under way (see `shardgate admin reshard status`): statements that write across shards to the sharded table(s) {} are refused until it has cleaned up, because a shard still holds copies of buckets it does not own; give a sharding key",
+                                    tables.join(", ")
+                                ),
+                            ));
+                        }
+                        self.routing.scatter_exclusions =
+                            crate::reshard::copies_not_owned(&self.proxy, &current);
                     }
                 }
                 self.scatter_guard = Some(guard);

@@ -47,10 +47,12 @@
 //! the other direction (MovingBack, CuttingBack, MovedBack) and the
 //! target's copy is removed.
 //!
-//! While any move is unfinished, statements that would run on several
-//! shards and name a sharded table are refused (SQLSTATE 0A000): a shard
-//! holding copies of buckets it does not own (before the cutover on the
-//! target, after it on the source until cleanup) would return them twice.
+//! While any move is unfinished, a shard may hold copies of buckets it
+//! does not own (before the cutover the target, after it the source until
+//! cleanup). Reads across shards leave them out on that shard
+//! ([`copies_not_owned`], [`crate::router::shard::exclude_buckets`]);
+//! writes across shards naming a sharded table are refused (SQLSTATE
+//! 0A000).
 
 pub mod buckets;
 mod steps;
@@ -601,6 +603,49 @@ impl Reshard {
         }
         Ok(ids)
     }
+}
+
+/// Per shard index, the buckets of unfinished moves that the shard may
+/// hold copies of without owning them under `topology`'s map (the target
+/// before a cutover, the source after it until cleanup). A read across
+/// shards leaves them out there.
+pub fn copies_not_owned(
+    proxy: &Proxy,
+    topology: &crate::topology::Topology,
+) -> Vec<(usize, Vec<u32>)> {
+    let Some(map) = topology.map.as_ref() else {
+        return Vec::new();
+    };
+    let mut out: Vec<(usize, Vec<u32>)> = Vec::new();
+    for m in proxy
+        .failover
+        .state()
+        .moves
+        .iter()
+        .filter(|m| m.phase.active())
+    {
+        let Ok(moving) = buckets::parse(&m.buckets, map.buckets) else {
+            continue;
+        };
+        for name in [&m.from, &m.to] {
+            let Some(i) = topology.shards.iter().position(|s| &s.name == name) else {
+                continue;
+            };
+            let not_owned: Vec<u32> = moving
+                .iter()
+                .copied()
+                .filter(|b| map.owner.get(*b as usize).is_some_and(|o| *o as usize != i))
+                .collect();
+            if not_owned.is_empty() {
+                continue;
+            }
+            match out.iter_mut().find(|(s, _)| *s == i) {
+                Some((_, list)) => list.extend(not_owned),
+                None => out.push((i, not_owned)),
+            }
+        }
+    }
+    out
 }
 
 /// Sets fields of move `id` in the saved state and publishes the topology.

@@ -770,15 +770,29 @@ async fn copy(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
         // Copied and streaming already (the proxy stopped right after).
         return Ok(());
     }
-    // What an interrupted attempt left: its slot, rows it committed.
+    // What an interrupted attempt left: its slot, and rows it committed
+    // (the marker row came in the same transaction: without it, the
+    // target has none; prepare checked it had none before).
     let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
     drop_slot(&mut s, &name, &ctx.source).await?;
-    delete_rows(&mut t, ctx, &ctx.tables).await?;
-    query(
-        &mut t,
-        &format!("DELETE FROM shardgate.move_marker WHERE id = {}", ctx.m.id),
-    )
-    .await?;
+    let committed = first(
+        &query(
+            &mut t,
+            &format!(
+                "SELECT count(*) FROM shardgate.move_marker WHERE id = {}",
+                ctx.m.id
+            ),
+        )
+        .await?,
+    );
+    if committed.as_deref() != Some("0") {
+        delete_rows(&mut t, ctx, &ctx.tables).await?;
+        query(
+            &mut t,
+            &format!("DELETE FROM shardgate.move_marker WHERE id = {}", ctx.m.id),
+        )
+        .await?;
+    }
 
     let mut r = conn_with(
         proxy,

@@ -806,6 +806,91 @@ fn preserved_sides(
     Ok(left)
 }
 
+/// One shard's part of a cross-shard SELECT (`sql`, which passed
+/// [`scatter_check`]) while it holds copies of `buckets` that it does not
+/// own (a bucket move is under way): every sharded table of the top-level
+/// FROM gets a WHERE conjunct that leaves out the rows of those buckets,
+/// so no row is read from two shards. A NULL-extended row of an outer
+/// join keeps passing (the conjunct is true for a NULL key). Err when the
+/// statement is not of the shape [`scatter_check`] lets through.
+pub fn exclude_buckets(map: &ShardMap, sql: &str, buckets: &[u32]) -> Result<String, String> {
+    let cannot =
+        || "a statement whose sharded tables shardgate cannot filter by bucket".to_string();
+    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|_| cannot())?;
+    let [stmt] = stmts.as_mut_slice() else {
+        return Err(cannot());
+    };
+    let ctes = cte_names(stmt);
+    let Statement::Query(q) = stmt else {
+        return Err(cannot());
+    };
+    let SetExpr::Select(select) = q.body.as_mut() else {
+        return Err(cannot());
+    };
+    let list: Vec<String> = buckets.iter().map(u32::to_string).collect();
+    let mut conjuncts = Vec::new();
+    let mut factor = |tf: &TableFactor| -> Result<(), String> {
+        let TableFactor::Table { name, alias, .. } = tf else {
+            return Ok(());
+        };
+        let (schema, table) = split_object_name(name);
+        if ctes.contains(&table) && schema.is_none() {
+            return Ok(());
+        }
+        let Some(TableRule::Sharded { column, key_type }) = map.table(schema.as_deref(), &table)
+        else {
+            return Ok(());
+        };
+        let qualifier = match alias {
+            Some(a) => a.name.to_string(),
+            None => name.to_string(),
+        };
+        let column = format!("{qualifier}.\"{}\"", column.replace('"', "\"\""));
+        let bucket =
+            crate::sharding::hash::bucket_sql_installed(map.hash, *key_type, &column, map.buckets);
+        conjuncts.push(format!(
+            "COALESCE(NOT ({bucket} = ANY ('{{{}}}'::int8[])), true)",
+            list.join(",")
+        ));
+        Ok(())
+    };
+    fn walk(
+        twj: &TableWithJoins,
+        f: &mut dyn FnMut(&TableFactor) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut one = |tf: &TableFactor| match tf {
+            TableFactor::NestedJoin {
+                table_with_joins, ..
+            } => walk(table_with_joins, f),
+            other => f(other),
+        };
+        one(&twj.relation)?;
+        for j in &twj.joins {
+            one(&j.relation)?;
+        }
+        Ok(())
+    }
+    for twj in &select.from {
+        walk(twj, &mut factor)?;
+    }
+    if conjuncts.is_empty() {
+        return Err(cannot());
+    }
+    let mut filter = Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(&conjuncts.join(" AND "))
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|_| cannot())?;
+    if let Some(w) = select.selection.take() {
+        filter = Expr::BinaryOp {
+            left: Box::new(Expr::Nested(Box::new(w))),
+            op: BinaryOperator::And,
+            right: Box::new(filter),
+        };
+    }
+    select.selection = Some(filter);
+    Ok(stmt.to_string())
+}
+
 /// One shard's part of a write that spans shards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WritePart {
@@ -1742,6 +1827,35 @@ column = "name"
 type = "text"
 "#;
         ShardMap::from_config(&Config::parse(text, "t.toml").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn bucket_exclusion_filters_every_sharded_table_of_the_from() {
+        let m = map();
+        let x = |sql: &str| exclude_buckets(&m, sql, &[3, 7]);
+        let plain = x("SELECT count(*) FROM orders").unwrap();
+        assert!(
+            plain.contains("WHERE COALESCE(NOT (((hashint8extended(orders.\"customer_id\""),
+            "{plain}"
+        );
+        assert!(plain.contains("= ANY('{3,7}'::INT8[])), true)"), "{plain}");
+        // The statement's own WHERE stays, as a conjunct in parentheses.
+        let r = x("SELECT o.id FROM orders o WHERE o.total > 5 OR o.total < 0 ORDER BY 1").unwrap();
+        assert!(
+            r.contains("WHERE (o.total > 5 OR o.total < 0) AND COALESCE"),
+            "{r}"
+        );
+        assert!(r.contains("o.\"customer_id\""), "{r}");
+        assert!(r.ends_with("ORDER BY 1"), "{r}");
+        // Joined sharded tables each get their conjunct; a reference table
+        // none.
+        let j = x("SELECT * FROM orders o JOIN items i ON i.customer_id = o.customer_id JOIN countries c ON c.id = o.country").unwrap();
+        assert_eq!(j.matches("COALESCE(NOT").count(), 2, "{j}");
+        assert!(!j.contains("c.\""), "{j}");
+        // Shapes it cannot filter.
+        assert!(x("SELECT id FROM orders UNION ALL SELECT id FROM items").is_err());
+        assert!(x("SELECT * FROM countries").is_err());
+        assert!(x("SELECT * FROM (SELECT * FROM orders) s").is_err());
     }
 
     fn int(v: i64) -> KeyExpr {
