@@ -306,6 +306,17 @@ async fn buckets_move_to_a_new_shard_under_writes_with_nothing_lost() {
         .await
         .unwrap_err();
     assert_eq!(common::code(&e), "0A000", "{e}");
+    // So is DDL on it (logical replication would not carry it).
+    let e = c
+        .simple_query("ALTER TABLE items ADD COLUMN note text")
+        .await
+        .unwrap_err();
+    assert_eq!(common::code(&e), "0A000", "{e}");
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("bucket move is under way"), "{message}");
     let ended = until_ended(&tp, Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (ledger, errors, ops) = stop_writers(&stop, writers).await;
