@@ -30,7 +30,7 @@
 #   BASE_PORT       s0 primary port (`up --base-port`) [16000]
 #   SG_PORT         shardgate listen port (`up --listen`) [6432]
 #   METRICS_PORT    shardgate metrics port (`up --metrics-listen`) [9930]
-#   PGB_PORT        pgbouncer listen port [6433]
+#   PGB_PORT        pgbouncer listen port [6440; 6433 is the admin API of `shardgate up`]
 #   DURATION        seconds per run; "10" or "10s" [10]
 #   SCALE           pgbench scale factor [10]
 #   FORCE_INIT      1 = re-run pgbench -i even if the tables exist [0]
@@ -60,7 +60,7 @@ SHARDGATE_HOME=${SHARDGATE_HOME:-/tmp/shardgate}
 BASE_PORT=${BASE_PORT:-16000}
 SG_PORT=${SG_PORT:-6432}
 METRICS_PORT=${METRICS_PORT:-9930}
-PGB_PORT=${PGB_PORT:-6433}
+PGB_PORT=${PGB_PORT:-6440}
 DURATION=${DURATION:-10}
 DURATION=${DURATION%s}
 SCALE=${SCALE:-10}
