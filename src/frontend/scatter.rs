@@ -244,9 +244,11 @@ impl Session {
             .inc();
         // During a bucket move, each shard's part leaves out the copies
         // it holds of buckets it does not own.
+        // Empty when no move is under way: every shard gets the plan's
+        // statement.
         let exclusions = std::mem::take(&mut self.routing.scatter_exclusions);
-        let mut shard_sql = Vec::with_capacity(shards.len());
-        for s in shards {
+        let mut shard_sql = Vec::new();
+        for s in shards.iter().filter(|_| !exclusions.is_empty()) {
             match exclusions.iter().find(|(i, _)| i == s) {
                 Some((_, buckets)) => {
                     match crate::router::shard::exclude_buckets(&map, &plan.shard_sql, buckets) {
@@ -400,7 +402,8 @@ impl Session {
         self.catalog()
     }
 
-    /// `shard_sql`: the phase-1 statement of each connection's shard.
+    /// `shard_sql`: the phase-1 statement of each connection's shard
+    /// (empty: the plan's statement for all).
     async fn scatter_phases(
         &mut self,
         plan: &ScatterPlan,

@@ -112,6 +112,21 @@ fn conninfo(proxy: &Proxy, addr: &str, database: &str) -> String {
     s
 }
 
+/// Whether the catalog `table` has a row whose `column` is `name`
+/// (a subscription, publication or slot of a move).
+async fn catalog_has(
+    c: &mut ServerConn,
+    table: &str,
+    column: &str,
+    name: &str,
+) -> Result<bool, String> {
+    let sql = format!(
+        "SELECT count(*) FROM {table} WHERE {column} = {}",
+        quote(name)
+    );
+    Ok(num(&query(c, &sql).await?) > 0)
+}
+
 fn num(rows: &[Vec<Option<String>>]) -> u64 {
     first(rows).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
@@ -756,17 +771,8 @@ async fn copy_schema(proxy: &Proxy, ctx: &Ctx, t: &Table) -> Result<(), String> 
 async fn copy(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
     let name = ctx.name();
     let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
-    let subscribed = first(
-        &query(
-            &mut t,
-            &format!(
-                "SELECT count(*) FROM pg_subscription WHERE subname = {}",
-                quote(&name)
-            ),
-        )
-        .await?,
-    );
-    if subscribed.as_deref() != Some("0") {
+    let subscribed = catalog_has(&mut t, "pg_subscription", "subname", &name).await?;
+    if subscribed {
         // Copied and streaming already (the proxy stopped right after).
         return Ok(());
     }
@@ -1400,17 +1406,8 @@ async fn interrupted(proxy: &Proxy, ctx: &Ctx) -> Result<Phase, Stop> {
 /// target applied for the source is never sent back.
 async fn prepare_back(t: &mut ServerConn, ctx: &Ctx) -> Result<(), String> {
     let name = ctx.reversed().name();
-    let has_publication = first(
-        &query(
-            t,
-            &format!(
-                "SELECT count(*) FROM pg_publication WHERE pubname = {}",
-                quote(&name)
-            ),
-        )
-        .await?,
-    );
-    if has_publication.as_deref() == Some("0") {
+    let has_publication = catalog_has(t, "pg_publication", "pubname", &name).await?;
+    if !has_publication {
         let mut members: Vec<String> = ctx
             .tables
             .iter()
@@ -1423,17 +1420,8 @@ async fn prepare_back(t: &mut ServerConn, ctx: &Ctx) -> Result<(), String> {
         )
         .await?;
     }
-    let has_slot = first(
-        &query(
-            t,
-            &format!(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = {}",
-                quote(&name)
-            ),
-        )
-        .await?,
-    );
-    if has_slot.as_deref() == Some("0") {
+    let has_slot = catalog_has(t, "pg_replication_slots", "slot_name", &name).await?;
+    if !has_slot {
         query(
             t,
             &format!(
@@ -1495,17 +1483,8 @@ async fn moving_back(proxy: &Proxy, ctx: &Ctx) -> Result<(), Stop> {
     let back = ctx.reversed();
     let name = back.name();
     let mut s = conn(proxy, &ctx.source, &ctx.m.database).await?;
-    let subscribed = first(
-        &query(
-            &mut s,
-            &format!(
-                "SELECT count(*) FROM pg_subscription WHERE subname = {}",
-                quote(&name)
-            ),
-        )
-        .await?,
-    );
-    if subscribed.as_deref() == Some("0") {
+    let subscribed = catalog_has(&mut s, "pg_subscription", "subname", &name).await?;
+    if !subscribed {
         advance_back_slot(proxy, ctx).await.map_err(Stop::Fail)?;
         query(&mut s, &keep_sql(&back)).await?;
         query(
@@ -1560,17 +1539,8 @@ async fn delete_rows<'a>(
 async fn drop_replication(proxy: &Proxy, ctx: &Ctx) -> Result<(), String> {
     let name = ctx.name();
     let mut t = conn(proxy, &ctx.target, &ctx.m.database).await?;
-    let exists = first(
-        &query(
-            &mut t,
-            &format!(
-                "SELECT count(*) FROM pg_subscription WHERE subname = {}",
-                quote(&name)
-            ),
-        )
-        .await?,
-    );
-    if exists.as_deref() != Some("0") {
+    let exists = catalog_has(&mut t, "pg_subscription", "subname", &name).await?;
+    if exists {
         query(&mut t, &format!("ALTER SUBSCRIPTION {name} DISABLE")).await?;
         // Dropping connects to the source to drop the slot; if the source
         // cannot be reached, detach the slot and drop it below.
