@@ -167,7 +167,7 @@ pub async fn recover(
         let mut conn = match ServerConn::connect(&params(&config.health.database), timeout).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(shard = %shard.name, error = %e, "two-phase recovery: shard unreachable");
+                errors.push(format!("{}: {e}", shard.name));
                 unreachable = true;
                 continue;
             }
@@ -245,23 +245,30 @@ pub async fn recover(
 }
 
 /// Startup recovery, then a retry every few seconds for decisions whose
-/// commit did not reach every shard.
+/// commit did not reach every shard. Once a pass has reached every shard,
+/// later passes run only while the log holds unfinished decisions: a pass
+/// logs in to every primary (a SCRAM login costs milliseconds of CPU) and
+/// rewrites the log, which an idle proxy should not do every 5 seconds.
 pub async fn run(proxy: std::sync::Arc<crate::proxy::Proxy>) {
     let Some(log) = proxy.twophase.as_ref() else {
         return;
     };
+    let mut swept = false;
     loop {
         let config = proxy.config.load_full();
-        if config.sharding.is_some() && config.shards.len() > 1 {
+        let due = !swept || log.pending().map_or(true, |p| !p.is_empty());
+        if due && config.sharding.is_some() && config.shards.len() > 1 {
             match recover(log, &config, &proxy.topology.load()).await {
-                Ok((c, r)) if c + r > 0 => {
-                    tracing::info!(
-                        committed = c,
-                        rolled_back = r,
-                        "two-phase recovery finished"
-                    )
+                Ok((c, r)) => {
+                    swept = true;
+                    if c + r > 0 {
+                        tracing::info!(
+                            committed = c,
+                            rolled_back = r,
+                            "two-phase recovery finished"
+                        )
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "two-phase recovery failed; retrying"),
             }
         }
