@@ -251,7 +251,7 @@ impl Session {
                 } else if self.server.is_some() {
                     self.skipping = false;
                     self.routing.scatter_portal = None;
-                    self.routing.proxy_portals.remove(&b""[..]);
+                    self.forget_unnamed_proxy_portal();
                     frame.encode(&mut self.to_server);
                     self.pipeline.push_back(Expect::Sync);
                     if self.routing.lsn_due {
@@ -265,7 +265,7 @@ impl Session {
                     // proxy answered everything itself and is idle.
                     self.skipping = false;
                     self.routing.scatter_portal = None;
-                    self.routing.proxy_portals.remove(&b""[..]);
+                    self.forget_unnamed_proxy_portal();
                     self.emit_ready_synthetics();
                     be::ready_for_query(b'I').encode(&mut self.to_client);
                 }
@@ -367,7 +367,9 @@ impl Session {
         if self.proxy_parse(parse.name, parse.query) {
             return Ok(());
         }
-        if parse.name.is_empty() {
+        // (Hashing a key costs more than the check: these maps are
+        // almost always empty.)
+        if parse.name.is_empty() && !self.routing.proxy_stmts.is_empty() {
             self.routing.proxy_stmts.remove("");
         }
         // With shards, a Parse waits for the Bind whose key picks the shard
@@ -649,19 +651,21 @@ impl Session {
         } else {
             None
         };
-        let read = routes && self.batch_wants_replica(text.as_deref(), false);
+        let mut class = None;
+        let read =
+            routes && self.batch_wants_replica_classified(text.as_deref(), false, &mut class);
         if !self.ensure_server(false, read).await {
             return Ok(());
         }
         if self.routing.track_lsn && self.on_replica.is_none() && !self.routing.lsn_due {
             self.routing.lsn_due = match &text {
                 Some(t) if is_copy(t) => {
-                    if self.may_commit(t, None) {
+                    if self.may_commit(t, class) {
                         self.routing.copy_lsn = Some(false);
                     }
                     false
                 }
-                Some(t) => self.may_commit(t, None),
+                Some(t) => self.may_commit(t, class),
                 None => true,
             };
         }

@@ -69,17 +69,37 @@ impl Session {
     /// already be here: what is not here yet cannot be vouched for.
     /// `unnamed_parse`: the current message is a Parse of the unnamed
     /// statement (later Binds of "" in the batch refer to it).
+    /// A Sync ends the unnamed portal a proxy-answered statement left.
+    pub(super) fn forget_unnamed_proxy_portal(&mut self) {
+        if !self.routing.proxy_portals.is_empty() {
+            self.routing.proxy_portals.remove(&b""[..]);
+        }
+    }
+
     pub(super) fn batch_wants_replica(
         &mut self,
         first: Option<&[u8]>,
         unnamed_parse: bool,
+    ) -> bool {
+        self.batch_wants_replica_classified(first, unnamed_parse, &mut None)
+    }
+
+    /// [`Self::batch_wants_replica`], leaving `first`'s class in `class`
+    /// when it was classified (so the caller need not classify it again).
+    pub(super) fn batch_wants_replica_classified(
+        &mut self,
+        first: Option<&[u8]>,
+        unnamed_parse: bool,
+        class: &mut Option<Class>,
     ) -> bool {
         if self.server.is_some() || !self.routing.split {
             return false;
         }
         let Some(first) = first else { return false };
         let catalog = self.catalog();
-        self.replica_ok(first, &catalog)
+        let first_class = classify(first, &catalog);
+        *class = Some(first_class);
+        self.wants_replica(&first_class)
             && self.buffered_batch_read_only(&catalog, unnamed_parse.then_some(first))
     }
 

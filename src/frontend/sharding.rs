@@ -70,23 +70,17 @@ pub enum ShardHint {
 
 /// The first shard hint in a comment of `sql`.
 pub fn shard_hint(sql: &[u8]) -> Option<ShardHint> {
-    let mut rest = sql;
-    while let Some(start) = memchr::memmem::find(rest, b"/*") {
-        let body = &rest[start + 2..];
-        let end = memchr::memmem::find(body, b"*/").unwrap_or(body.len());
-        let comment = String::from_utf8_lossy(&body[..end]);
-        if let Some(at) = comment.find("shardgate:") {
-            for word in comment[at + 10..].split_whitespace() {
-                let unquote = |v: &str| v.trim_matches(|c| c == '\'' || c == '"').to_owned();
-                if let Some(v) = word.strip_prefix("shard=") {
-                    return Some(ShardHint::Shard(unquote(v)));
-                }
-                if let Some(v) = word.strip_prefix("key=") {
-                    return Some(ShardHint::Key(unquote(v)));
-                }
+    use crate::router::classify::{block_comments, shardgate_comment};
+    for body in block_comments(sql).filter_map(shardgate_comment) {
+        for word in String::from_utf8_lossy(body).split_whitespace() {
+            let unquote = |v: &str| v.trim_matches(|c| c == '\'' || c == '"').to_owned();
+            if let Some(v) = word.strip_prefix("shard=") {
+                return Some(ShardHint::Shard(unquote(v)));
+            }
+            if let Some(v) = word.strip_prefix("key=") {
+                return Some(ShardHint::Key(unquote(v)));
             }
         }
-        rest = &body[end.min(body.len())..];
     }
     None
 }
@@ -530,17 +524,28 @@ impl Session {
                 .map(Target::Shard)
                 .map_err(|m| ("22023", m));
         }
-        if bind.is_none() && map.has_tables() && map.mentions_table(sql) {
+        // A text that names no configured table needs neither a parse nor
+        // the placement cache (whose lookup hashes the whole text, and
+        // which texts with ever new literals would only churn).
+        let unmentioned = crate::router::shard::unmentioned(map, sql);
+        if !unmentioned && bind.is_none() && map.mentions_table(sql) {
             // Simple protocol: place the text with its literals taken out,
             // so a statement sent with ever new keys is analysed once.
             if let Some(target) = self.target_by_normalized(map, sql) {
                 return Ok(target);
             }
         }
-        let placement = self.proxy.placements.get(map, sql);
+        let cached;
+        let placement = if unmentioned {
+            &Placement::Unmentioned
+        } else {
+            cached = self.proxy.placements.get(map, sql);
+            &*cached
+        };
+        // Only keys need the Bind's values decoded.
         let values;
         let params = match bind {
-            Some((types, rest)) => {
+            Some((types, rest)) if matches!(placement, Placement::Keys { .. }) => {
                 values = bind_values(rest);
                 values.as_ref().map(|b| Params {
                     types,
@@ -548,7 +553,7 @@ impl Session {
                     values: &b.values,
                 })
             }
-            None => None,
+            _ => None,
         };
         let target = placement.resolve(map, params.as_ref());
         // A statement that names no configured table may name no table at
@@ -559,7 +564,7 @@ impl Session {
             && self.shard != map.default_shard
         {
             let full = crate::router::shard::analyse(map, &String::from_utf8_lossy(sql));
-            return Ok(full.resolve(map, params.as_ref()));
+            return Ok(full.resolve(map, None));
         }
         Ok(target)
     }

@@ -395,8 +395,8 @@ pub fn leading_keyword(sql: &[u8]) -> Option<&[u8]> {
         if sql[i..].starts_with(b"--") {
             i += memchr::memchr(b'\n', &sql[i..])? + 1;
         } else if sql[i..].starts_with(b"/*") {
-            let end = memchr::memmem::find(&sql[i + 2..], b"*/")?;
-            if memchr::memmem::find(&sql[i + 2..i + 2 + end], b"/*").is_some() {
+            let end = find_pair(&sql[i + 2..], b'*', b'/')?;
+            if find_pair(&sql[i + 2..i + 2 + end], b'/', b'*').is_some() {
                 return None;
             }
             i += end + 4;
@@ -431,28 +431,100 @@ pub fn may_end_transaction(sql: &[u8]) -> bool {
 
 /// A `/* shardgate: primary */` or `/* shardgate: replica */` comment.
 pub fn hint(sql: &[u8]) -> Hint {
-    let mut rest = sql;
-    while let Some(start) = memchr::memmem::find(rest, b"/*") {
-        let body = &rest[start + 2..];
-        let end = memchr::memmem::find(body, b"*/").unwrap_or(body.len());
-        let comment = &body[..end];
-        if let Some(at) = memchr::memmem::find(comment, b"shardgate:") {
-            let word: Vec<u8> = comment[at + 10..]
-                .iter()
-                .skip_while(|b| b.is_ascii_whitespace())
-                .take_while(|b| b.is_ascii_alphabetic())
-                .map(|b| b.to_ascii_lowercase())
-                .collect();
-            match word.as_slice() {
-                b"primary" => return Hint::Primary,
-                b"replica" => return Hint::Replica,
-                _ => {}
-            }
+    for comment in block_comments(sql) {
+        let Some(body) = shardgate_comment(comment) else {
+            continue;
+        };
+        let word = body
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .map_or(&[][..], |start| {
+                let rest = &body[start..];
+                let len = rest.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+                &rest[..len]
+            });
+        if word.eq_ignore_ascii_case(b"primary") {
+            return Hint::Primary;
         }
-        rest = &body[end.min(body.len())..];
+        if word.eq_ignore_ascii_case(b"replica") {
+            return Hint::Replica;
+        }
     }
     Hint::None
 }
+
+/// The bodies of the `/* ... */` comments in `sql`, in order (an
+/// unterminated one runs to the end). Quotes are not tracked: a `/*`
+/// inside a literal counts, which at worst reads a hint the author wrote
+/// there. Nesting is not followed either: a nested comment's body ends at
+/// its first `*/`. This runs on every statement, so it searches with
+/// memchr instead of building a substring searcher per call.
+pub fn block_comments(sql: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = sql;
+    std::iter::from_fn(move || {
+        let start = find_pair(rest, b'/', b'*')?;
+        let body = &rest[start + 2..];
+        let end = find_pair(body, b'*', b'/').unwrap_or(body.len());
+        rest = &body[(end + 2).min(body.len())..];
+        Some(&body[..end])
+    })
+}
+
+/// The text after `shardgate:` in a comment body, if it has one.
+pub fn shardgate_comment(comment: &[u8]) -> Option<&[u8]> {
+    const TAG: &[u8] = b"shardgate:";
+    let mut from = 0;
+    while let Some(at) = memchr::memchr(b's', &comment[from..]) {
+        let at = from + at;
+        if comment[at..].starts_with(TAG) {
+            return Some(&comment[at + TAG.len()..]);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// The position of the two-byte sequence `a b` in `s`.
+fn find_pair(s: &[u8], a: u8, b: u8) -> Option<usize> {
+    let mut from = 0;
+    while let Some(at) = memchr::memchr(a, &s[from..]) {
+        let at = from + at;
+        if s.get(at + 1) == Some(&b) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+// Byte classes of the fast path's scanner (one table lookup per byte).
+const OTHER: u8 = 0;
+const SKIP: u8 = 1;
+const WORD: u8 = 2;
+const DASH_SLASH: u8 = 3;
+const QUOTE: u8 = 4;
+const DOLLAR: u8 = 5;
+const SEMICOLON: u8 = 6;
+const BYTE_CLASS: [u8; 256] = {
+    let mut t = [OTHER; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = match c {
+            b' ' | b'\t' | b'\n' | b'\r' | b',' | b'.' | b'=' | b'<' | b'>' | b'!' | b'+'
+            | b'*' | b'%' | b'|' => SKIP,
+            b'-' | b'/' => DASH_SLASH,
+            b'\'' => QUOTE,
+            b'$' => DOLLAR,
+            b';' => SEMICOLON,
+            b'_' => WORD,
+            _ if c.is_ascii_alphanumeric() => WORD,
+            _ => OTHER,
+        };
+        b += 1;
+    }
+    t
+};
 
 /// The lexical fast path: `SELECT` followed only by words, numbers, plain
 /// string literals, `$n` parameters, commas, dots and the operators
@@ -476,18 +548,16 @@ pub fn fast_select(sql: &[u8], catalog: &Catalog) -> bool {
     }
     i += 6;
     while i < sql.len() {
-        let b = sql[i];
-        match b {
-            b' ' | b'\t' | b'\n' | b'\r' | b',' | b'.' | b'=' | b'<' | b'>' | b'!' | b'+'
-            | b'*' | b'%' | b'|' => i += 1,
-            b'-' | b'/' => {
+        match BYTE_CLASS[sql[i] as usize] {
+            SKIP => i += 1,
+            DASH_SLASH => {
                 // -- and /* start comments (which may hold a hint).
                 if matches!(sql.get(i + 1), Some(b'-') | Some(b'*')) {
                     return false;
                 }
                 i += 1;
             }
-            b'\'' => {
+            QUOTE => {
                 // A plain literal; a prefixed one (E'', U&'', B'') may need
                 // escape rules this scanner does not apply.
                 if i > 0 && (sql[i - 1].is_ascii_alphanumeric() || sql[i - 1] == b'&') {
@@ -495,18 +565,17 @@ pub fn fast_select(sql: &[u8], catalog: &Catalog) -> bool {
                 }
                 i += 1;
                 loop {
-                    match sql.get(i) {
+                    match memchr::memchr(b'\'', &sql[i..]) {
                         None => return false,
-                        Some(b'\'') if sql.get(i + 1) == Some(&b'\'') => i += 2,
-                        Some(b'\'') => {
-                            i += 1;
+                        Some(at) if sql.get(i + at + 1) == Some(&b'\'') => i += at + 2,
+                        Some(at) => {
+                            i += at + 1;
                             break;
                         }
-                        Some(_) => i += 1,
                     }
                 }
             }
-            b'$' => {
+            DOLLAR => {
                 let digits = sql[i + 1..]
                     .iter()
                     .take_while(|c| c.is_ascii_digit())
@@ -516,19 +585,18 @@ pub fn fast_select(sql: &[u8], catalog: &Catalog) -> bool {
                 }
                 i += 1 + digits;
             }
-            b';' => {
+            SEMICOLON => {
                 return sql[i + 1..].iter().all(|c| c.is_ascii_whitespace());
             }
-            b if b.is_ascii_alphanumeric() || b == b'_' => {
-                let len = sql[i..]
-                    .iter()
-                    .take_while(|c| c.is_ascii_alphanumeric() || **c == b'_')
-                    .count();
-                let word = &sql[i..i + len];
+            WORD => {
+                let start = i;
+                while i < sql.len() && BYTE_CLASS[sql[i] as usize] == WORD {
+                    i += 1;
+                }
+                let word = &sql[start..i];
                 if word.eq_ignore_ascii_case(b"for") || word.eq_ignore_ascii_case(b"into") {
                     return false;
                 }
-                i += len;
             }
             _ => return false,
         }
@@ -692,6 +760,24 @@ mod tests {
         assert_eq!(hint(b"select 'shardgate: primary'"), Hint::None);
         assert_eq!(hint(b"/* shardgate: bogus */ select 1"), Hint::None);
         assert_eq!(hint(b"/* unterminated shardgate: primary"), Hint::Primary);
+        assert_eq!(hint(b"/* a */ /* b */ /*shardgate:primary"), Hint::Primary);
+        assert_eq!(hint(b"/ * shardgate: primary */"), Hint::None);
+    }
+
+    #[test]
+    fn comment_bodies() {
+        let all = |s: &str| {
+            block_comments(s.as_bytes())
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(all("select 1"), Vec::<String>::new());
+        assert_eq!(all("/* a */ select /*b*/ 1 /* c"), [" a ", "b", " c"]);
+        assert_eq!(all("/**/x/*/ y */"), ["", "/ y "]);
+        assert_eq!(all("a / b * c */ d /"), Vec::<String>::new());
+        assert_eq!(all("/*"), [""]);
+        assert_eq!(shardgate_comment(b" sshardgate: x"), Some(&b" x"[..]));
+        assert_eq!(shardgate_comment(b" shardgate x"), None);
     }
 
     #[test]

@@ -513,15 +513,18 @@ pub fn normalize_literals(sql: &str) -> Option<(String, Vec<String>)> {
 
 /// The placement of a whole Query string or Parse text.
 pub fn place(map: &ShardMap, sql: &str) -> Placement {
-    let index_ddl = || {
-        sql.as_bytes()
-            .windows(5)
-            .any(|w| w.eq_ignore_ascii_case(b"index"))
-    };
-    if !map.has_tables() || !(map.mentions_table(sql.as_bytes()) || index_ddl()) {
+    if unmentioned(map, sql.as_bytes()) {
         return Placement::Unmentioned;
     }
     analyse(map, sql)
+}
+
+/// The lexical shortcut of [`place`]: true when `sql` names no configured
+/// table (and is no index DDL, which may name only the index), so it is
+/// [`Placement::Unmentioned`] without a parse.
+pub fn unmentioned(map: &ShardMap, sql: &[u8]) -> bool {
+    let index_ddl = || sql.windows(5).any(|w| w.eq_ignore_ascii_case(b"index"));
+    !map.has_tables() || !(map.mentions_table(sql) || index_ddl())
 }
 
 /// The placement from a full parse (no lexical shortcut).
