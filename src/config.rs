@@ -48,6 +48,8 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub reshard: ReshardConfig,
+    #[serde(default)]
+    pub hotspots: HotspotsConfig,
     /// Absent: no sharding; every statement goes to the first shard.
     pub sharding: Option<ShardingConfig>,
 }
@@ -289,6 +291,38 @@ impl Default for ReshardConfig {
             cleanup_after: Duration::from_secs(600),
             cutover_timeout: Duration::from_millis(2000),
             copy_bytes_per_second: 0,
+        }
+    }
+}
+
+/// Load counting per shard, bucket and key (docs/hotspots.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HotspotsConfig {
+    /// Count load as statements are routed (off: the views stay empty).
+    pub enabled: bool,
+    /// Counters of the heavy-hitters sketch per sharded table: memory is
+    /// bounded by this, and any key with more than 1/top_keys of a table's
+    /// statements is sure to be tracked.
+    pub top_keys: usize,
+    /// Key and shard statement counts fade by half over this long.
+    #[serde(with = "humantime_serde")]
+    pub half_life: Duration,
+    /// A key with at least this share of its shard's statements is hot.
+    pub hot_key_share: f64,
+    /// ... once the shard has counted at least this many recent
+    /// statements (faded like the keys).
+    pub min_statements: u64,
+}
+
+impl Default for HotspotsConfig {
+    fn default() -> Self {
+        HotspotsConfig {
+            enabled: true,
+            top_keys: 256,
+            half_life: Duration::from_secs(300),
+            hot_key_share: 0.2,
+            min_statements: 1000,
         }
     }
 }
@@ -555,6 +589,21 @@ impl Config {
                 "pool.min_size".into(),
                 "must not exceed pool.max_size",
             ));
+        }
+        if self.hotspots.top_keys == 0 || self.hotspots.top_keys > 100_000 {
+            return Err(invalid(
+                "hotspots.top_keys".into(),
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(self.hotspots.hot_key_share > 0.0 && self.hotspots.hot_key_share <= 1.0) {
+            return Err(invalid(
+                "hotspots.hot_key_share".into(),
+                "must be a fraction above 0 and at most 1",
+            ));
+        }
+        if self.hotspots.half_life < Duration::from_secs(10) {
+            return Err(invalid("hotspots.half_life".into(), "must be at least 10s"));
         }
         if self.proxy.max_message_size < 1024 {
             return Err(invalid(

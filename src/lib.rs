@@ -31,6 +31,7 @@ pub mod config;
 pub mod failover;
 pub mod frontend;
 pub mod health;
+pub mod hotspot;
 pub mod local;
 pub mod metrics;
 pub mod protocol;

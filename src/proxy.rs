@@ -41,6 +41,7 @@ pub struct Proxy {
     pub twophase: Option<crate::twophase::DecisionLog>,
     pub failover: crate::failover::Failover,
     pub reshard: crate::reshard::Reshard,
+    pub hotspots: crate::hotspot::Hotspots,
 }
 
 impl Proxy {
@@ -57,6 +58,7 @@ impl Proxy {
         Ok(Arc::new(Proxy {
             failover,
             reshard: crate::reshard::Reshard::default(),
+            hotspots: crate::hotspot::Hotspots::new(&config.hotspots),
             auth: ArcSwap::from_pointee(AuthTable::build(&config.users)),
             topology: TopologyHandle::new(topology),
             pools: Arc::new(Pools::new(config.pool.clone())),
@@ -78,6 +80,7 @@ impl Proxy {
     /// place; connected clients stay.
     pub fn reload(&self, config: Config) {
         self.auth.store(Arc::new(AuthTable::build(&config.users)));
+        self.hotspots.configure(&config.hotspots);
         let users = config.users.clone();
         self.pools.apply_settings(config.pool.clone(), |u| {
             users.iter().find(|c| c.name == u).and_then(|c| c.pool_size)

@@ -65,6 +65,15 @@ pub enum AdminCmd {
         #[command(subcommand)]
         what: DrillCmd,
     },
+    /// Load per shard (last ten minutes) with a bar chart and the skew
+    /// (docs/hotspots.md).
+    Balance(super::hotspots_cli::BalanceArgs),
+    /// The heaviest sharding keys and buckets; hot keys with what would
+    /// help.
+    Hotspots(super::hotspots_cli::HotspotsArgs),
+    /// Bucket moves that even out the load (or size); --dry-run prints the
+    /// plan only.
+    Rebalance(super::hotspots_cli::RebalanceArgs),
     /// Move buckets between shards online (docs/resharding.md).
     Reshard {
         #[command(subcommand)]
@@ -186,6 +195,9 @@ async fn run_async(args: AdminArgs) -> Result<()> {
             }
         }
         AdminCmd::Reshard { cmd } => super::reshard_cli::run(&mut c, cmd, args.json).await?,
+        AdminCmd::Balance(a) => super::hotspots_cli::balance(&mut c, a, args.json).await?,
+        AdminCmd::Hotspots(a) => super::hotspots_cli::hotspots(&mut c, a, args.json).await?,
+        AdminCmd::Rebalance(a) => super::hotspots_cli::rebalance(&mut c, a, args.json).await?,
         AdminCmd::Switchover { shard, to } => {
             let r = c
                 .switchover(pb::SwitchoverRequest {

@@ -6,6 +6,8 @@
 pub mod cli;
 mod drill;
 mod drill_client;
+pub mod hotspots;
+mod hotspots_cli;
 mod reshard_cli;
 
 use crate::failover::{Failover, Report};
@@ -225,6 +227,35 @@ impl Admin for Service {
         Ok(Response::new(pb::ReshardPlanReply {
             moves: moves.into_iter().map(planned_pb).collect(),
         }))
+    }
+
+    async fn balance(
+        &self,
+        req: Request<pb::BalanceRequest>,
+    ) -> Result<Response<pb::BalanceReply>, Status> {
+        hotspots::balance(&self.proxy, req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::failed_precondition)
+    }
+
+    async fn hotspots(
+        &self,
+        req: Request<pb::HotspotsRequest>,
+    ) -> Result<Response<pb::HotspotsReply>, Status> {
+        hotspots::hotspots(&self.proxy, req.into_inner())
+            .map(Response::new)
+            .map_err(Status::failed_precondition)
+    }
+
+    async fn rebalance(
+        &self,
+        req: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::RebalanceReply>, Status> {
+        hotspots::rebalance(&self.proxy, req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::failed_precondition)
     }
 
     async fn reshard_move(

@@ -156,10 +156,20 @@ impl Session {
                 let server = self.server.as_mut().expect("attached");
                 server.tx_status = status;
                 if let Some(t) = self.request_started.take() {
+                    let elapsed = t.elapsed();
                     self.pool
                         .metrics
                         .query_duration
-                        .observe(t.elapsed().as_secs_f64());
+                        .observe(elapsed.as_secs_f64());
+                    if self.shard_map.is_some() && self.proxy.hotspots.enabled() {
+                        self.proxy.hotspots.answered(
+                            self.shard,
+                            self.routing.load_bucket.take(),
+                            std::mem::take(&mut self.routing.load_rows),
+                            std::mem::take(&mut self.routing.load_bytes),
+                            elapsed,
+                        );
+                    }
                 }
                 if !self.pipeline.is_empty() {
                     self.request_started = Some(std::time::Instant::now());
@@ -386,6 +396,7 @@ impl Session {
 
     fn note_command_tag(&mut self, tag: &[u8]) {
         self.vars.note_command(tag);
+        self.routing.load_rows += rows_of_tag(tag);
         if matches!(tag, b"DISCARD ALL" | b"DEALLOCATE ALL") {
             // The server dropped every prepared statement of the session,
             // ours included; the client's are gone as Postgres says.
@@ -424,5 +435,31 @@ impl Session {
             }
             _ => {}
         }
+    }
+}
+
+/// The row count a command tag reports (`SELECT 5`, `INSERT 0 5`,
+/// `UPDATE 5`, `COPY 5` ...); 0 for tags without one.
+fn rows_of_tag(tag: &[u8]) -> u64 {
+    let digits = tag.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits == tag.len() || tag[tag.len() - digits - 1] != b' ' {
+        return 0;
+    }
+    std::str::from_utf8(&tag[tag.len() - digits..])
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod load_tests {
+    #[test]
+    fn rows_of_tags() {
+        use super::rows_of_tag;
+        assert_eq!(rows_of_tag(b"SELECT 5"), 5);
+        assert_eq!(rows_of_tag(b"INSERT 0 12"), 12);
+        assert_eq!(rows_of_tag(b"BEGIN"), 0);
+        assert_eq!(rows_of_tag(b"CREATE TABLE"), 0);
+        assert_eq!(rows_of_tag(b"12"), 0);
     }
 }

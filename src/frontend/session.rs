@@ -208,6 +208,13 @@ pub(super) struct RoutingState {
     /// in its own transaction on each: committed together (two-phase) at
     /// COMMIT.
     pub tx_parked: Vec<(usize, PooledConn)>,
+    /// The load counters' view of the request under way: the sharding
+    /// key of the statement being placed, the bucket of the last keyed
+    /// statement, and the rows and bytes the server sent.
+    pub key_hit: Option<crate::hotspot::KeyHit>,
+    pub load_bucket: Option<u32>,
+    pub load_rows: u64,
+    pub load_bytes: u64,
 }
 
 impl Session {
@@ -380,7 +387,10 @@ impl Session {
                     }
                     r = stream.read_buf(read_buf) => {
                         match r {
-                            Ok(n) if n > 0 => self.on_server_data().await?,
+                            Ok(n) if n > 0 => {
+                                self.routing.load_bytes += n as u64;
+                                self.on_server_data().await?
+                            }
                             _ => self.on_server_eof().await?,
                         }
                     }

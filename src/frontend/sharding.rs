@@ -191,6 +191,7 @@ impl Session {
         bind: Option<(&[u32], &[u8])>,
     ) -> Result<Option<Vec<usize>>, (&'static str, String)> {
         self.scatter_guard = None;
+        self.routing.key_hit = None;
         let Some(map) = self.shard_map() else {
             return Ok(None);
         };
@@ -203,6 +204,7 @@ impl Session {
                 if self.server.is_none() {
                     self.select_shard(map.default_shard);
                 }
+                self.count_routed(self.shard);
                 return Ok(None);
             }
             Target::Shard(s) => s,
@@ -256,10 +258,25 @@ impl Session {
                 }
                 self.routing.switch_to = Some(want);
             }
+            self.count_routed(want);
             return Ok(None);
         }
         self.select_shard(want);
+        self.count_routed(want);
         Ok(None)
+    }
+
+    /// Counts a statement placed on `shard` (and its key, if it has one)
+    /// for the load views.
+    fn count_routed(&mut self, shard: usize) {
+        let hit = self.routing.key_hit.take();
+        if !self.proxy.hotspots.enabled() {
+            return;
+        }
+        if let Some(h) = &hit {
+            self.routing.load_bucket = Some(h.bucket);
+        }
+        self.proxy.hotspots.routed(shard, hit);
     }
 
     /// Waits (at most [`CUTOVER_WAIT`]) while the statement's key is in a
@@ -555,7 +572,11 @@ impl Session {
             }
             _ => None,
         };
-        let target = placement.resolve(map, params.as_ref());
+        let target = if self.proxy.hotspots.enabled() {
+            placement.resolve_noting(map, params.as_ref(), Some(&mut self.routing.key_hit))
+        } else {
+            placement.resolve(map, params.as_ref())
+        };
         // A statement that names no configured table may name no table at
         // all (SELECT now(), SET ...): inside a transaction on another
         // shard, tell that apart from one reading default-shard tables.
@@ -605,7 +626,7 @@ impl Session {
     /// The target of a simple-protocol text through the placement of its
     /// literal-free form, when that placement names keys (or needs no
     /// shard in particular); None otherwise (the text is placed as is).
-    fn target_by_normalized(&self, map: &ShardMap, sql: &[u8]) -> Option<Target> {
+    fn target_by_normalized(&mut self, map: &ShardMap, sql: &[u8]) -> Option<Target> {
         let text = std::str::from_utf8(sql).ok()?;
         let (norm, literals) = crate::router::shard::normalize_literals(text)?;
         if literals.is_empty() {
@@ -621,8 +642,13 @@ impl Session {
             formats: &[],
             values: &values,
         };
-        match placement.resolve(map, Some(&params)) {
-            t @ (Target::Shard(_) | Target::Anywhere) => Some(t),
+        let mut hit = None;
+        let noting = self.proxy.hotspots.enabled().then_some(&mut hit);
+        match placement.resolve_noting(map, Some(&params), noting) {
+            t @ (Target::Shard(_) | Target::Anywhere) => {
+                self.routing.key_hit = hit;
+                Some(t)
+            }
             // Several shards, or a literal that is not a key: as written.
             _ => None,
         }

@@ -15,8 +15,9 @@
 //! found anywhere in the statement; a reference it did not reach makes the
 //! statement need every shard rather than trust a partial analysis.
 
+use crate::hotspot::KeyHit;
 use crate::sharding::hash::{KeyType, KeyValue};
-use crate::sharding::map::{ShardMap, TableRule};
+use crate::sharding::map::{Location, ShardMap, TableRule};
 use sqlparser::ast::{
     self, AssignmentTarget, BinaryOperator, CastKind, DataType, Expr, FromTable, JoinConstraint,
     JoinOperator, ObjectName, OnConflictAction, OnInsert, Query, Select, SetExpr, Statement,
@@ -46,6 +47,8 @@ pub enum KeyExpr {
 pub struct KeyGroup {
     pub key_type: KeyType,
     pub keys: Vec<KeyExpr>,
+    /// The table the keys were found on (for the load counters).
+    pub table: std::sync::Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +103,30 @@ const HELD: usize = usize::MAX;
 impl Placement {
     /// Resolves against the map (and the Bind parameters, if any).
     pub fn resolve(&self, map: &ShardMap, params: Option<&Params>) -> Target {
+        self.resolve_noting(map, params, None)
+    }
+
+    /// [`Self::resolve`], and with `hit`, the statement's sharding key
+    /// when it has exactly one (for the load counters).
+    pub fn resolve_noting(
+        &self,
+        map: &ShardMap,
+        params: Option<&Params>,
+        hit: Option<&mut Option<KeyHit>>,
+    ) -> Target {
+        if let (Some(hit), Placement::Keys { groups, .. }) = (hit, self) {
+            if let [g] = groups.as_slice() {
+                if let [k] = g.keys.as_slice() {
+                    if let Some((at, Some(key))) = key_located(map, g.key_type, k, params, true) {
+                        *hit = Some(KeyHit {
+                            table: g.table.clone(),
+                            key,
+                            bucket: at.bucket,
+                        });
+                    }
+                }
+            }
+        }
         match self {
             Placement::Anywhere => Target::Anywhere,
             Placement::Default | Placement::Unmentioned => Target::Shard(map.default_shard),
@@ -347,15 +374,28 @@ fn shard_of(map: &ShardMap, l: crate::sharding::map::Location) -> usize {
 /// The shard of one key; None when a parameter's value cannot be read as
 /// the column's type exactly (the caller then assumes any shard).
 fn key_shard(map: &ShardMap, ty: KeyType, k: &KeyExpr, params: Option<&Params>) -> Option<usize> {
+    key_located(map, ty, k, params, false).map(|(l, _)| shard_of(map, l))
+}
+
+/// Where one key lives, and (with `want_value`) the key itself (None for
+/// a NULL key); None when a parameter's value cannot be read as the
+/// column's type exactly.
+fn key_located(
+    map: &ShardMap,
+    ty: KeyType,
+    k: &KeyExpr,
+    params: Option<&Params>,
+    want_value: bool,
+) -> Option<(Location, Option<KeyValue>)> {
     match k {
         KeyExpr::AnyParam(_) => None,
-        KeyExpr::Value(v) => Some(shard_of(map, map.locate(ty, v))),
-        KeyExpr::Null => Some(shard_of(map, map.null_location())),
+        KeyExpr::Value(v) => Some((map.locate(ty, v), want_value.then(|| v.clone()))),
+        KeyExpr::Null => Some((map.null_location(), None)),
         KeyExpr::Param(i) => {
             let p = params?;
             let value = *p.values.get(*i)?;
             let Some(value) = value else {
-                return Some(shard_of(map, map.null_location()));
+                return Some((map.null_location(), None));
             };
             let format = match p.formats {
                 [] => 0,
@@ -375,7 +415,7 @@ fn key_shard(map: &ShardMap, ty: KeyType, k: &KeyExpr, params: Option<&Params>) 
                 }
                 ty.parse_binary(value).ok()?
             };
-            Some(shard_of(map, map.locate(ty, &v)))
+            Some((map.locate(ty, &v), Some(v)))
         }
     }
 }
@@ -697,6 +737,7 @@ fn place_statement(map: &ShardMap, stmt: &Statement) -> Placement {
             KeyGroup {
                 key_type: w.factors[root].key_type,
                 keys: keys.clone(),
+                table: w.factors[root].table.as_str().into(),
             },
         ));
     }

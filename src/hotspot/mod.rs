@@ -1,0 +1,388 @@
+//! Where the load is: counters per shard and per bucket, and the heaviest
+//! sharding keys of each sharded table, counted as statements are routed.
+//!
+//! The data path does two short things per request, under one mutex that
+//! is never held across an await:
+//!
+//! - when a statement is placed on a shard ([`Hotspots::routed`]): one
+//!   statement for the shard, and, for a statement with one sharding key,
+//!   one for the key's bucket and one for the key in its table's
+//!   Space-Saving sketch ([`sketch`]);
+//! - when the server answers ReadyForQuery ([`Hotspots::answered`]): the
+//!   server time (from the request to ReadyForQuery), rows and bytes, for
+//!   the shard and for the bucket of the request's key, if it had one.
+//!
+//! Counters keep totals and two sliding windows: the last minute (six
+//! 10-second slots) and the last ten minutes (ten 1-minute slots). Slots
+//! are reset lazily when a count lands in a new period, so nothing ticks.
+//! Sketches and the per-shard statement counts their shares are measured
+//! against fade by half every `hotspots.half_life`, so a key that was hot
+//! an hour ago is not reported as hot now.
+//!
+//! [`report`] turns the counters into the operator's views (balance, hot
+//! keys and buckets) and [`plan`] into bucket moves that even the load.
+
+pub mod plan;
+pub mod report;
+pub mod sketch;
+
+use crate::sharding::hash::KeyValue;
+use sketch::SpaceSaving;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Load of one period (or of all time).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Counts {
+    pub statements: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    /// Server time, microseconds.
+    pub server_us: u64,
+}
+
+impl Counts {
+    fn add(&mut self, o: &Counts) {
+        self.statements += o.statements;
+        self.rows += o.rows;
+        self.bytes += o.bytes;
+        self.server_us += o.server_us;
+    }
+}
+
+const SHORT_SLOTS: usize = 6;
+const SHORT_SLOT_S: u64 = 10;
+const LONG_SLOTS: usize = 10;
+const LONG_SLOT_S: u64 = 60;
+
+/// Totals and the two sliding windows of one shard or bucket.
+#[derive(Debug, Clone, Default)]
+pub struct Windowed {
+    short: [(u64, Counts); SHORT_SLOTS],
+    long: [(u64, Counts); LONG_SLOTS],
+    pub total: Counts,
+}
+
+impl Windowed {
+    fn add(&mut self, now_s: u64, c: &Counts) {
+        // Periods are numbered from 1 so that slot 0 of a fresh counter
+        // (period 0) never counts as current.
+        let p = now_s / SHORT_SLOT_S + 1;
+        let slot = &mut self.short[(p % SHORT_SLOTS as u64) as usize];
+        if slot.0 != p {
+            *slot = (p, Counts::default());
+        }
+        slot.1.add(c);
+        let p = now_s / LONG_SLOT_S + 1;
+        let slot = &mut self.long[(p % LONG_SLOTS as u64) as usize];
+        if slot.0 != p {
+            *slot = (p, Counts::default());
+        }
+        slot.1.add(c);
+        self.total.add(c);
+    }
+
+    /// The load of the last minute (`long`: false) or ten minutes.
+    pub fn window(&self, now_s: u64, long: bool) -> Counts {
+        let (slots, len, n): (&[(u64, Counts)], u64, u64) = if long {
+            (&self.long, LONG_SLOT_S, LONG_SLOTS as u64)
+        } else {
+            (&self.short, SHORT_SLOT_S, SHORT_SLOTS as u64)
+        };
+        let p = now_s / len + 1;
+        let mut sum = Counts::default();
+        for (period, c) in slots {
+            if *period + n > p && *period <= p {
+                sum.add(c);
+            }
+        }
+        sum
+    }
+}
+
+/// Seconds a window covers at `now_s` seconds after the counters started
+/// (its oldest slot may be partly before the start).
+pub fn window_seconds(now_s: u64, long: bool) -> f64 {
+    let (len, n) = if long {
+        (LONG_SLOT_S, LONG_SLOTS as u64)
+    } else {
+        (SHORT_SLOT_S, SHORT_SLOTS as u64)
+    };
+    let full = (n - 1) * len + now_s % len + 1;
+    full.min(now_s + 1) as f64
+}
+
+/// The heaviest keys of one sharded table.
+pub struct TableSketch {
+    /// (key, its bucket).
+    pub keys: SpaceSaving<(KeyValue, u32)>,
+}
+
+#[derive(Default)]
+struct Inner {
+    shards: Vec<Windowed>,
+    buckets: Vec<Windowed>,
+    /// Statements per shard, faded like the sketches (the denominator of a
+    /// key's share).
+    shard_faded: Vec<f64>,
+    tables: HashMap<Arc<str>, TableSketch>,
+    /// Seconds since `started` at the last count.
+    now_s: u64,
+    /// Fading steps (of `FADE_STEP`) applied so far.
+    faded_steps: u64,
+}
+
+/// The counters of one proxy.
+pub struct Hotspots {
+    enabled: AtomicBool,
+    started: Instant,
+    inner: Mutex<Inner>,
+    settings: Mutex<Settings>,
+    /// The admin views' cache of table sizes per shard: (read at, database,
+    /// (row estimate, bytes) per shard).
+    pub table_sizes: Mutex<Option<TableSizes>>,
+}
+
+pub type TableSizes = (Instant, String, Vec<(i64, i64)>);
+
+/// What `[hotspots]` configures (re-read on SIGHUP).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub top_keys: usize,
+    pub half_life: Duration,
+}
+
+/// Fading runs in steps of this length.
+const FADE_STEP: Duration = Duration::from_secs(10);
+
+impl Hotspots {
+    pub fn new(config: &crate::config::HotspotsConfig) -> Self {
+        Hotspots {
+            enabled: AtomicBool::new(config.enabled),
+            started: Instant::now(),
+            inner: Mutex::new(Inner::default()),
+            table_sizes: Mutex::new(None),
+            settings: Mutex::new(Settings {
+                top_keys: config.top_keys,
+                half_life: config.half_life,
+            }),
+        }
+    }
+
+    /// Takes a reloaded `[hotspots]` section.
+    pub fn configure(&self, config: &crate::config::HotspotsConfig) {
+        self.enabled.store(config.enabled, Ordering::Relaxed);
+        *crate::lock(&self.settings) = Settings {
+            top_keys: config.top_keys,
+            half_life: config.half_life,
+        };
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// A statement placed on `shard`; `key`: its table, sharding key and
+    /// bucket when it has exactly one key.
+    pub fn routed(&self, shard: usize, key: Option<KeyHit>) {
+        let top_keys = key.as_ref().map(|_| crate::lock(&self.settings).top_keys);
+        let mut inner = crate::lock(&self.inner);
+        let now_s = inner.now_s;
+        let one = Counts {
+            statements: 1,
+            ..Counts::default()
+        };
+        grow(&mut inner.shards, shard);
+        inner.shards[shard].add(now_s, &one);
+        if inner.shard_faded.len() <= shard {
+            inner.shard_faded.resize(shard + 1, 0.0);
+        }
+        inner.shard_faded[shard] += 1.0;
+        let Some(hit) = key else { return };
+        grow(&mut inner.buckets, hit.bucket as usize);
+        inner.buckets[hit.bucket as usize].add(now_s, &one);
+        let top_keys = top_keys.unwrap_or(1);
+        inner
+            .tables
+            .entry(hit.table.clone())
+            .or_insert_with(|| TableSketch {
+                keys: SpaceSaving::new(top_keys),
+            })
+            .keys
+            .add(&(hit.key, hit.bucket), 1.0);
+    }
+
+    /// A request answered (ReadyForQuery) after `elapsed` on `shard`.
+    pub fn answered(
+        &self,
+        shard: usize,
+        bucket: Option<u32>,
+        rows: u64,
+        bytes: u64,
+        elapsed: Duration,
+    ) {
+        let now = self.started.elapsed();
+        let half_life = crate::lock(&self.settings).half_life;
+        let mut inner = crate::lock(&self.inner);
+        inner.now_s = now.as_secs();
+        inner.fade(now, half_life);
+        let c = Counts {
+            statements: 0,
+            rows,
+            bytes,
+            server_us: elapsed.as_micros() as u64,
+        };
+        let now_s = inner.now_s;
+        grow(&mut inner.shards, shard);
+        inner.shards[shard].add(now_s, &c);
+        if let Some(b) = bucket {
+            grow(&mut inner.buckets, b as usize);
+            inner.buckets[b as usize].add(now_s, &c);
+        }
+    }
+
+    /// A copy of the counters for a report, faded up to now.
+    pub fn snapshot(&self) -> Snapshot {
+        let now = self.started.elapsed();
+        let half_life = crate::lock(&self.settings).half_life;
+        let mut inner = crate::lock(&self.inner);
+        inner.now_s = inner.now_s.max(now.as_secs());
+        inner.fade(now, half_life);
+        Snapshot {
+            now_s: inner.now_s,
+            shards: inner.shards.clone(),
+            buckets: inner.buckets.clone(),
+            shard_faded: inner.shard_faded.clone(),
+            tables: inner
+                .tables
+                .iter()
+                .map(|(t, s)| TableKeys {
+                    table: t.to_string(),
+                    top: s.keys.top(usize::MAX),
+                    total: s.keys.total(),
+                    unmonitored_bound: s.keys.unmonitored_bound(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Bytes the counters hold now (for the memory bound).
+    pub fn approximate_bytes(&self) -> usize {
+        let inner = crate::lock(&self.inner);
+        let w = std::mem::size_of::<Windowed>();
+        let keys: usize = inner
+            .tables
+            .values()
+            .map(|t| t.keys.len() * (2 * std::mem::size_of::<(KeyValue, u32)>() + 48))
+            .sum();
+        (inner.shards.len() + inner.buckets.len()) * w + keys
+    }
+}
+
+impl Inner {
+    fn fade(&mut self, now: Duration, half_life: Duration) {
+        let steps = now.as_secs() / FADE_STEP.as_secs();
+        if steps <= self.faded_steps {
+            return;
+        }
+        let n = (steps - self.faded_steps).min(10_000) as f64;
+        self.faded_steps = steps;
+        let factor = 0.5f64.powf(n * FADE_STEP.as_secs_f64() / half_life.as_secs_f64().max(1.0));
+        for t in self.tables.values_mut() {
+            t.keys.decay(factor);
+        }
+        for s in &mut self.shard_faded {
+            *s *= factor;
+        }
+    }
+}
+
+fn grow(v: &mut Vec<Windowed>, i: usize) {
+    if v.len() <= i {
+        v.resize(i + 1, Windowed::default());
+    }
+}
+
+/// One statement's single sharding key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHit {
+    pub table: Arc<str>,
+    pub key: KeyValue,
+    pub bucket: u32,
+}
+
+/// The heaviest keys of one table at snapshot time.
+#[derive(Debug, Clone)]
+pub struct TableKeys {
+    pub table: String,
+    /// (key, bucket), heaviest first.
+    pub top: Vec<sketch::Counter<(KeyValue, u32)>>,
+    pub total: f64,
+    pub unmonitored_bound: f64,
+}
+
+/// The counters at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub now_s: u64,
+    pub shards: Vec<Windowed>,
+    pub buckets: Vec<Windowed>,
+    pub shard_faded: Vec<f64>,
+    pub tables: Vec<TableKeys>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_slide_and_totals_stay() {
+        let mut w = Windowed::default();
+        let one = Counts {
+            statements: 1,
+            rows: 2,
+            bytes: 3,
+            server_us: 4,
+        };
+        for s in 0..600 {
+            w.add(s, &one);
+        }
+        assert_eq!(w.total.statements, 600);
+        // At second 599: the short window holds 50 full seconds + 10.
+        assert_eq!(w.window(599, false).statements, 60);
+        assert_eq!(w.window(599, true).statements, 600);
+        // Ten quiet minutes later both windows are empty.
+        assert_eq!(w.window(1300, false), Counts::default());
+        assert_eq!(w.window(1300, true), Counts::default());
+        assert_eq!(w.total.rows, 1200);
+        assert_eq!(window_seconds(599, false), 60.0);
+        assert_eq!(window_seconds(5, false), 6.0);
+    }
+
+    #[test]
+    fn keys_and_buckets_are_counted_and_fade() {
+        let h = Hotspots::new(&crate::config::HotspotsConfig::default());
+        let hit = KeyHit {
+            table: "t".into(),
+            key: KeyValue::Int(7),
+            bucket: 3,
+        };
+        for _ in 0..10 {
+            h.routed(1, Some(hit.clone()));
+        }
+        h.routed(0, None);
+        h.answered(1, Some(3), 5, 100, Duration::from_millis(2));
+        let s = h.snapshot();
+        assert_eq!(s.shards[1].total.statements, 10);
+        assert_eq!(s.shards[0].total.statements, 1);
+        assert_eq!(s.buckets[3].total.rows, 5);
+        assert_eq!(s.buckets[3].total.server_us, 2000);
+        assert_eq!(s.tables[0].top[0].key, (KeyValue::Int(7), 3));
+        assert_eq!(s.tables[0].top[0].count, 10.0);
+        let mut inner = crate::lock(&h.inner);
+        inner.fade(Duration::from_secs(300), Duration::from_secs(300));
+        assert!((inner.shard_faded[1] - 5.0).abs() < 1e-9);
+    }
+}
