@@ -28,8 +28,7 @@ pub mod sketch;
 
 use crate::sharding::hash::KeyValue;
 use sketch::SpaceSaving;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -127,7 +126,7 @@ struct Inner {
     /// Statements per shard, faded like the sketches (the denominator of a
     /// key's share).
     shard_faded: Vec<f64>,
-    tables: HashMap<Arc<str>, TableSketch>,
+    tables: hashbrown::HashMap<Arc<str>, TableSketch>,
     /// Seconds since `started` at the last count.
     now_s: u64,
     /// Fading steps (of `FADE_STEP`) applied so far.
@@ -137,6 +136,8 @@ struct Inner {
 /// The counters of one proxy.
 pub struct Hotspots {
     enabled: AtomicBool,
+    /// `hotspots.top_keys`, read per keyed statement without a lock.
+    top_keys: AtomicUsize,
     started: Instant,
     inner: Mutex<Inner>,
     settings: Mutex<Settings>,
@@ -161,6 +162,7 @@ impl Hotspots {
     pub fn new(config: &crate::config::HotspotsConfig) -> Self {
         Hotspots {
             enabled: AtomicBool::new(config.enabled),
+            top_keys: AtomicUsize::new(config.top_keys),
             started: Instant::now(),
             inner: Mutex::new(Inner::default()),
             table_sizes: Mutex::new(None),
@@ -174,6 +176,7 @@ impl Hotspots {
     /// Takes a reloaded `[hotspots]` section.
     pub fn configure(&self, config: &crate::config::HotspotsConfig) {
         self.enabled.store(config.enabled, Ordering::Relaxed);
+        self.top_keys.store(config.top_keys, Ordering::Relaxed);
         *crate::lock(&self.settings) = Settings {
             top_keys: config.top_keys,
             half_life: config.half_life,
@@ -187,7 +190,6 @@ impl Hotspots {
     /// A statement placed on `shard`; `key`: its table, sharding key and
     /// bucket when it has exactly one key.
     pub fn routed(&self, shard: usize, key: Option<KeyHit>) {
-        let top_keys = key.as_ref().map(|_| crate::lock(&self.settings).top_keys);
         let mut inner = crate::lock(&self.inner);
         let now_s = inner.now_s;
         let one = Counts {
@@ -203,15 +205,16 @@ impl Hotspots {
         let Some(hit) = key else { return };
         grow(&mut inner.buckets, hit.bucket as usize);
         inner.buckets[hit.bucket as usize].add(now_s, &one);
-        let top_keys = top_keys.unwrap_or(1);
-        inner
-            .tables
-            .entry(hit.table.clone())
-            .or_insert_with(|| TableSketch {
-                keys: SpaceSaving::new(top_keys),
-            })
-            .keys
-            .add(&(hit.key, hit.bucket), 1.0);
+        let top_keys = self.top_keys.load(Ordering::Relaxed);
+        let key = (hit.key, hit.bucket);
+        match inner.tables.get_mut(&hit.table) {
+            Some(t) => t.keys.add(&key, 1.0),
+            None => {
+                let mut keys = SpaceSaving::new(top_keys);
+                keys.add(&key, 1.0);
+                inner.tables.insert(hit.table, TableSketch { keys });
+            }
+        }
     }
 
     /// A request answered (ReadyForQuery) after `elapsed` on `shard`.

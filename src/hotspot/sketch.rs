@@ -12,7 +12,10 @@
 //! key (unbounded) or have not been maintained for years; the algorithm is
 //! thirty lines over an indexed min-heap.
 
-use std::collections::HashMap;
+// hashbrown's default hasher (foldhash): the sketch hashes a key per
+// counted statement, and SipHash's DoS resistance buys nothing for a map
+// that never grows past `capacity`.
+use hashbrown::HashMap;
 use std::hash::Hash;
 
 #[derive(Debug, Clone, PartialEq)]
