@@ -167,7 +167,11 @@ pub async fn rebalance(
                 _ => return Err(format!("unknown --by {other:?}: load, statements or size")),
             };
             let (fixed, buckets) = report::loads(&snap, &map, names.len(), by);
-            (by_name_str(by), fixed, buckets)
+            (
+                if by == By::Time { "load" } else { "statements" },
+                fixed,
+                buckets,
+            )
         }
     };
     let owner: Vec<usize> = map.owner.iter().map(|o| *o as usize).collect();
@@ -245,13 +249,6 @@ pub async fn rebalance(
 fn by_name(by: By) -> &'static str {
     match by {
         By::Time => "time",
-        By::Statements => "statements",
-    }
-}
-
-fn by_name_str(by: By) -> &'static str {
-    match by {
-        By::Time => "load",
         By::Statements => "statements",
     }
 }

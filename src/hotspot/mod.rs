@@ -28,7 +28,7 @@ pub mod sketch;
 
 use crate::sharding::hash::KeyValue;
 use sketch::SpaceSaving;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -140,20 +140,14 @@ pub struct Hotspots {
     top_keys: AtomicUsize,
     started: Instant,
     inner: Mutex<Inner>,
-    settings: Mutex<Settings>,
+    /// `hotspots.half_life` in milliseconds (read per request, no lock).
+    half_life_ms: AtomicU64,
     /// The admin views' cache of table sizes per shard: (read at, database,
     /// (row estimate, bytes) per shard).
     pub table_sizes: Mutex<Option<TableSizes>>,
 }
 
 pub type TableSizes = (Instant, String, Vec<(i64, i64)>);
-
-/// What `[hotspots]` configures (re-read on SIGHUP).
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub top_keys: usize,
-    pub half_life: Duration,
-}
 
 /// Fading runs in steps of this length.
 const FADE_STEP: Duration = Duration::from_secs(10);
@@ -166,10 +160,7 @@ impl Hotspots {
             started: Instant::now(),
             inner: Mutex::new(Inner::default()),
             table_sizes: Mutex::new(None),
-            settings: Mutex::new(Settings {
-                top_keys: config.top_keys,
-                half_life: config.half_life,
-            }),
+            half_life_ms: AtomicU64::new(config.half_life.as_millis() as u64),
         }
     }
 
@@ -177,10 +168,8 @@ impl Hotspots {
     pub fn configure(&self, config: &crate::config::HotspotsConfig) {
         self.enabled.store(config.enabled, Ordering::Relaxed);
         self.top_keys.store(config.top_keys, Ordering::Relaxed);
-        *crate::lock(&self.settings) = Settings {
-            top_keys: config.top_keys,
-            half_life: config.half_life,
-        };
+        self.half_life_ms
+            .store(config.half_life.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn enabled(&self) -> bool {
@@ -227,7 +216,7 @@ impl Hotspots {
         elapsed: Duration,
     ) {
         let now = self.started.elapsed();
-        let half_life = crate::lock(&self.settings).half_life;
+        let half_life = self.half_life();
         let mut inner = crate::lock(&self.inner);
         inner.now_s = now.as_secs();
         inner.fade(now, half_life);
@@ -249,7 +238,7 @@ impl Hotspots {
     /// A copy of the counters for a report, faded up to now.
     pub fn snapshot(&self) -> Snapshot {
         let now = self.started.elapsed();
-        let half_life = crate::lock(&self.settings).half_life;
+        let half_life = self.half_life();
         let mut inner = crate::lock(&self.inner);
         inner.now_s = inner.now_s.max(now.as_secs());
         inner.fade(now, half_life);
@@ -271,16 +260,8 @@ impl Hotspots {
         }
     }
 
-    /// Bytes the counters hold now (for the memory bound).
-    pub fn approximate_bytes(&self) -> usize {
-        let inner = crate::lock(&self.inner);
-        let w = std::mem::size_of::<Windowed>();
-        let keys: usize = inner
-            .tables
-            .values()
-            .map(|t| t.keys.len() * (2 * std::mem::size_of::<(KeyValue, u32)>() + 48))
-            .sum();
-        (inner.shards.len() + inner.buckets.len()) * w + keys
+    fn half_life(&self) -> Duration {
+        Duration::from_millis(self.half_life_ms.load(Ordering::Relaxed))
     }
 }
 

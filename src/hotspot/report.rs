@@ -119,6 +119,22 @@ pub fn loads(snap: &Snapshot, map: &ShardMap, shards: usize, by: By) -> (Vec<f64
     (fixed, buckets)
 }
 
+/// Whole loads per shard (bucket and non-bucket) and per bucket.
+fn shard_and_bucket_loads(
+    snap: &Snapshot,
+    map: &ShardMap,
+    shards: usize,
+    by: By,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut load, buckets) = loads(snap, map, shards, by);
+    for (b, l) in buckets.iter().enumerate() {
+        if let Some(s) = load.get_mut(map.owner[b] as usize) {
+            *s += l;
+        }
+    }
+    (load, buckets)
+}
+
 /// One of the heaviest buckets.
 #[derive(Debug, Clone)]
 pub struct BucketRow {
@@ -137,13 +153,7 @@ pub fn heavy_buckets(
     by: By,
     n: usize,
 ) -> Vec<BucketRow> {
-    let (fixed, buckets) = loads(snap, map, names.len(), by);
-    let mut shard_load = fixed.clone();
-    for (b, l) in buckets.iter().enumerate() {
-        if let Some(s) = shard_load.get_mut(map.owner[b] as usize) {
-            *s += l;
-        }
-    }
+    let (shard_load, buckets) = shard_and_bucket_loads(snap, map, names.len(), by);
     let secs = window_seconds(snap.now_s, true);
     let mut rows: Vec<BucketRow> = buckets
         .iter()
@@ -207,13 +217,7 @@ pub fn hot_keys(
     rules: &HotRules,
     n: usize,
 ) -> Vec<HotKey> {
-    let (fixed, buckets) = loads(snap, map, names.len(), By::Statements);
-    let mut shard_load = fixed.clone();
-    for (b, l) in buckets.iter().enumerate() {
-        if let Some(s) = shard_load.get_mut(map.owner[b] as usize) {
-            *s += l;
-        }
-    }
+    let (shard_load, buckets) = shard_and_bucket_loads(snap, map, names.len(), By::Statements);
     let mean = shard_load.iter().sum::<f64>() / names.len().max(1) as f64;
     let name = |s: usize| names.get(s).cloned().unwrap_or_else(|| s.to_string());
     let mut out = Vec::new();
