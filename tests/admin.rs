@@ -32,15 +32,64 @@ fn admin(config: &std::path::Path, args: &[&str]) -> Output {
 }
 
 fn admin_json(config: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    admin_json_or_log(config, std::path::Path::new("/dev/null"), args)
+}
+
+/// `admin_json`, showing the proxy's log when the command fails.
+fn admin_json_or_log(
+    config: &std::path::Path,
+    log: &std::path::Path,
+    args: &[&str],
+) -> serde_json::Value {
     let out = admin(config, args);
     assert!(
         out.status.success(),
-        "shardgate admin {args:?} failed: {}{}",
+        "shardgate admin {args:?} failed: {}{}\nproxy log:\n{}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(log).unwrap_or_default()
     );
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Waits until `primary` has a synchronous standby and the proxy's probes
+/// have seen `replica` streaming twice since (so a whole probe round of the
+/// primary, with its pg_stat_replication, came after it). A fixed sleep was
+/// too short on a loaded machine: the drill then found no eligible standby.
+fn wait_for_sync_standby(
+    primary: &shardgate::local::PgServer,
+    config: &std::path::Path,
+    replica: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let sync = "select count(*) from pg_stat_replication where sync_state = 'sync'";
+    while primary.psql("postgres", sync).unwrap().trim() != "1" {
+        assert!(Instant::now() < deadline, "no synchronous standby");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..2 {
+        let since = Instant::now();
+        loop {
+            let s = admin_json(config, &["--json", "status"]);
+            let seen = s["shards"][0]["servers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["addr"] == replica)
+                .filter(|x| x["streaming_from"].as_str().is_some_and(|f| !f.is_empty()))
+                .and_then(|x| x["streamed_ms_ago"].as_u64())
+                .is_some_and(|ago| u128::from(ago) < since.elapsed().as_millis());
+            if seen {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "probes did not see {replica}: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 fn primary(status: &serde_json::Value) -> String {
@@ -104,8 +153,9 @@ fn status_drill_rejoin_and_switchover_through_the_cli() {
         assert!(Instant::now() < deadline, "the admin API did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Wait for the probes to have seen the synchronous standby.
-    std::thread::sleep(Duration::from_secs(1));
+    // The failover promotes only a standby its probes saw synchronous: wait
+    // for the primary to report one, then for two probe rounds after that.
+    wait_for_sync_standby(&old, &config, &replica.addr());
 
     let s = admin_json(&config, &["--json", "status"]);
     assert_eq!(primary(&s), old.addr());
@@ -135,8 +185,10 @@ fn status_drill_rejoin_and_switchover_through_the_cli() {
     assert!(!out.status.success());
 
     let url = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
-    let r = admin_json(
+    let log = dir.path().join("proxy.log");
+    let r = admin_json_or_log(
         &config,
+        &log,
         &[
             "--json",
             "drill",
@@ -195,8 +247,9 @@ fn status_drill_rejoin_and_switchover_through_the_cli() {
     );
 
     // And a planned switchover back to it: no client errors, nothing lost.
-    let r = admin_json(
+    let r = admin_json_or_log(
         &config,
+        &log,
         &[
             "--json",
             "drill",
