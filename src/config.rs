@@ -311,8 +311,14 @@ pub struct HotspotsConfig {
     /// A key with at least this share of its shard's statements is hot.
     pub hot_key_share: f64,
     /// ... once the shard has counted at least this many recent
-    /// statements (faded like the keys).
+    /// statements (faded like the keys). A shard needs this many in the
+    /// last minute to be judged hot.
     pub min_statements: u64,
+    /// A shard whose last minute of server time is at least this multiple
+    /// of the mean over shards is hot.
+    pub hot_shard_load: f64,
+    /// Per-bucket and per-key series in /metrics: the heaviest N only.
+    pub metrics_top: usize,
 }
 
 impl Default for HotspotsConfig {
@@ -323,6 +329,8 @@ impl Default for HotspotsConfig {
             half_life: Duration::from_secs(300),
             hot_key_share: 0.2,
             min_statements: 1000,
+            hot_shard_load: 1.5,
+            metrics_top: 10,
         }
     }
 }
@@ -600,6 +608,18 @@ impl Config {
             return Err(invalid(
                 "hotspots.hot_key_share".into(),
                 "must be a fraction above 0 and at most 1",
+            ));
+        }
+        if !(self.hotspots.hot_shard_load > 1.0 && self.hotspots.hot_shard_load.is_finite()) {
+            return Err(invalid(
+                "hotspots.hot_shard_load".into(),
+                "must be a number above 1 (a multiple of the mean load)",
+            ));
+        }
+        if self.hotspots.metrics_top > 100 {
+            return Err(invalid(
+                "hotspots.metrics_top".into(),
+                "must be at most 100 (it bounds the label cardinality of /metrics)",
             ));
         }
         if self.hotspots.half_life < Duration::from_secs(10) {
@@ -884,6 +904,22 @@ mod tests {
         assert!(e.contains("users[0].password"), "{e}");
         let e = err(&GOOD.replace("[proxy]", "[proxy]\npool_mode = \"statement\""));
         assert!(e.contains("pool_mode"), "{e}");
+        for (line, key) in [
+            ("hot_shard_load = 1.0", "hotspots.hot_shard_load"),
+            ("metrics_top = 101", "hotspots.metrics_top"),
+            ("half_life = \"1s\"", "hotspots.half_life"),
+            ("hot_key_share = 0", "hotspots.hot_key_share"),
+        ] {
+            let e = err(&format!("{GOOD}\n[hotspots]\n{line}\n"));
+            assert!(e.contains(key), "{line}: {e}");
+        }
+        let c = Config::parse(
+            &format!("{GOOD}\n[hotspots]\nhot_shard_load = 2.5\nmetrics_top = 0\n"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.hotspots.hot_shard_load, 2.5);
+        assert_eq!(c.hotspots.metrics_top, 0);
     }
 }
 

@@ -5,7 +5,6 @@
 //! an atomic add, never a label lookup. Gauges that describe pools are
 //! computed when /metrics is scraped.
 
-use crate::backend::Pools;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -65,17 +64,40 @@ const BUCKETS: &[f64] = &[
     2.5, 10.0,
 ];
 
+/// A registry whose metric names start with `shardgate_`.
+pub fn registry() -> Registry {
+    Registry::new_custom(Some("shardgate".into()), None).expect("valid prefix")
+}
+
+/// Registers a metric built from constant names and labels (a bad one is
+/// a programming error) and returns its handle.
+pub fn register<M>(registry: &Registry, metric: prometheus::Result<M>) -> M
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    let m = metric.expect("valid metric definition");
+    registry
+        .register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+/// Encodes everything in `registry` in the Prometheus text format.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .expect("text encoding into a Vec cannot fail");
+    String::from_utf8(out).expect("Prometheus text is UTF-8")
+}
+
 fn build() -> Global {
-    let registry = Registry::new_custom(Some("shardgate".into()), None).expect("valid prefix");
+    let registry = registry();
     let pool_labels = &["pool"];
     macro_rules! reg {
-        ($m:expr) => {{
-            let m = $m.expect("valid metric definition");
-            registry
-                .register(Box::new(m.clone()))
-                .expect("metric registered once");
-            m
-        }};
+        ($m:expr) => {
+            register(&registry, $m)
+        };
     }
     Global {
         clients_active: reg!(IntGauge::new(
@@ -300,9 +322,9 @@ pub fn count_error(sqlstate: &[u8]) {
 }
 
 /// Renders every metric in the Prometheus text format.
-pub fn render(pools: &Pools) -> String {
+pub fn render(proxy: &crate::proxy::Proxy) -> String {
     let g = &*GLOBAL;
-    for p in pools.all() {
+    for p in proxy.pools.all() {
         let s = p.pool.status();
         let label = p.key.label();
         g.server_conns
@@ -312,29 +334,27 @@ pub fn render(pools: &Pools) -> String {
             .with_label_values(&[&label, "idle"])
             .set(s.available as i64);
     }
-    let mut out = Vec::new();
-    TextEncoder::new()
-        .encode(&g.registry.gather(), &mut out)
-        .expect("text encoding into a Vec cannot fail");
-    String::from_utf8(out).expect("Prometheus text is UTF-8")
+    let mut text = encode(&g.registry);
+    text.push_str(&crate::hotspot::live::render(proxy));
+    text
 }
 
-/// Serves /metrics and /healthz until `shutdown` fires.
+/// Serves /metrics and /healthz until the proxy shuts down.
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
-    pools: Arc<Pools>,
-    shutdown: tokio_util::sync::CancellationToken,
+    proxy: Arc<crate::proxy::Proxy>,
 ) -> std::io::Result<()> {
+    let shutdown = proxy.shutdown.clone();
     use axum::{routing::get, Router};
     let app = Router::new()
         .route(
             "/metrics",
             get(move || {
-                let pools = pools.clone();
+                let proxy = proxy.clone();
                 async move {
                     (
                         [("content-type", "text/plain; version=0.0.4")],
-                        render(&pools),
+                        render(&proxy),
                     )
                 }
             }),

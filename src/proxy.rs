@@ -192,9 +192,9 @@ pub async fn start(
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
-        let (pools, token) = (proxy.pools.clone(), proxy.shutdown.clone());
+        let p = proxy.clone();
         proxy.tasks.spawn(async move {
-            if let Err(e) = crate::metrics::serve_http(l, pools, token).await {
+            if let Err(e) = crate::metrics::serve_http(l, p).await {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }
         });
@@ -223,6 +223,8 @@ pub async fn start(
     // Prepared transactions left by a crash, then retries of unfinished
     // commits.
     proxy.tasks.spawn(crate::twophase::run(proxy.clone()));
+    // Keys and shards becoming hot or cooling, logged.
+    proxy.tasks.spawn(crate::hotspot::live::run(proxy.clone()));
     // Bucket moves a previous run left unfinished.
     crate::reshard::Reshard::resume_all(&proxy);
     // Health probes, until shutdown.

@@ -226,6 +226,60 @@ async fn zipf_hottest_key_first_with_its_true_share() {
         .unwrap();
     assert_eq!(reply.keys[0].key, first.key);
     assert!(reply.keys[0].hot);
+
+    // The watcher (it also logs the event) has it hot, and /metrics shows
+    // the shards' counts and the heaviest keys, ten of them at most.
+    shardgate::hotspot::live::tick(&tp.proxy);
+    assert!(tp
+        .proxy
+        .hotspots
+        .watcher
+        .lock()
+        .unwrap()
+        .is_hot_key("items", &first.key));
+    let text = shardgate::metrics::render(&tp.proxy);
+    let series = |name: &str| -> Vec<&str> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("shardgate_{name}{{")))
+            .collect()
+    };
+    for (s, n) in per_shard.iter().enumerate() {
+        let want = format!("{{shard=\"s{s}\"}} {n}");
+        assert!(
+            series("shard_statements_total")
+                .iter()
+                .any(|l| l.ends_with(&want)),
+            "{want} in {text}"
+        );
+    }
+    let key = format!("key=\"{}\"", first.key);
+    assert!(
+        series("hot_key_hot")
+            .iter()
+            .any(|l| l.contains(&key) && l.ends_with(" 1")),
+        "{text}"
+    );
+    assert_eq!(series("hot_key_share").len(), 10, "{text}");
+    assert!(!series("bucket_qps").is_empty() && series("bucket_qps").len() <= 10);
+    assert!(text.contains("shardgate_hot_keys "));
+    // Every metric the Grafana dashboard in docs/ queries is there.
+    let dashboard = include_str!("../docs/grafana/shardgate-hotspots.json");
+    let mut queried = 0;
+    for part in dashboard.split("shardgate_").skip(1) {
+        let name: String = part
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        if name.is_empty() || name == "hotspots" {
+            continue;
+        }
+        queried += 1;
+        assert!(
+            text.contains(&format!("# TYPE shardgate_{name} ")),
+            "the dashboard queries shardgate_{name}, which /metrics lacks"
+        );
+    }
+    assert!(queried >= 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,6 +321,18 @@ async fn overloaded_shard_shows_and_the_applied_plan_lowers_the_skew() {
     let (rows, skew) = report::balance(&snap, t.map.as_ref().unwrap(), &names(&tp), By::Statements);
     assert!(skew > 2.0, "balance shows the skew: {skew} {rows:#?}");
     assert!(rows[0].deviation > 1.0 && rows[0].buckets == 21);
+    // The watcher calls s0 hot (and logs it); /metrics says so too.
+    shardgate::hotspot::live::tick(&tp.proxy);
+    {
+        let watcher = tp.proxy.hotspots.watcher.lock().unwrap();
+        assert!(watcher.is_hot_shard("s0") && !watcher.is_hot_shard("s1"));
+    }
+    let text = shardgate::metrics::render(&tp.proxy);
+    assert!(
+        text.contains("shardgate_shard_hot{shard=\"s0\"} 1")
+            && text.contains("shardgate_shard_hot{shard=\"s1\"} 0"),
+        "{text}"
+    );
 
     let proxy = tp.proxy.clone();
     let plan = runtime()

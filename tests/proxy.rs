@@ -573,7 +573,7 @@ async fn metrics_count_queries_and_errors() {
         assert_eq!(code(&e), "P0002");
     }
     assert_eq!(p0_errors() - before, 3);
-    let text = shardgate::metrics::render(&p.proxy.pools);
+    let text = shardgate::metrics::render(&p.proxy);
     for name in [
         "shardgate_errors_total{class=\"P0\"}",
         "shardgate_queries_total{pool=",

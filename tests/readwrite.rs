@@ -67,7 +67,7 @@ fn fallbacks(reason: &str) -> u64 {
 
 /// Checkouts the proxy made so far: (to the primary, to replicas).
 fn routed(p: &TestProxy) -> (u64, u64) {
-    let text = shardgate::metrics::render(&p.proxy.pools);
+    let text = shardgate::metrics::render(&p.proxy);
     let mut out = (0, 0);
     for line in text
         .lines()
@@ -298,7 +298,7 @@ fn routing_rules() {
         // A function declared STABLE that writes goes to a replica by its
         // label, is refused there (25006), and runs on the primary instead.
         let retries = |p: &TestProxy| {
-            let m = shardgate::metrics::render(&p.proxy.pools);
+            let m = shardgate::metrics::render(&p.proxy);
             m.lines()
                 .find(|l| l.starts_with("shardgate_read_retries_total "))
                 .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

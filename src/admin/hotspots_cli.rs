@@ -7,7 +7,8 @@ use std::fmt::Write;
 
 #[derive(clap::Args)]
 pub struct BalanceArgs {
-    /// What load means: time (server time) or statements.
+    /// What load means: time (server time) or statements; `bucket` also
+    /// lists the heaviest buckets by server time (20 unless --buckets).
     #[arg(long, default_value = "time")]
     by: String,
     /// Also list this many of the heaviest buckets.
@@ -41,10 +42,17 @@ pub struct RebalanceArgs {
 }
 
 pub async fn balance(c: &mut Client, a: &BalanceArgs, json: bool) -> Result<()> {
+    let (by, buckets) = match a.by.as_str() {
+        "bucket" | "buckets" => (
+            "time".to_owned(),
+            if a.buckets == 0 { 20 } else { a.buckets },
+        ),
+        _ => (a.by.clone(), a.buckets),
+    };
     let r = c
         .balance(pb::BalanceRequest {
-            by: a.by.clone(),
-            buckets: a.buckets,
+            by,
+            buckets,
             database: a.database.clone(),
         })
         .await

@@ -156,7 +156,8 @@ impl Session {
                 let server = self.server.as_mut().expect("attached");
                 server.tx_status = status;
                 if let Some(t) = self.request_started.take() {
-                    let elapsed = t.elapsed();
+                    let now = std::time::Instant::now();
+                    let elapsed = now.saturating_duration_since(t);
                     self.pool
                         .metrics
                         .query_duration
@@ -164,10 +165,9 @@ impl Session {
                     if self.shard_map.is_some() && self.proxy.hotspots.enabled() {
                         self.proxy.hotspots.answered(
                             self.shard,
-                            self.routing.load_bucket.take(),
-                            std::mem::take(&mut self.routing.load_rows),
-                            std::mem::take(&mut self.routing.load_bytes),
+                            &mut self.routing.load,
                             elapsed,
+                            now,
                         );
                     }
                 }
@@ -396,7 +396,7 @@ impl Session {
 
     fn note_command_tag(&mut self, tag: &[u8]) {
         self.vars.note_command(tag);
-        self.routing.load_rows += rows_of_tag(tag);
+        self.routing.load.rows += rows_of_tag(tag);
         if matches!(tag, b"DISCARD ALL" | b"DEALLOCATE ALL") {
             // The server dropped every prepared statement of the session,
             // ours included; the client's are gone as Postgres says.

@@ -209,12 +209,9 @@ pub(super) struct RoutingState {
     /// COMMIT.
     pub tx_parked: Vec<(usize, PooledConn)>,
     /// The load counters' view of the request under way: the sharding
-    /// key of the statement being placed, the bucket of the last keyed
-    /// statement, and the rows and bytes the server sent.
+    /// key of the statement being placed, and what the request did so far.
     pub key_hit: Option<crate::hotspot::KeyHit>,
-    pub load_bucket: Option<u32>,
-    pub load_rows: u64,
-    pub load_bytes: u64,
+    pub load: crate::hotspot::Request,
 }
 
 impl Session {
@@ -388,7 +385,7 @@ impl Session {
                     r = stream.read_buf(read_buf) => {
                         match r {
                             Ok(n) if n > 0 => {
-                                self.routing.load_bytes += n as u64;
+                                self.routing.load.bytes += n as u64;
                                 self.on_server_data().await?
                             }
                             _ => self.on_server_eof().await?,

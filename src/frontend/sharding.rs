@@ -28,6 +28,10 @@ pub(super) enum Owed {
     Named(Arc<super::statements::Statement>, String),
 }
 
+/// Statements a request notes for the load counters before they are
+/// counted without waiting for its ReadyForQuery (a long pipeline).
+const PENDING_STATEMENTS: usize = 256;
+
 /// The longest a statement waits for a bucket move's cutover.
 const CUTOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -266,17 +270,16 @@ impl Session {
         Ok(None)
     }
 
-    /// Counts a statement placed on `shard` (and its key, if it has one)
-    /// for the load views.
+    /// Notes a statement placed on `shard` (and its key, if it has one)
+    /// for the load views; they count it when the server answers.
     fn count_routed(&mut self, shard: usize) {
         let hit = self.routing.key_hit.take();
-        if !self.proxy.hotspots.enabled() {
-            return;
+        if self.proxy.hotspots.enabled() {
+            self.routing.load.routed(shard, hit);
+            if self.routing.load.pending() >= PENDING_STATEMENTS {
+                self.proxy.hotspots.flush_statements(&mut self.routing.load);
+            }
         }
-        if let Some(h) = &hit {
-            self.routing.load_bucket = Some(h.bucket);
-        }
-        self.proxy.hotspots.routed(shard, hit);
     }
 
     /// Waits (at most [`CUTOVER_WAIT`]) while the statement's key is in a

@@ -1,16 +1,15 @@
 //! Where the load is: counters per shard and per bucket, and the heaviest
 //! sharding keys of each sharded table, counted as statements are routed.
 //!
-//! The data path does two short things per request, under one mutex that
-//! is never held across an await:
-//!
-//! - when a statement is placed on a shard ([`Hotspots::routed`]): one
-//!   statement for the shard, and, for a statement with one sharding key,
-//!   one for the key's bucket and one for the key in its table's
-//!   Space-Saving sketch ([`sketch`]);
-//! - when the server answers ReadyForQuery ([`Hotspots::answered`]): the
-//!   server time (from the request to ReadyForQuery), rows and bytes, for
-//!   the shard and for the bucket of the request's key, if it had one.
+//! The data path takes one short lock per request, never held across an
+//! await. The session notes each statement it places on a shard in its
+//! [`Request`] (no lock); when the server answers ReadyForQuery,
+//! [`Hotspots::answered`] counts, in one go, one statement for each shard
+//! and, for a statement with one sharding key, one for the key's bucket
+//! and one for the key in its table's Space-Saving sketch ([`sketch`]);
+//! then the server time (from the request to ReadyForQuery), rows and
+//! bytes, for the shard and for the bucket of the request's key, if it
+//! had one.
 //!
 //! Counters keep totals and two sliding windows: the last minute (six
 //! 10-second slots) and the last ten minutes (ten 1-minute slots). Slots
@@ -20,11 +19,15 @@
 //! an hour ago is not reported as hot now.
 //!
 //! [`report`] turns the counters into the operator's views (balance, hot
-//! keys and buckets) and [`plan`] into bucket moves that even the load.
+//! keys and buckets) and [`plan`] into bucket moves that even the load;
+//! [`watch`] and [`live`] log keys and shards that become hot or cool, and
+//! export it all as metrics.
 
+pub mod live;
 pub mod plan;
 pub mod report;
 pub mod sketch;
+pub mod watch;
 
 use crate::sharding::hash::KeyValue;
 use sketch::SpaceSaving;
@@ -145,6 +148,8 @@ pub struct Hotspots {
     /// The admin views' cache of table sizes per shard: (read at, database,
     /// (row estimate, bytes) per shard).
     pub table_sizes: Mutex<Option<TableSizes>>,
+    /// Which keys and shards are hot, as of the last look ([`live`]).
+    pub watcher: Mutex<watch::Watcher>,
 }
 
 pub type TableSizes = (Instant, String, Vec<(i64, i64)>);
@@ -160,6 +165,7 @@ impl Hotspots {
             started: Instant::now(),
             inner: Mutex::new(Inner::default()),
             table_sizes: Mutex::new(None),
+            watcher: Mutex::new(watch::Watcher::default()),
             half_life_ms: AtomicU64::new(config.half_life.as_millis() as u64),
         }
     }
@@ -176,62 +182,69 @@ impl Hotspots {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// A statement placed on `shard`; `key`: its table, sharding key and
-    /// bucket when it has exactly one key.
-    pub fn routed(&self, shard: usize, key: Option<KeyHit>) {
-        let mut inner = crate::lock(&self.inner);
-        let now_s = inner.now_s;
-        let one = Counts {
-            statements: 1,
-            ..Counts::default()
-        };
-        grow(&mut inner.shards, shard);
-        inner.shards[shard].add(now_s, &one);
-        if inner.shard_faded.len() <= shard {
-            inner.shard_faded.resize(shard + 1, 0.0);
-        }
-        inner.shard_faded[shard] += 1.0;
-        let Some(hit) = key else { return };
-        grow(&mut inner.buckets, hit.bucket as usize);
-        inner.buckets[hit.bucket as usize].add(now_s, &one);
-        let top_keys = self.top_keys.load(Ordering::Relaxed);
-        let key = (hit.key, hit.bucket);
-        match inner.tables.get_mut(&hit.table) {
-            Some(t) => t.keys.add(&key, 1.0),
-            None => {
-                let mut keys = SpaceSaving::new(top_keys);
-                keys.add(&key, 1.0);
-                inner.tables.insert(hit.table, TableSketch { keys });
-            }
-        }
-    }
-
-    /// A request answered (ReadyForQuery) after `elapsed` on `shard`.
-    pub fn answered(
-        &self,
-        shard: usize,
-        bucket: Option<u32>,
-        rows: u64,
-        bytes: u64,
-        elapsed: Duration,
-    ) {
-        let now = self.started.elapsed();
-        let half_life = self.half_life();
-        let mut inner = crate::lock(&self.inner);
-        inner.now_s = now.as_secs();
-        inner.fade(now, half_life);
+    /// Counts a request the server has answered (ReadyForQuery, at `now`)
+    /// after `elapsed` on `shard`: its statements, keys, rows and bytes,
+    /// under one lock. Leaves `req` empty for the next request.
+    pub fn answered(&self, shard: usize, req: &mut Request, elapsed: Duration, now: Instant) {
+        let mut inner = self.lock_at(now);
+        self.count_statements(&mut inner, req);
         let c = Counts {
             statements: 0,
-            rows,
-            bytes,
+            rows: std::mem::take(&mut req.rows),
+            bytes: std::mem::take(&mut req.bytes),
             server_us: elapsed.as_micros() as u64,
         };
         let now_s = inner.now_s;
         grow(&mut inner.shards, shard);
         inner.shards[shard].add(now_s, &c);
-        if let Some(b) = bucket {
+        if let Some(b) = req.bucket.take() {
             grow(&mut inner.buckets, b as usize);
             inner.buckets[b as usize].add(now_s, &c);
+        }
+    }
+
+    /// Counts the statements `req` holds now (a long pipeline before its
+    /// Sync, so that the list stays short).
+    pub fn flush_statements(&self, req: &mut Request) {
+        let mut inner = self.lock_at(Instant::now());
+        self.count_statements(&mut inner, req);
+    }
+
+    /// The counters, their clock advanced and faded to `now`.
+    fn lock_at(&self, now: Instant) -> std::sync::MutexGuard<'_, Inner> {
+        let now = now.saturating_duration_since(self.started);
+        let half_life = self.half_life();
+        let mut inner = crate::lock(&self.inner);
+        inner.now_s = inner.now_s.max(now.as_secs());
+        inner.fade(now, half_life);
+        inner
+    }
+
+    fn count_statements(&self, inner: &mut Inner, req: &mut Request) {
+        let now_s = inner.now_s;
+        let one = Counts {
+            statements: 1,
+            ..Counts::default()
+        };
+        for (s, key) in req.routed.drain(..) {
+            grow(&mut inner.shards, s);
+            inner.shards[s].add(now_s, &one);
+            if inner.shard_faded.len() <= s {
+                inner.shard_faded.resize(s + 1, 0.0);
+            }
+            inner.shard_faded[s] += 1.0;
+            let Some(hit) = key else { continue };
+            grow(&mut inner.buckets, hit.bucket as usize);
+            inner.buckets[hit.bucket as usize].add(now_s, &one);
+            let key = (hit.key, hit.bucket);
+            match inner.tables.get_mut(&hit.table) {
+                Some(t) => t.keys.add(&key, 1.0),
+                None => {
+                    let mut keys = SpaceSaving::new(self.top_keys.load(Ordering::Relaxed));
+                    keys.add(&key, 1.0);
+                    inner.tables.insert(hit.table, TableSketch { keys });
+                }
+            }
         }
     }
 
@@ -286,6 +299,37 @@ impl Inner {
 fn grow(v: &mut Vec<Windowed>, i: usize) {
     if v.len() <= i {
         v.resize(i + 1, Windowed::default());
+    }
+}
+
+/// One request's load, gathered by its session as statements are placed
+/// and counted in one go when the server answers ([`Hotspots::answered`]):
+/// one lock per request, not one per statement.
+#[derive(Debug, Default)]
+pub struct Request {
+    /// Statements placed: (shard, the single key, if any).
+    routed: Vec<(usize, Option<KeyHit>)>,
+    /// The bucket of the last keyed statement: the server time, rows and
+    /// bytes of the request count for it.
+    pub bucket: Option<u32>,
+    /// Rows (from command tags) and bytes the server sent.
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+impl Request {
+    /// A statement placed on `shard`; `key`: its table, sharding key and
+    /// bucket when it has exactly one key.
+    pub fn routed(&mut self, shard: usize, key: Option<KeyHit>) {
+        if let Some(h) = &key {
+            self.bucket = Some(h.bucket);
+        }
+        self.routed.push((shard, key));
+    }
+
+    /// Statements noted and not yet counted.
+    pub fn pending(&self) -> usize {
+        self.routed.len()
     }
 }
 
@@ -353,11 +397,15 @@ mod tests {
             key: KeyValue::Int(7),
             bucket: 3,
         };
+        let mut req = Request::default();
         for _ in 0..10 {
-            h.routed(1, Some(hit.clone()));
+            req.routed(1, Some(hit.clone()));
         }
-        h.routed(0, None);
-        h.answered(1, Some(3), 5, 100, Duration::from_millis(2));
+        req.routed(0, None);
+        req.rows = 5;
+        req.bytes = 100;
+        h.answered(1, &mut req, Duration::from_millis(2), Instant::now());
+        assert!(req.routed.is_empty() && req.bucket.is_none() && req.rows == 0);
         let s = h.snapshot();
         assert_eq!(s.shards[1].total.statements, 10);
         assert_eq!(s.shards[0].total.statements, 1);

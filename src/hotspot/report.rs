@@ -192,6 +192,9 @@ pub struct HotKey {
     pub error: f64,
     /// Of its shard's statements (faded alike).
     pub share: f64,
+    /// Its shard's statements (faded): "hot" needs at least
+    /// `min_statements` of them.
+    pub shard_statements: f64,
     pub hot: bool,
     pub reason: String,
     pub suggestions: Vec<String>,
@@ -294,6 +297,7 @@ pub fn hot_keys(
                 count: c.count,
                 error: c.error,
                 share,
+                shard_statements: shard_total,
                 hot,
                 reason,
                 suggestions,
