@@ -27,22 +27,31 @@ pub struct Counter<K> {
 }
 
 /// Space-Saving over keys `K` with `capacity` counters.
+///
+/// Counters stay in their slot; the min-heap orders slot numbers, and
+/// `pos` finds a slot in it, so moving a counter in the heap swaps two
+/// integers instead of re-hashing two keys.
 pub struct SpaceSaving<K> {
     capacity: usize,
-    /// A min-heap on `count`.
-    heap: Vec<Counter<K>>,
-    /// Key -> its position in `heap`.
-    index: HashMap<K, usize>,
+    slots: Vec<Counter<K>>,
+    /// Slot numbers, a min-heap on their counts.
+    heap: Vec<u32>,
+    /// Slot -> its position in `heap`.
+    pos: Vec<u32>,
+    /// Key -> its slot.
+    index: HashMap<K, u32>,
     /// All weight ever counted (after decay).
     total: f64,
 }
 
 impl<K: Hash + Eq + Clone> SpaceSaving<K> {
     pub fn new(capacity: usize) -> Self {
-        let capacity = capacity.max(1);
+        let capacity = capacity.clamp(1, u32::MAX as usize);
         SpaceSaving {
             capacity,
+            slots: Vec::with_capacity(capacity),
             heap: Vec::with_capacity(capacity),
+            pos: Vec::with_capacity(capacity),
             index: HashMap::with_capacity(capacity),
             total: 0.0,
         }
@@ -51,26 +60,29 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
     /// Counts `weight` more for `key`.
     pub fn add(&mut self, key: &K, weight: f64) {
         self.total += weight;
-        if let Some(&at) = self.index.get(key) {
-            self.heap[at].count += weight;
-            self.sift_down(at);
+        if let Some(&slot) = self.index.get(key) {
+            self.slots[slot as usize].count += weight;
+            self.sift_down(self.pos[slot as usize] as usize);
             return;
         }
-        if self.heap.len() < self.capacity {
-            self.heap.push(Counter {
+        if self.slots.len() < self.capacity {
+            let slot = self.slots.len() as u32;
+            self.slots.push(Counter {
                 key: key.clone(),
                 count: weight,
                 error: 0.0,
             });
-            let at = self.heap.len() - 1;
-            self.index.insert(key.clone(), at);
-            self.sift_up(at);
+            self.heap.push(slot);
+            self.pos.push(slot);
+            self.index.insert(key.clone(), slot);
+            self.sift_up(slot as usize);
             return;
         }
         // Take over the smallest counter.
-        let min = self.heap[0].count;
+        let slot = self.heap[0];
+        let min = self.slots[slot as usize].count;
         let old = std::mem::replace(
-            &mut self.heap[0],
+            &mut self.slots[slot as usize],
             Counter {
                 key: key.clone(),
                 count: min + weight,
@@ -78,14 +90,14 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
             },
         );
         self.index.remove(&old.key);
-        self.index.insert(key.clone(), 0);
+        self.index.insert(key.clone(), slot);
         self.sift_down(0);
     }
 
     /// Multiplies every count by `factor` (0 < factor ≤ 1): old load fades,
     /// so the sketch follows what is hot now.
     pub fn decay(&mut self, factor: f64) {
-        for c in &mut self.heap {
+        for c in &mut self.slots {
             c.count *= factor;
             c.error *= factor;
         }
@@ -98,33 +110,38 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
 
     /// The largest possible count of a key that has no counter.
     pub fn unmonitored_bound(&self) -> f64 {
-        if self.heap.len() < self.capacity {
+        if self.slots.len() < self.capacity {
             0.0
         } else {
-            self.heap[0].count
+            self.count_at(0)
         }
     }
 
     /// The monitored keys, heaviest first.
     pub fn top(&self, n: usize) -> Vec<Counter<K>> {
-        let mut all = self.heap.clone();
+        let mut all = self.slots.clone();
         all.sort_by(|a, b| b.count.total_cmp(&a.count));
         all.truncate(n);
         all
     }
 
     pub fn len(&self) -> usize {
-        self.heap.len()
+        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
+        self.slots.is_empty()
+    }
+
+    /// The count of the counter at heap position `at`.
+    fn count_at(&self, at: usize) -> f64 {
+        self.slots[self.heap[at] as usize].count
     }
 
     fn sift_up(&mut self, mut at: usize) {
         while at > 0 {
             let parent = (at - 1) / 2;
-            if self.heap[parent].count <= self.heap[at].count {
+            if self.count_at(parent) <= self.count_at(at) {
                 break;
             }
             self.swap(at, parent);
@@ -133,13 +150,14 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
     }
 
     fn sift_down(&mut self, mut at: usize) {
+        let len = self.heap.len();
         loop {
             let (l, r) = (2 * at + 1, 2 * at + 2);
             let mut smallest = at;
-            if l < self.heap.len() && self.heap[l].count < self.heap[smallest].count {
+            if l < len && self.count_at(l) < self.count_at(smallest) {
                 smallest = l;
             }
-            if r < self.heap.len() && self.heap[r].count < self.heap[smallest].count {
+            if r < len && self.count_at(r) < self.count_at(smallest) {
                 smallest = r;
             }
             if smallest == at {
@@ -152,8 +170,8 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
 
     fn swap(&mut self, a: usize, b: usize) {
         self.heap.swap(a, b);
-        *self.index.get_mut(&self.heap[a].key).expect("indexed") = a;
-        *self.index.get_mut(&self.heap[b].key).expect("indexed") = b;
+        self.pos[self.heap[a] as usize] = a as u32;
+        self.pos[self.heap[b] as usize] = b as u32;
     }
 }
 
@@ -216,8 +234,46 @@ mod tests {
         }
         assert_eq!(s.len(), 128);
         assert_eq!(s.index.len(), 128);
-        assert!(s.heap.capacity() <= 128 && s.index.capacity() < 512);
+        assert!(s.slots.capacity() <= 128 && s.heap.capacity() <= 128);
+        assert!(s.pos.capacity() <= 128 && s.index.capacity() < 512);
         assert_eq!(s.total(), 2_000_000.0);
+    }
+
+    #[test]
+    fn random_streams_keep_the_bounds_and_the_heap_consistent() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for capacity in [1, 2, 7, 64] {
+            let mut s = SpaceSaving::new(capacity);
+            let mut truth: std::collections::HashMap<u32, f64> = Default::default();
+            for _ in 0..5000 {
+                // Skewed: small keys far more often.
+                let range = rng.gen_range(1..200u32);
+                let k = rng.gen_range(0..range);
+                let w = f64::from(rng.gen_range(1..4u8));
+                s.add(&k, w);
+                *truth.entry(k).or_default() += w;
+            }
+            for (i, &slot) in s.heap.iter().enumerate() {
+                assert_eq!(s.pos[slot as usize] as usize, i);
+                if i > 0 {
+                    assert!(s.count_at((i - 1) / 2) <= s.count_at(i));
+                }
+            }
+            for (k, &slot) in &s.index {
+                assert_eq!(&s.slots[slot as usize].key, k);
+            }
+            let bound = s.unmonitored_bound();
+            for (k, t) in &truth {
+                match s.index.get(k) {
+                    Some(&slot) => {
+                        let c = &s.slots[slot as usize];
+                        assert!(c.count - c.error <= *t && *t <= c.count, "{c:?} vs {t}");
+                    }
+                    None => assert!(*t <= bound, "{k}: {t} > {bound}"),
+                }
+            }
+        }
     }
 
     #[test]
@@ -231,7 +287,8 @@ mod tests {
         s.add(&2, 10.0);
         assert_eq!(s.top(1)[0].key, 2);
         for i in 1..s.heap.len() {
-            assert!(s.heap[(i - 1) / 2].count <= s.heap[i].count);
+            assert!(s.count_at((i - 1) / 2) <= s.count_at(i));
+            assert_eq!(s.pos[s.heap[i] as usize] as usize, i);
         }
     }
 }

@@ -114,19 +114,6 @@ impl Placement {
         params: Option<&Params>,
         hit: Option<&mut Option<KeyHit>>,
     ) -> Target {
-        if let (Some(hit), Placement::Keys { groups, .. }) = (hit, self) {
-            if let [g] = groups.as_slice() {
-                if let [k] = g.keys.as_slice() {
-                    if let Some((at, Some(key))) = key_located(map, g.key_type, k, params, true) {
-                        *hit = Some(KeyHit {
-                            table: g.table.clone(),
-                            key,
-                            bucket: at.bucket,
-                        });
-                    }
-                }
-            }
-        }
         match self {
             Placement::Anywhere => Target::Anywhere,
             Placement::Default | Placement::Unmentioned => Target::Shard(map.default_shard),
@@ -138,14 +125,39 @@ impl Placement {
                 groups,
                 default_too,
             } => {
+                // The common case, one key (`WHERE id = $1`): located once,
+                // and no list of shards to build.
+                if let [g] = groups.as_slice() {
+                    if let [k @ (KeyExpr::Value(_) | KeyExpr::Param(_) | KeyExpr::Null)] =
+                        g.keys.as_slice()
+                    {
+                        let Some((at, key)) =
+                            key_located(map, g.key_type, k, params, hit.is_some())
+                        else {
+                            return unreadable_key(map);
+                        };
+                        if let (Some(hit), Some(key)) = (hit, key) {
+                            *hit = Some(KeyHit {
+                                table: g.table.clone(),
+                                key,
+                                bucket: at.bucket,
+                            });
+                        }
+                        let shard = shard_of(map, at);
+                        return if *default_too && shard != map.default_shard {
+                            Target::Refuse(DEFAULT_TOO.into())
+                        } else if shard == HELD {
+                            Target::Hold
+                        } else {
+                            Target::Shard(shard)
+                        };
+                    }
+                }
                 let mut shards: Vec<usize> = Vec::new();
                 for g in groups {
                     for k in &g.keys {
                         let Some(found) = key_shards(map, g.key_type, k, params) else {
-                            return Target::Shards(
-                                (0..shard_count(map)).collect(),
-                                "a sharding key parameter that cannot be read".into(),
-                            );
+                            return unreadable_key(map);
                         };
                         for shard in found {
                             if !shards.contains(&shard) {
@@ -154,23 +166,7 @@ impl Placement {
                         }
                     }
                 }
-                if *default_too && !shards.iter().all(|s| *s == map.default_shard) {
-                    return Target::Refuse(
-                        "a statement joining sharded rows on another shard with tables of the default shard is not supported"
-                            .into(),
-                    );
-                }
-                if shards.contains(&HELD) {
-                    return Target::Hold;
-                }
-                match shards.as_slice() {
-                    [] => Target::Shard(map.default_shard),
-                    [one] => Target::Shard(*one),
-                    _ => {
-                        shards.sort_unstable();
-                        Target::Shards(shards, "keys on several shards".into())
-                    }
-                }
+                keys_target(map, shards, *default_too)
             }
         }
     }
@@ -216,6 +212,35 @@ impl Placement {
 
 fn shard_count(map: &ShardMap) -> usize {
     map.shards
+}
+
+/// A key parameter that cannot be read exactly: any shard may hold it.
+fn unreadable_key(map: &ShardMap) -> Target {
+    Target::Shards(
+        (0..shard_count(map)).collect(),
+        "a sharding key parameter that cannot be read".into(),
+    )
+}
+
+const DEFAULT_TOO: &str = "a statement joining sharded rows on another shard with tables of the default shard is not supported";
+
+/// Where the shards of a statement's keys (HELD for a moving bucket) send
+/// it; with `default_too` they must all be the default shard.
+fn keys_target(map: &ShardMap, mut shards: Vec<usize>, default_too: bool) -> Target {
+    if default_too && !shards.iter().all(|s| *s == map.default_shard) {
+        return Target::Refuse(DEFAULT_TOO.into());
+    }
+    if shards.contains(&HELD) {
+        return Target::Hold;
+    }
+    match shards.as_slice() {
+        [] => Target::Shard(map.default_shard),
+        [one] => Target::Shard(*one),
+        _ => {
+            shards.sort_unstable();
+            Target::Shards(shards, "keys on several shards".into())
+        }
+    }
 }
 
 /// The shards of one key expression (an array parameter may name
@@ -2275,5 +2300,43 @@ type = "text"
         assert!(matches!(spread.resolve(&m, None), Target::Shards(s, _) if s.len() > 1));
         let same = place(&m, "select * from orders where customer_id in (5, 5)").resolve(&m, None);
         assert!(matches!(same, Target::Shard(_)));
+    }
+
+    #[test]
+    fn one_key_resolves_as_a_list_of_one_and_notes_its_key() {
+        let mut m = map();
+        // A key off the default shard.
+        let k = (1..)
+            .find(|k| m.locate(KeyType::Int8, &KeyValue::Int(*k)).shard != m.default_shard)
+            .unwrap();
+        let one = place(&m, &format!("select * from orders where customer_id = {k}"));
+        // Two keys take the general path.
+        let twice = place(
+            &m,
+            &format!("select * from orders where customer_id in ({k}, {k})"),
+        );
+        let at = m.locate(KeyType::Int8, &KeyValue::Int(k));
+        let mut hit = None;
+        assert_eq!(
+            one.resolve_noting(&m, None, Some(&mut hit)),
+            Target::Shard(at.shard)
+        );
+        assert_eq!(twice.resolve(&m, None), Target::Shard(at.shard));
+        let hit = hit.unwrap();
+        assert_eq!((hit.key, hit.bucket), (KeyValue::Int(k), at.bucket));
+        assert_eq!(&*hit.table, "orders");
+        // With a default-shard table, a key elsewhere is refused.
+        let joined = place(
+            &m,
+            &format!(
+                "select * from orders o join plain p on p.id = o.id where o.customer_id = {k}"
+            ),
+        );
+        assert_eq!(joined.resolve(&m, None), Target::Refuse(DEFAULT_TOO.into()));
+        // A bucket being cut over holds the statement.
+        m.held = vec![false; m.buckets as usize];
+        m.held[at.bucket as usize] = true;
+        assert_eq!(one.resolve(&m, None), Target::Hold);
+        assert_eq!(twice.resolve(&m, None), Target::Hold);
     }
 }
