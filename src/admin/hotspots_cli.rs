@@ -202,13 +202,19 @@ fn bucket_table(buckets: &[pb::BucketLoad], by: &str) -> String {
         "bucket", "shard", "qps 10m", by, "share of shard"
     );
     for b in buckets {
+        // Server time comes in microseconds.
+        let load = if by == "time" {
+            format!("{:.3} s", b.load / 1e6)
+        } else {
+            format!("{:.0}", b.load)
+        };
         let _ = writeln!(
             out,
-            "{:>7}  {:<10} {:>9.1} {:>14.0} {:>13.0}%",
+            "{:>7}  {:<10} {:>9.1} {:>14} {:>13.0}%",
             b.bucket,
             b.shard,
             b.qps_10m,
-            b.load,
+            load,
             b.share * 100.0
         );
     }
