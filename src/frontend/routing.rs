@@ -603,7 +603,7 @@ fn parse_command_bytes(sql: &[u8]) -> bool {
 
 /// The cheap test every Query and Parse passes through: SHOW, SET or
 /// RESET first, and `shardgate.` somewhere.
-fn could_be_command(sql: &[u8]) -> bool {
+pub(super) fn could_be_command(sql: &[u8]) -> bool {
     let Some(word) = crate::router::classify::leading_keyword(sql) else {
         return false;
     };
