@@ -292,6 +292,36 @@ async fn uniform_load_has_no_hot_key() {
     assert!(!hot.is_empty(), "keys were counted");
     assert!(hot.iter().all(|k| !k.hot), "{:#?}", &hot[..3]);
     assert!(hot[0].share < 0.05, "{:#?}", hot[0]);
+
+    // A read across shards counts one statement on each, with the rows
+    // each shard sent.
+    let rows = |tp: &TestProxy| -> Vec<u64> {
+        let snap = tp.proxy.hotspots.snapshot();
+        (0..3)
+            .map(|s| snap.shards.get(s).map_or(0, |w| w.total.rows))
+            .collect()
+    };
+    let (statements_before, rows_before) = (totals(&tp), rows(&tp));
+    let c = tp.connect().await;
+    let all = c.query("SELECT id FROM items", &[]).await.unwrap();
+    assert_eq!(all.len(), 300);
+    let added: Vec<u64> = totals(&tp)
+        .iter()
+        .zip(&statements_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    assert_eq!(added, vec![1, 1, 1]);
+    let per_shard_rows: Vec<u64> = rows(&tp)
+        .iter()
+        .zip(&rows_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    assert_eq!(
+        per_shard_rows.iter().sum::<u64>(),
+        300,
+        "{per_shard_rows:?}"
+    );
+    assert!(per_shard_rows.iter().all(|r| *r > 0), "{per_shard_rows:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

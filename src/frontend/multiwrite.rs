@@ -226,7 +226,9 @@ impl Session {
                 Some(b) => part_request(part, b),
             };
             let gid = gid.clone();
+            let shard = part.shard;
             tasks.push(tokio::spawn(async move {
+                let sent = std::time::Instant::now();
                 let outcome = match request {
                     Some(r) => run_part(&mut conn, &r, &gid, max).await,
                     None => PartOutcome {
@@ -235,13 +237,18 @@ impl Session {
                         prepared: false,
                     },
                 };
-                (conn, outcome)
+                (conn, outcome, shard, sent.elapsed())
             }));
         }
         let mut done = Vec::new();
+        let counting = self.proxy.hotspots.enabled();
         for t in tasks {
-            if let Ok(r) = t.await {
-                done.push(r);
+            if let Ok((conn, outcome, shard, elapsed)) = t.await {
+                if counting {
+                    let (rows, bytes) = super::scatter::frames_load(&outcome.frames);
+                    self.proxy.hotspots.shard_part(shard, rows, bytes, elapsed);
+                }
+                done.push((conn, outcome));
             }
         }
         let all_prepared = done.len() == parts.len() && done.iter().all(|(_, o)| o.prepared);

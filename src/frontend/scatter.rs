@@ -142,6 +142,21 @@ fn read_answer(frames: Vec<Frame>) -> ShardAnswer {
     a
 }
 
+/// Rows (from the command tags) and bytes of one shard's answer, for the
+/// load counters.
+pub(super) fn frames_load(frames: &[Frame]) -> (u64, u64) {
+    let mut rows = 0;
+    let mut bytes = 0;
+    for f in frames {
+        bytes += f.wire_len() as u64;
+        if f.tag == be::COMMAND_COMPLETE {
+            let tag = f.body.strip_suffix(b"\0").unwrap_or(&f.body);
+            rows += crate::hotspot::rows_of_tag(tag);
+        }
+    }
+    (rows, bytes)
+}
+
 /// Column names and type OIDs of a RowDescription.
 fn columns(desc: &Frame) -> Option<Vec<(String, u32)>> {
     let b = &desc.body;
@@ -268,7 +283,7 @@ impl Session {
         }
         let answer = match self.check_collations(&cached, &plan, &mut conns).await {
             Ok(()) => {
-                self.scatter_phases(&plan, &shard_sql, &mut conns, bind)
+                self.scatter_phases(&plan, shards, &shard_sql, &mut conns, bind)
                     .await
             }
             Err(e) => ScatterAnswer {
@@ -407,6 +422,7 @@ impl Session {
     async fn scatter_phases(
         &mut self,
         plan: &ScatterPlan,
+        shards: &[usize],
         shard_sql: &[String],
         conns: &mut Vec<PooledConn>,
         bind: Option<&ScatterBind>,
@@ -442,18 +458,26 @@ impl Session {
                 _ => common.clone(),
             };
             tasks.push(tokio::spawn(async move {
+                let sent = std::time::Instant::now();
                 let r = conn.exchange(&req, max).await;
-                (conn, r)
+                (conn, r, sent.elapsed())
             }));
         }
         let mut answers = Vec::with_capacity(tasks.len());
         let mut io_error = None;
-        for t in tasks {
+        let counting = self.proxy.hotspots.enabled();
+        for (i, t) in tasks.into_iter().enumerate() {
             match t.await {
-                Ok((conn, r)) => {
+                Ok((conn, r, elapsed)) => {
                     conns.push(conn);
                     match r {
-                        Ok(frames) => answers.push(read_answer(frames)),
+                        Ok(frames) => {
+                            if let Some(&shard) = shards.get(i).filter(|_| counting) {
+                                let (rows, bytes) = frames_load(&frames);
+                                self.proxy.hotspots.shard_part(shard, rows, bytes, elapsed);
+                            }
+                            answers.push(read_answer(frames))
+                        }
                         Err(e) => io_error = Some(e.to_string()),
                     }
                 }

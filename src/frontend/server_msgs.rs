@@ -396,7 +396,7 @@ impl Session {
 
     fn note_command_tag(&mut self, tag: &[u8]) {
         self.vars.note_command(tag);
-        self.routing.load.rows += rows_of_tag(tag);
+        self.routing.load.rows += crate::hotspot::rows_of_tag(tag);
         if matches!(tag, b"DISCARD ALL" | b"DEALLOCATE ALL") {
             // The server dropped every prepared statement of the session,
             // ours included; the client's are gone as Postgres says.
@@ -435,31 +435,5 @@ impl Session {
             }
             _ => {}
         }
-    }
-}
-
-/// The row count a command tag reports (`SELECT 5`, `INSERT 0 5`,
-/// `UPDATE 5`, `COPY 5` ...); 0 for tags without one.
-fn rows_of_tag(tag: &[u8]) -> u64 {
-    let digits = tag.iter().rev().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 || digits == tag.len() || tag[tag.len() - digits - 1] != b' ' {
-        return 0;
-    }
-    std::str::from_utf8(&tag[tag.len() - digits..])
-        .ok()
-        .and_then(|d| d.parse().ok())
-        .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod load_tests {
-    #[test]
-    fn rows_of_tags() {
-        use super::rows_of_tag;
-        assert_eq!(rows_of_tag(b"SELECT 5"), 5);
-        assert_eq!(rows_of_tag(b"INSERT 0 12"), 12);
-        assert_eq!(rows_of_tag(b"BEGIN"), 0);
-        assert_eq!(rows_of_tag(b"CREATE TABLE"), 0);
-        assert_eq!(rows_of_tag(b"12"), 0);
     }
 }

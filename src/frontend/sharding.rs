@@ -547,8 +547,9 @@ impl Session {
         // A text that names no configured table needs neither a parse nor
         // the placement cache (whose lookup hashes the whole text, and
         // which texts with ever new literals would only churn).
-        let unmentioned = crate::router::shard::unmentioned(map, sql);
-        if !unmentioned && bind.is_none() && map.mentions_table(sql) {
+        let mentioned = crate::router::shard::mentioned(map, sql);
+        let unmentioned = !mentioned && !crate::router::shard::index_ddl(sql);
+        if mentioned && bind.is_none() {
             // Simple protocol: place the text with its literals taken out,
             // so a statement sent with ever new keys is analysed once.
             if let Some(target) = self.target_by_normalized(map, sql) {

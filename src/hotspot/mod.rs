@@ -203,6 +203,17 @@ impl Hotspots {
         }
     }
 
+    /// One shard's part of a statement that ran on several at once (a
+    /// cross-shard read): a statement for the shard, with its rows, bytes
+    /// and server time. It has no single key, so no bucket counts it.
+    pub fn shard_part(&self, shard: usize, rows: u64, bytes: u64, elapsed: Duration) {
+        let mut req = Request::default();
+        req.routed(shard, None);
+        req.rows = rows;
+        req.bytes = bytes;
+        self.answered(shard, &mut req, elapsed, Instant::now());
+    }
+
     /// Counts the statements `req` holds now (a long pipeline before its
     /// Sync, so that the list stays short).
     pub fn flush_statements(&self, req: &mut Request) {
@@ -300,6 +311,19 @@ fn grow(v: &mut Vec<Windowed>, i: usize) {
     if v.len() <= i {
         v.resize(i + 1, Windowed::default());
     }
+}
+
+/// The row count a command tag reports (`SELECT 5`, `INSERT 0 5`,
+/// `UPDATE 5`, `COPY 5` ...); 0 for tags without one.
+pub fn rows_of_tag(tag: &[u8]) -> u64 {
+    let digits = tag.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits == tag.len() || tag[tag.len() - digits - 1] != b' ' {
+        return 0;
+    }
+    std::str::from_utf8(&tag[tag.len() - digits..])
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
 }
 
 /// One request's load, gathered by its session as statements are placed
@@ -416,5 +440,14 @@ mod tests {
         let mut inner = crate::lock(&h.inner);
         inner.fade(Duration::from_secs(300), Duration::from_secs(300));
         assert!((inner.shard_faded[1] - 5.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn rows_of_tags() {
+        assert_eq!(rows_of_tag(b"SELECT 5"), 5);
+        assert_eq!(rows_of_tag(b"INSERT 0 12"), 12);
+        assert_eq!(rows_of_tag(b"BEGIN"), 0);
+        assert_eq!(rows_of_tag(b"CREATE TABLE"), 0);
+        assert_eq!(rows_of_tag(b"12"), 0);
     }
 }

@@ -541,7 +541,7 @@ pub fn normalize_literals(sql: &str) -> Option<(String, Vec<String>)> {
                 }
                 out.push_str(&sql[copied..i]);
                 lits.push(value);
-                out.push_str(&format!("${}", lits.len()));
+                push_placeholder(&mut out, lits.len());
                 i = j;
                 copied = j;
             }
@@ -560,7 +560,7 @@ pub fn normalize_literals(sql: &str) -> Option<(String, Vec<String>)> {
                 }
                 out.push_str(&sql[copied..i]);
                 lits.push(sql[i..end].to_string());
-                out.push_str(&format!("${}", lits.len()));
+                push_placeholder(&mut out, lits.len());
                 i = end;
                 copied = end;
             }
@@ -584,12 +584,28 @@ pub fn place(map: &ShardMap, sql: &str) -> Placement {
     analyse(map, sql)
 }
 
+/// Appends `$n`.
+fn push_placeholder(out: &mut String, n: usize) {
+    use std::fmt::Write;
+    out.push('$');
+    let _ = write!(out, "{n}");
+}
+
 /// The lexical shortcut of [`place`]: true when `sql` names no configured
 /// table (and is no index DDL, which may name only the index), so it is
 /// [`Placement::Unmentioned`] without a parse.
 pub fn unmentioned(map: &ShardMap, sql: &[u8]) -> bool {
-    let index_ddl = || sql.windows(5).any(|w| w.eq_ignore_ascii_case(b"index"));
-    !map.has_tables() || !(map.mentions_table(sql) || index_ddl())
+    !mentioned(map, sql) && !index_ddl(sql)
+}
+
+/// Whether `sql` names a configured table (a word, any case).
+pub fn mentioned(map: &ShardMap, sql: &[u8]) -> bool {
+    map.has_tables() && map.mentions_table(sql)
+}
+
+/// Index DDL may name only the index, not its table.
+pub fn index_ddl(sql: &[u8]) -> bool {
+    sql.windows(5).any(|w| w.eq_ignore_ascii_case(b"index"))
 }
 
 /// The placement from a full parse (no lexical shortcut).

@@ -29,6 +29,10 @@ pub struct ShardMap {
     pub shards: usize,
     /// Table name -> (schema if the config named one, rule).
     tables: HashMap<String, Vec<(Option<String>, TableRule)>>,
+    /// Bit n set: some configured table name is n bytes long (n < 64; bit
+    /// 63 stands for 63 and longer). Words of other lengths are skipped
+    /// without comparing them to every name.
+    name_lengths: u64,
     /// Buckets whose statements wait: a bucket move is cutting them over
     /// (empty: none).
     pub held: Vec<bool>,
@@ -43,6 +47,11 @@ pub struct ShardMap {
 pub struct Location {
     pub bucket: u32,
     pub shard: usize,
+}
+
+/// The bit of [`ShardMap::name_lengths`] for a name `len` bytes long.
+fn length_bit(len: usize) -> u64 {
+    1 << len.min(63)
 }
 
 impl ShardMap {
@@ -72,6 +81,7 @@ impl ShardMap {
         for t in &sh.reference_tables {
             add(t, TableRule::Reference);
         }
+        let name_lengths = tables.keys().fold(0, |m, t| m | length_bit(t.len()));
         Some(ShardMap {
             buckets: sh.buckets,
             hash: sh.hash,
@@ -79,6 +89,7 @@ impl ShardMap {
             default_shard,
             shards: config.shards.len(),
             tables,
+            name_lengths,
             held: Vec::new(),
             moving: false,
         })
@@ -178,10 +189,11 @@ impl ShardMap {
                     i += 1;
                 }
                 let word = &sql[start..i];
-                if self
-                    .tables
-                    .keys()
-                    .any(|t| t.as_bytes().eq_ignore_ascii_case(word))
+                if self.name_lengths & length_bit(word.len()) != 0
+                    && self
+                        .tables
+                        .keys()
+                        .any(|t| t.as_bytes().eq_ignore_ascii_case(word))
                 {
                     return true;
                 }
