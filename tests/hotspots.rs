@@ -237,6 +237,12 @@ async fn zipf_hottest_key_first_with_its_true_share() {
         .lock()
         .unwrap()
         .is_hot_key("items", &first.key));
+    // Table sizes, read from each shard as the background task does.
+    let proxy = tp.proxy.clone();
+    runtime()
+        .spawn(async move { shardgate::hotspot::live::refresh_sizes(&proxy, Duration::ZERO).await })
+        .await
+        .unwrap();
     let text = shardgate::metrics::render(&tp.proxy);
     let series = |name: &str| -> Vec<&str> {
         text.lines()
@@ -262,6 +268,12 @@ async fn zipf_hottest_key_first_with_its_true_share() {
     assert_eq!(series("hot_key_share").len(), 10, "{text}");
     assert!(!series("bucket_qps").is_empty() && series("bucket_qps").len() <= 10);
     assert!(text.contains("shardgate_hot_keys "));
+    let bytes = series("shard_table_bytes");
+    assert_eq!(bytes.len(), 3, "{text}");
+    for l in bytes {
+        let n: f64 = l.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n > 0.0, "{l}");
+    }
     // Every metric the Grafana dashboard in docs/ queries is there.
     let dashboard = include_str!("../docs/grafana/shardgate-hotspots.json");
     let mut queried = 0;

@@ -256,8 +256,18 @@ fn by_name(by: By) -> &'static str {
 /// (row estimate, bytes) of the sharded tables on each shard's primary,
 /// read at most once a minute per database.
 async fn sizes(proxy: &Arc<Proxy>, map: &crate::sharding::map::ShardMap, database: &str) -> Sizes {
+    sizes_within(proxy, map, database, SIZES_FOR).await
+}
+
+/// [`sizes`], read again when the cached ones are `max_age` old.
+pub(crate) async fn sizes_within(
+    proxy: &Arc<Proxy>,
+    map: &crate::sharding::map::ShardMap,
+    database: &str,
+    max_age: Duration,
+) -> Sizes {
     if let Some((at, db, s)) = crate::lock(&proxy.hotspots.table_sizes).as_ref() {
-        if at.elapsed() < SIZES_FOR && db == database {
+        if at.elapsed() < max_age && db == database {
             return s.clone();
         }
     }

@@ -380,7 +380,7 @@ fn planned_pb(m: crate::reshard::PlannedMove) -> pb::PlannedMove {
 }
 
 /// The database of a move: as given, else the first user's.
-fn database(proxy: &crate::proxy::Proxy, given: &str) -> String {
+pub(crate) fn database(proxy: &crate::proxy::Proxy, given: &str) -> String {
     if !given.is_empty() {
         return given.to_owned();
     }

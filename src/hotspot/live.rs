@@ -81,14 +81,35 @@ pub fn tick(proxy: &Proxy) -> Vec<Change> {
     changes
 }
 
-/// Looks every [`LOOK_EVERY`] until shutdown.
+/// Table sizes are read again after this long.
+const SIZES_EVERY: Duration = Duration::from_secs(60);
+
+/// Looks every [`LOOK_EVERY`], and reads the sharded tables' sizes every
+/// [`SIZES_EVERY`], until shutdown.
 pub async fn run(proxy: Arc<Proxy>) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(LOOK_EVERY) => { tick(&proxy); }
+            _ = tokio::time::sleep(LOOK_EVERY) => {
+                tick(&proxy);
+                refresh_sizes(&proxy, SIZES_EVERY - LOOK_EVERY / 2).await;
+            }
             _ = proxy.shutdown.cancelled() => return,
         }
     }
+}
+
+/// Reads the row estimates and bytes of the sharded tables on every
+/// shard's primary (`pg_class`) unless the cached ones are younger than
+/// `max_age`; `admin balance` and /metrics show them.
+pub async fn refresh_sizes(proxy: &Arc<Proxy>, max_age: Duration) {
+    if !proxy.hotspots.enabled() {
+        return;
+    }
+    let Some(map) = proxy.topology.load().map.clone() else {
+        return;
+    };
+    let database = crate::admin::database(proxy, "");
+    crate::admin::hotspots::sizes_within(proxy, &map, &database, max_age).await;
 }
 
 /// The hot-spot metrics in the Prometheus text format (empty without
@@ -163,6 +184,25 @@ pub fn render(proxy: &Proxy) -> String {
         let is_hot = crate::lock(&proxy.hotspots.watcher).is_hot_shard(name);
         hot.with_label_values(labels)
             .set(f64::from(u8::from(is_hot)));
+    }
+    let table_rows = gauge(
+        "shard_table_rows",
+        "Row estimate (pg_class.reltuples) of the sharded tables on the shard, read once a minute",
+        shard,
+    );
+    let table_bytes = gauge(
+        "shard_table_bytes",
+        "Bytes (pg_total_relation_size) of the sharded tables on the shard, read once a minute",
+        shard,
+    );
+    if let Some((_, _, sizes)) = crate::lock(&proxy.hotspots.table_sizes).as_ref() {
+        for (name, (rows, bytes)) in l.names.iter().zip(sizes) {
+            // -1: the shard could not be read.
+            if *rows >= 0 && *bytes >= 0 {
+                table_rows.with_label_values(&[name]).set(*rows as f64);
+                table_bytes.with_label_values(&[name]).set(*bytes as f64);
+            }
+        }
     }
     let (_, skew) = report::balance(&l.snap, &l.map, &l.names, By::Time);
     reg!(Gauge::new(
