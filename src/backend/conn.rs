@@ -5,7 +5,7 @@ use crate::protocol::backend as be;
 use crate::protocol::frame::{decode_frame, Frame};
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -69,7 +69,7 @@ pub struct ServerConn {
     /// The values reported right after connecting (no client state).
     pub initial_params: std::sync::Arc<HashMap<String, String>>,
     /// Proxy-named prepared statements that exist on this connection.
-    pub prepared: HashSet<u64>,
+    pub prepared: hashbrown::HashSet<u64>,
     /// Which client session state (SETs) is applied; 0 is the pristine
     /// state right after connecting.
     pub session_fingerprint: u64,
@@ -120,7 +120,7 @@ impl ServerConn {
             secret: 0,
             params: HashMap::new(),
             initial_params: Default::default(),
-            prepared: HashSet::new(),
+            prepared: hashbrown::HashSet::default(),
             session_fingerprint: 0,
             tx_status: b'I',
             broken: false,

@@ -20,12 +20,17 @@ use crate::protocol::backend as be;
 use crate::protocol::Frame;
 use crate::proxy::Proxy;
 use bytes::BytesMut;
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Maps keyed by names a client chooses, looked up on every Bind: hashbrown
+/// with its default hasher (foldhash, randomly seeded per process) is
+/// several times cheaper than SipHash, and a map belongs to one session,
+/// so a client colliding keys only slows itself.
+pub(super) type FastMap<K, V> = hashbrown::HashMap<K, V>;
 
 /// Why a session ends. Only `Fatal` tells the client anything.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +97,7 @@ pub struct Session {
     /// `to_client` is a zero-copy slice of the server read buffer.
     pub(super) to_client_shares_read_buf: bool,
     /// Client statement name -> proxy-wide statement (transaction mode).
-    pub(super) statements: HashMap<String, Arc<Statement>>,
+    pub(super) statements: FastMap<String, Arc<Statement>>,
     /// The last unnamed Parse, re-sent if a later Bind lands on another
     /// server connection; and whether the current server has it.
     pub(super) unnamed_parse: Option<Frame>,
@@ -149,8 +154,8 @@ pub(super) struct RoutingState {
     pub drop_begin_tag: bool,
     /// `shardgate.*` commands prepared through the extended protocol:
     /// statement name -> text, portal name -> text.
-    pub proxy_stmts: HashMap<String, String>,
-    pub proxy_portals: HashMap<Vec<u8>, String>,
+    pub proxy_stmts: FastMap<String, String>,
+    pub proxy_portals: FastMap<Vec<u8>, String>,
     /// The next simple Query is a replay of a statement a replica refused
     /// as a write: probe the commit position after it.
     pub force_probe: bool,
@@ -249,7 +254,7 @@ impl Session {
             copy_in: false,
             pass_through: 0,
             to_client_shares_read_buf: false,
-            statements: HashMap::new(),
+            statements: FastMap::default(),
             unnamed_parse: None,
             unnamed_on_server: false,
             vars: SessionVars::default(),
