@@ -127,6 +127,7 @@ fn hot_keys(tp: &TestProxy) -> Vec<report::HotKey> {
     let rules = HotRules {
         key_share: 0.2,
         min_statements: 100.0,
+        shard_load: 1.5,
     };
     report::hot_keys(
         &snap,

@@ -188,11 +188,7 @@ async fn run_async(args: AdminArgs) -> Result<()> {
     match &args.cmd {
         AdminCmd::Status => {
             let s = c.status(pb::StatusRequest {}).await?.into_inner();
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                print!("{}", status_table(&s));
-            }
+            print_reply(&s, args.json, status_table)?;
         }
         AdminCmd::Reshard { cmd } => super::reshard_cli::run(&mut c, cmd, args.json).await?,
         AdminCmd::Balance(a) => super::hotspots_cli::balance(&mut c, a, args.json).await?,
@@ -334,11 +330,7 @@ async fn run_async(args: AdminArgs) -> Result<()> {
                 (None, None) => bail!("give --url (the proxy's Postgres URL)"),
             };
             let report = super::drill_client::failover(&mut c, shard, mode, &url, *clients).await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
+            print_reply(&report, args.json, DrillReport::table)?;
         }
     }
     Ok(())
@@ -431,6 +423,20 @@ fn resync(
         .arg("-l")
         .arg(&log)
         .args(["-w", "-t", "120"]))?;
+    Ok(())
+}
+
+/// Prints a reply as JSON (`--json`) or as the table `table` draws.
+pub(super) fn print_reply<T: serde::Serialize>(
+    r: &T,
+    json: bool,
+    table: impl FnOnce(&T) -> String,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        print!("{}", table(r));
+    }
     Ok(())
 }
 

@@ -96,10 +96,7 @@ pub fn hotspots(proxy: &Arc<Proxy>, r: pb::HotspotsRequest) -> Result<pb::Hotspo
     let names = names(proxy);
     let replicas: Vec<usize> = topology.shards.iter().map(|s| s.replicas.len()).collect();
     let config = proxy.config.load();
-    let rules = HotRules {
-        key_share: config.hotspots.hot_key_share,
-        min_statements: config.hotspots.min_statements as f64,
-    };
+    let rules = HotRules::from_config(&config.hotspots);
     let limit = if r.limit == 0 { 10 } else { r.limit as usize };
     let snap = proxy.hotspots.snapshot();
     let keys = report::hot_keys(&snap, &map, &names, &replicas, &rules, limit)

@@ -58,12 +58,7 @@ pub async fn balance(c: &mut Client, a: &BalanceArgs, json: bool) -> Result<()> 
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?
         .into_inner();
-    if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        print!("{}", balance_table(&r));
-    }
-    Ok(())
+    super::cli::print_reply(&r, json, balance_table)
 }
 
 pub async fn hotspots(c: &mut Client, a: &HotspotsArgs, json: bool) -> Result<()> {
@@ -72,12 +67,7 @@ pub async fn hotspots(c: &mut Client, a: &HotspotsArgs, json: bool) -> Result<()
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?
         .into_inner();
-    if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        print!("{}", hotspots_table(&r));
-    }
-    Ok(())
+    super::cli::print_reply(&r, json, hotspots_table)
 }
 
 pub async fn rebalance(c: &mut Client, a: &RebalanceArgs, json: bool) -> Result<()> {

@@ -97,11 +97,7 @@ pub async fn run(c: &mut Client, cmd: &ReshardCmd, json: bool) -> Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message()))?
                 .into_inner();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&plan)?);
-            } else {
-                print!("{}", plan_table(&plan));
-            }
+            super::cli::print_reply(&plan, json, plan_table)?;
         }
         ReshardCmd::Move { what, detach, .. } => {
             let ids = c

@@ -120,7 +120,7 @@ impl Session {
                     return Ok(());
                 }
                 let text = frame.body.strip_suffix(&[0]).unwrap_or(&frame.body);
-                if super::routing::could_be_command(text) {
+                if !self.pipeline.is_empty() && super::routing::could_be_command(text) {
                     // `SHOW shardgate.last_commit_lsn` right after a write
                     // must include it: take the answer to the write's
                     // position probe first.

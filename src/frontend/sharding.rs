@@ -548,7 +548,7 @@ impl Session {
         // the placement cache (whose lookup hashes the whole text, and
         // which texts with ever new literals would only churn).
         let mentioned = crate::router::shard::mentioned(map, sql);
-        let unmentioned = !mentioned && !crate::router::shard::index_ddl(sql);
+        let unmentioned = crate::router::shard::unmentioned_given(map, sql, mentioned);
         if mentioned && bind.is_none() {
             // Simple protocol: place the text with its literals taken out,
             // so a statement sent with ever new keys is analysed once.

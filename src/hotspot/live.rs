@@ -8,7 +8,7 @@
 //! key that leaves the top N leaves /metrics too instead of going stale.
 
 use super::report::{self, By, HotKey, HotRules};
-use super::watch::{self, Change, Rules};
+use super::watch::{self, Change};
 use crate::proxy::Proxy;
 use prometheus::{Gauge, GaugeVec, IntCounterVec, Opts};
 use std::sync::Arc;
@@ -27,7 +27,7 @@ struct Look {
     map: Arc<crate::sharding::map::ShardMap>,
     keys: Vec<HotKey>,
     heat: Vec<watch::ShardHeat>,
-    rules: Rules,
+    rules: HotRules,
 }
 
 fn look(proxy: &Proxy) -> Option<Look> {
@@ -38,25 +38,9 @@ fn look(proxy: &Proxy) -> Option<Look> {
     let map = topology.map.clone()?;
     let names: Vec<String> = topology.shards.iter().map(|s| s.name.clone()).collect();
     let replicas: Vec<usize> = topology.shards.iter().map(|s| s.replicas.len()).collect();
-    let config = proxy.config.load();
-    let h = &config.hotspots;
-    let rules = Rules {
-        key_share: h.hot_key_share,
-        min_statements: h.min_statements as f64,
-        shard_load: h.hot_shard_load,
-    };
+    let rules = HotRules::from_config(&proxy.config.load().hotspots);
     let snap = proxy.hotspots.snapshot();
-    let keys = report::hot_keys(
-        &snap,
-        &map,
-        &names,
-        &replicas,
-        &HotRules {
-            key_share: rules.key_share,
-            min_statements: rules.min_statements,
-        },
-        usize::MAX,
-    );
+    let keys = report::hot_keys(&snap, &map, &names, &replicas, &rules, usize::MAX);
     let heat = watch::shard_heat(&snap, &names);
     Some(Look {
         names,
@@ -85,14 +69,17 @@ pub fn tick(proxy: &Proxy) -> Vec<Change> {
 const SIZES_EVERY: Duration = Duration::from_secs(60);
 
 /// Looks every [`LOOK_EVERY`], and reads the sharded tables' sizes every
-/// [`SIZES_EVERY`], until shutdown.
+/// [`SIZES_EVERY`], until shutdown (which does not wait for a shard that
+/// is slow to answer the size query).
 pub async fn run(proxy: Arc<Proxy>) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(LOOK_EVERY) => {
-                tick(&proxy);
-                refresh_sizes(&proxy, SIZES_EVERY - LOOK_EVERY / 2).await;
-            }
+            _ = tokio::time::sleep(LOOK_EVERY) => {}
+            _ = proxy.shutdown.cancelled() => return,
+        }
+        tick(&proxy);
+        tokio::select! {
+            _ = refresh_sizes(&proxy, SIZES_EVERY - LOOK_EVERY / 2) => {}
             _ = proxy.shutdown.cancelled() => return,
         }
     }
@@ -134,7 +121,7 @@ pub fn render(proxy: &Proxy) -> String {
     let statements = reg!(IntCounterVec::new(
         Opts::new(
             "shard_statements_total",
-            "Statements routed to the shard (single-shard statements; load counting)"
+            "Statements run on the shard (a statement across shards counts on each)"
         ),
         shard
     ));

@@ -200,14 +200,28 @@ pub struct HotKey {
     pub suggestions: Vec<String>,
 }
 
-/// Thresholds of "hot".
+/// Thresholds of "hot", from `[hotspots]`.
 #[derive(Debug, Clone)]
 pub struct HotRules {
     /// A key with at least this share of its shard's statements is hot.
     pub key_share: f64,
     /// ... once its shard has counted at least this many (faded)
-    /// statements.
+    /// statements; a shard needs this many in the last minute to be
+    /// judged hot.
     pub min_statements: f64,
+    /// A shard whose last-minute load is at least this multiple of the
+    /// mean over shards is hot.
+    pub shard_load: f64,
+}
+
+impl HotRules {
+    pub fn from_config(h: &crate::config::HotspotsConfig) -> HotRules {
+        HotRules {
+            key_share: h.hot_key_share,
+            min_statements: h.min_statements as f64,
+            shard_load: h.hot_shard_load,
+        }
+    }
 }
 
 /// The `n` heaviest keys of every table, hot ones flagged with a reason

@@ -7,22 +7,12 @@
 //! too few recent statements to judge), so a load that hovers at the
 //! threshold does not log an event every look.
 
-use super::report::HotKey;
+use super::report::{HotKey, HotRules};
 use super::{window_seconds, Snapshot};
 use std::collections::HashSet;
 
 /// Below this fraction of its threshold a hot key or shard cools.
 const COOL_AT: f64 = 0.9;
-
-/// Thresholds, from `[hotspots]`.
-#[derive(Debug, Clone)]
-pub struct Rules {
-    pub key_share: f64,
-    pub min_statements: f64,
-    /// A shard whose last-minute load is at least this multiple of the
-    /// mean over shards is hot.
-    pub shard_load: f64,
-}
 
 /// One shard's load over the last minute.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,7 +136,12 @@ impl Watcher {
 
     /// Takes a new look (`keys`: the heaviest keys, flagged by
     /// [`super::report::hot_keys`] with `rules`) and returns what changed.
-    pub fn update(&mut self, keys: &[HotKey], shards: &[ShardHeat], rules: &Rules) -> Vec<Change> {
+    pub fn update(
+        &mut self,
+        keys: &[HotKey],
+        shards: &[ShardHeat],
+        rules: &HotRules,
+    ) -> Vec<Change> {
         let mut changes = Vec::new();
         let mut hot_keys = HashSet::new();
         for k in keys {
@@ -221,7 +216,7 @@ impl Watcher {
 mod tests {
     use super::*;
 
-    fn key(share: f64, shard_statements: f64, rules: &Rules) -> HotKey {
+    fn key(share: f64, shard_statements: f64, rules: &HotRules) -> HotKey {
         HotKey {
             table: "t".into(),
             key: "7".into(),
@@ -246,7 +241,7 @@ mod tests {
         }
     }
 
-    const RULES: Rules = Rules {
+    const RULES: HotRules = HotRules {
         key_share: 0.2,
         min_statements: 100.0,
         shard_load: 1.5,

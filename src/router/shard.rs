@@ -595,17 +595,19 @@ fn push_placeholder(out: &mut String, n: usize) {
 /// table (and is no index DDL, which may name only the index), so it is
 /// [`Placement::Unmentioned`] without a parse.
 pub fn unmentioned(map: &ShardMap, sql: &[u8]) -> bool {
-    !mentioned(map, sql) && !index_ddl(sql)
+    unmentioned_given(map, sql, mentioned(map, sql))
+}
+
+/// [`unmentioned`] when [`mentioned`] is already known.
+pub fn unmentioned_given(map: &ShardMap, sql: &[u8], mentioned: bool) -> bool {
+    // Index DDL may name only the index, not its table; without tables
+    // there is nothing it could name.
+    !mentioned && (!map.has_tables() || !sql.windows(5).any(|w| w.eq_ignore_ascii_case(b"index")))
 }
 
 /// Whether `sql` names a configured table (a word, any case).
 pub fn mentioned(map: &ShardMap, sql: &[u8]) -> bool {
     map.has_tables() && map.mentions_table(sql)
-}
-
-/// Index DDL may name only the index, not its table.
-pub fn index_ddl(sql: &[u8]) -> bool {
-    sql.windows(5).any(|w| w.eq_ignore_ascii_case(b"index"))
 }
 
 /// The placement from a full parse (no lexical shortcut).
@@ -2316,6 +2318,23 @@ type = "text"
         assert!(matches!(spread.resolve(&m, None), Target::Shards(s, _) if s.len() > 1));
         let same = place(&m, "select * from orders where customer_id in (5, 5)").resolve(&m, None);
         assert!(matches!(same, Target::Shard(_)));
+    }
+
+    #[test]
+    fn the_lexical_shortcut_skips_index_ddl_only_when_tables_are_configured() {
+        let m = map();
+        assert!(unmentioned(&m, b"select 1"));
+        assert!(!unmentioned(&m, b"create index i on orders (x)"));
+        assert!(!unmentioned(&m, b"drop index i"));
+        let none = ShardMap::from_config(
+            &Config::parse(
+                "[[users]]\nname = \"app\"\npassword = \"app\"\n[[shards]]\nname = \"a\"\nprimary = \"127.0.0.1:1\"\n[sharding]\nbuckets = 8\n",
+                "t.toml",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(unmentioned(&none, b"drop index i"));
     }
 
     #[test]
