@@ -422,6 +422,11 @@ pub struct PoolConfig {
     /// A server connection holding more proxy-prepared statements than this
     /// is closed when released, so server memory stays bounded.
     pub max_prepared_statements: usize,
+    /// Transaction mode: a client keeps the server connection of its last
+    /// transaction for its next one while no other client waits for that
+    /// pool (see `frontend::spare`), which saves a pool checkout and return
+    /// per transaction.
+    pub keep_spare: bool,
 }
 
 impl Default for PoolConfig {
@@ -435,6 +440,7 @@ impl Default for PoolConfig {
             server_lifetime: Duration::from_secs(3600),
             liveness_check_after: Duration::from_secs(10),
             max_prepared_statements: 1000,
+            keep_spare: true,
         }
     }
 }

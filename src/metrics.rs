@@ -327,12 +327,16 @@ pub fn render(proxy: &crate::proxy::Proxy) -> String {
     for p in proxy.pools.all() {
         let s = p.pool.status();
         let label = p.key.label();
+        let spares = p.spares();
         g.server_conns
             .with_label_values(&[&label, "active"])
-            .set((s.size - s.available) as i64);
+            .set(s.size.saturating_sub(s.available).saturating_sub(spares) as i64);
         g.server_conns
             .with_label_values(&[&label, "idle"])
             .set(s.available as i64);
+        g.server_conns
+            .with_label_values(&[&label, "spare"])
+            .set(spares as i64);
     }
     let mut text = encode(&g.registry);
     text.push_str(&crate::hotspot::live::render(proxy));

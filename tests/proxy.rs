@@ -360,6 +360,100 @@ async fn checkout_timeout_is_53300() {
     p.connect().await.batch_execute("select 1").await.unwrap();
 }
 
+/// The pool of the test user `app` (database `app`).
+fn app_pool(p: &TestProxy) -> std::sync::Arc<shardgate::backend::pool::PoolEntry> {
+    p.proxy
+        .pools
+        .all()
+        .into_iter()
+        .find(|e| e.key.user == "app" && e.key.database == "app")
+        .expect("the app pool")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_keeps_its_server_connection_between_transactions_until_idle() {
+    let p = start_proxy("max_size = 3", "");
+    let c = p.connect().await;
+    let pid = scalar(&c, "select pg_backend_pid()").await;
+    let pool = app_pool(&p);
+    // Kept as the client's spare (just after the client has its answer):
+    // checked out, but no transaction runs.
+    eventually("the client keeps a spare", || async {
+        pool.spares() == 1 && pool.in_use() == 0
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(scalar(&c, "select pg_backend_pid()").await, pid);
+    }
+    // Another client takes the spare rather than a new connection: spares
+    // do not make the pool grow.
+    let other = p.connect().await;
+    assert_eq!(scalar(&other, "select pg_backend_pid()").await, pid);
+    assert_eq!(pool.pool.status().size, 1);
+    drop(other);
+    assert_eq!(scalar(&c, "select pg_backend_pid()").await, pid);
+    // (Retried: other tests' proxies share the metric's label.)
+    eventually("the spare is in /metrics", || async {
+        let spare = shardgate::metrics::render(&p.proxy).lines().any(|l| {
+            l.starts_with("shardgate_server_connections{") && l.ends_with("state=\"spare\"} 1")
+        });
+        spare && pool.spares() == 1
+    })
+    .await;
+    // Idle for a while, it goes back to the pool; the next transaction
+    // takes it out of the pool again.
+    eventually("an idle client's spare goes back to the pool", || async {
+        pool.spares() == 0 && pool.pool.status().available == 1
+    })
+    .await;
+    assert_eq!(scalar(&c, "select pg_backend_pid()").await, pid);
+    // A client that leaves gives its spare back at once.
+    drop(c);
+    eventually("the spare of a client that left is pooled", || async {
+        pool.spares() == 0 && pool.pool.status().available == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_goes_back_when_another_client_needs_a_connection() {
+    // One server connection, and a wait far shorter than the 1 s after
+    // which an idle spare goes back on its own: the other client gets the
+    // connection only if the spare is taken back for it.
+    let p = start_proxy("max_size = 1\ncheckout_timeout = \"500ms\"", "");
+    let a = p.connect().await;
+    a.batch_execute("set application_name = 'client a'")
+        .await
+        .unwrap();
+    assert_eq!(scalar(&a, "select 1").await, "1");
+    let pool = app_pool(&p);
+    // (The proxy keeps it just after the client has its answer.)
+    eventually("client a keeps a spare", || async { pool.spares() == 1 }).await;
+    let b = p.connect().await;
+    b.batch_execute("set application_name = 'client b'")
+        .await
+        .unwrap();
+    // Both alternate on the one connection, each with its own settings.
+    for i in 0..10 {
+        let sql = "select current_setting('application_name')";
+        assert_eq!(scalar(&a, sql).await, "client a", "round {i}");
+        assert_eq!(scalar(&b, sql).await, "client b", "round {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keep_spare_the_connection_goes_back_after_each_transaction() {
+    let p = start_proxy("max_size = 2\nkeep_spare = false", "");
+    let c = p.connect().await;
+    assert_eq!(scalar(&c, "select 1").await, "1");
+    let pool = app_pool(&p);
+    eventually("the connection is pooled", || async {
+        pool.pool.status().available == 1
+    })
+    .await;
+    assert_eq!(pool.spares(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_down_gives_connection_error_not_hang() {
     let port = shardgate::local::free_port().unwrap();

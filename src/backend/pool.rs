@@ -9,7 +9,8 @@ use crate::config::PoolConfig;
 use crate::metrics::PoolMetrics;
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult, Timeouts};
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,6 +45,10 @@ impl PoolKey {
         format!("{}/{}@{}", self.user, self.database, self.addr)
     }
 }
+
+/// A spare (a connection a session keeps between its transactions) idle
+/// this long goes back to the pool at the next maintenance pass.
+pub const SPARE_IDLE: Duration = Duration::from_secs(1);
 
 /// How deadpool makes and checks our connections.
 pub struct ServerManager {
@@ -137,10 +142,31 @@ pub struct PoolEntry {
     pub key: PoolKey,
     pub pool: ServerPool,
     pub metrics: PoolMetrics,
+    /// Connections sessions keep between their transactions, by session
+    /// (`frontend::spare`): checked out as far as deadpool knows, but
+    /// running nothing. Kept here rather than in the session so that a
+    /// checkout that would wait can take them back without waking anyone.
+    shelf: Mutex<hashbrown::HashMap<u64, PooledConn>>,
+    /// Checkouts waiting for a connection right now.
+    waiters: AtomicUsize,
+}
+
+/// Counts a waiting checkout for as long as it waits (also when the
+/// waiting future is dropped).
+struct Waiting<'a>(&'a PoolEntry);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::SeqCst);
+        self.0.metrics.waiting.dec();
+    }
 }
 
 impl PoolEntry {
     pub async fn checkout(&self, wait: Duration) -> Result<PooledConn, CheckoutError> {
+        // A spare before a new connection or a wait: keeping spares must
+        // not make the pool grow, nor anyone wait.
+        self.give_back_spare_if_none_idle();
         // Fast path: a free connection, no timer. Recycling an idle
         // connection is a few flag checks (and a non-blocking socket probe
         // for long-idle ones), so it needs no timeout either.
@@ -159,10 +185,108 @@ impl PoolEntry {
             create: None,
             recycle: None,
         };
+        self.waiters.fetch_add(1, Ordering::SeqCst);
         self.metrics.waiting.inc();
-        let r = self.pool.timeout_get(&timeouts).await;
-        self.metrics.waiting.dec();
-        r.map_err(|e| self.map_error(e, wait))
+        let _waiting = Waiting(self);
+        // Spares go back first: no session keeps one while others wait.
+        self.give_back_spares(|_| false);
+        self.pool
+            .timeout_get(&timeouts)
+            .await
+            .map_err(|e| self.map_error(e, wait))
+    }
+
+    /// Connections running a transaction now: checked out, not kept as a
+    /// spare.
+    pub fn in_use(&self) -> usize {
+        let s = self.pool.status();
+        s.size
+            .saturating_sub(s.available)
+            .saturating_sub(self.spares())
+    }
+
+    /// Connections kept as spares now.
+    pub fn spares(&self) -> usize {
+        crate::lock(&self.shelf).len()
+    }
+
+    /// Keeps `conn`, just released idle by session `id`, as that session's
+    /// spare. False (and the connection goes back to the pool) when a
+    /// checkout waits, the pool is closed, or the connection must not be
+    /// reused.
+    pub fn shelve(&self, id: u64, conn: PooledConn) -> bool {
+        if conn.broken || conn.retire || self.pool.is_closed() {
+            return false;
+        }
+        let mut shelf = crate::lock(&self.shelf);
+        // Checked under the lock a waiter takes after counting itself: a
+        // waiter either sees this spare or is seen here.
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        shelf.insert(id, conn);
+        true
+    }
+
+    /// Session `id`'s spare, if it is still kept, for a transaction
+    /// starting at `now`. A spare past its lifetime, or closed by the
+    /// server while idle longer than `liveness_check_after`, is not
+    /// returned (the same checks a pooled connection passes).
+    pub fn unshelve(&self, id: u64, now: std::time::Instant) -> Option<PooledConn> {
+        let conn = crate::lock(&self.shelf).remove(&id)?;
+        let m = self.pool.manager();
+        if self.pool.is_closed()
+            || now.saturating_duration_since(PooledConn::metrics(&conn).created) > m.lifetime
+        {
+            // Back to the pool, whose recycle check turns it away.
+            return None;
+        }
+        if now.saturating_duration_since(conn.last_released) > m.liveness_check_after
+            && !conn.looks_alive()
+        {
+            drop(Object::take(conn));
+            return None;
+        }
+        Some(conn)
+    }
+
+    /// Session `id`'s spare goes back to the pool.
+    pub fn give_back(&self, id: u64) {
+        drop(crate::lock(&self.shelf).remove(&id));
+    }
+
+    /// One spare goes back to the pool when it has no idle connection.
+    fn give_back_spare_if_none_idle(&self) {
+        let spare = {
+            let mut shelf = crate::lock(&self.shelf);
+            if shelf.is_empty() || self.pool.status().available > 0 {
+                return;
+            }
+            let Some(&id) = shelf.keys().next() else {
+                return;
+            };
+            shelf.remove(&id)
+        };
+        drop(spare);
+    }
+
+    /// Spares for which `keep` is false go back to the pool.
+    fn give_back_spares(&self, keep: impl Fn(&ServerConn) -> bool) {
+        let back: Vec<PooledConn> = {
+            let mut shelf = crate::lock(&self.shelf);
+            if shelf.is_empty() {
+                return;
+            }
+            shelf.extract_if(|_, c| !keep(c)).map(|(_, c)| c).collect()
+        };
+        // Dropped outside the lock: each returns to deadpool.
+        drop(back);
+    }
+
+    /// Closes the pool: idle connections and spares close, checkouts fail.
+    pub fn close(&self) {
+        self.pool.close();
+        self.give_back_spares(|_| false);
     }
 
     fn map_error(&self, e: PoolError<ConnectError>, wait: Duration) -> CheckoutError {
@@ -232,6 +356,8 @@ impl Pools {
             key: key.clone(),
             pool,
             metrics,
+            shelf: Mutex::new(hashbrown::HashMap::new()),
+            waiters: AtomicUsize::new(0),
         });
         pools.insert(key.clone(), entry.clone());
         entry
@@ -265,6 +391,11 @@ impl Pools {
             Arc::strong_count(p) > 1 || p.pool.status().size > 0
         });
         for p in self.all() {
+            // Spares idle for a while go back, so that idle timeout,
+            // lifetime and liveness checks apply to them as in the pool
+            // (and the spare of a session that ended without giving it
+            // back does not stay out).
+            p.give_back_spares(|c| c.last_released.elapsed() < SPARE_IDLE);
             let status = p.pool.status();
             let mut removable = status.size.saturating_sub(s.min_size);
             let removed = p.pool.retain(|conn, m| {
@@ -303,7 +434,7 @@ impl Pools {
         crate::write(&self.pools).retain(|k, p| {
             let keep = &*k.addr != addr;
             if !keep {
-                p.pool.close();
+                p.close();
             }
             keep
         });
@@ -314,17 +445,14 @@ impl Pools {
         crate::read(&self.pools)
             .iter()
             .filter(|(k, _)| &*k.addr == addr)
-            .map(|(_, p)| {
-                let s = p.pool.status();
-                s.size.saturating_sub(s.available)
-            })
+            .map(|(_, p)| p.in_use())
             .sum()
     }
 
     /// Closes every pool (shutdown).
     pub fn close_all(&self) {
         for p in self.all() {
-            p.pool.close();
+            p.close();
         }
     }
 }

@@ -120,13 +120,15 @@ impl Session {
                     return Ok(());
                 }
                 let text = frame.body.strip_suffix(&[0]).unwrap_or(&frame.body);
-                if !self.pipeline.is_empty() && super::routing::could_be_command(text) {
+                // Found once: the checks below all start from it.
+                let first = crate::router::classify::leading_keyword(text);
+                if !self.pipeline.is_empty() && super::routing::is_command(first, text) {
                     // `SHOW shardgate.last_commit_lsn` right after a write
                     // must include it: take the answer to the write's
                     // position probe first.
                     self.await_lsn_probes().await;
                 }
-                if self.shardgate_command(text) {
+                if self.shardgate_command(text, first) {
                     return Ok(());
                 }
                 if self.server.is_none() && self.mode == PoolMode::Transaction {
@@ -144,11 +146,12 @@ impl Session {
                         let begin = self.routing.pending_begin.take().expect("pending");
                         return self.run_after_begin(&frame, begin).await;
                     }
-                    if self.defer_begin(text) {
+                    if self.defer_begin(text, first) {
                         return Ok(());
                     }
                 }
-                if sharded && is_copy(text) && self.server.is_none() {
+                let copy = first.is_some_and(|w| w.eq_ignore_ascii_case(b"copy"));
+                if sharded && copy && self.server.is_none() {
                     let map = self.shard_map().expect("sharded");
                     let sql = String::from_utf8_lossy(text).into_owned();
                     match crate::router::copy::plan_copy(&map, &sql) {
@@ -206,7 +209,7 @@ impl Session {
                     && self.on_replica.is_none()
                     && (wrote || self.may_commit(text, class))
                 {
-                    if is_copy(text) {
+                    if copy {
                         // A query behind COPY FROM STDIN would arrive in
                         // the middle of the copy data: probe after CopyDone.
                         self.routing.copy_lsn = Some(true);
@@ -657,15 +660,24 @@ impl Session {
         } else {
             None
         };
+        let stmt = match text {
+            Some(_) if !bind.statement.is_empty() => self.statements.get(bind.statement).cloned(),
+            _ => None,
+        };
         let mut class = None;
-        let read =
-            routes && self.batch_wants_replica_classified(text.as_deref(), false, &mut class);
+        let read = routes
+            && self.batch_wants_replica_classified(
+                text.as_deref(),
+                false,
+                stmt.as_deref(),
+                &mut class,
+            );
         if !self.ensure_server(false, read).await {
             return Ok(());
         }
         if self.routing.track_lsn && self.on_replica.is_none() && !self.routing.lsn_due {
             self.routing.lsn_due = match &text {
-                Some(t) if is_copy(t) => {
+                Some(t) if stmt.as_ref().map_or_else(|| is_copy(t), |s| s.copy) => {
                     if self.may_commit(t, class) {
                         self.routing.copy_lsn = Some(false);
                     }

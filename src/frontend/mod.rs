@@ -16,6 +16,7 @@ mod routing;
 pub mod scatter;
 mod server_msgs;
 pub mod sharding;
+mod spare;
 
 use crate::metrics::GLOBAL;
 use crate::protocol::backend as be;

@@ -81,15 +81,18 @@ impl Session {
         first: Option<&[u8]>,
         unnamed_parse: bool,
     ) -> bool {
-        self.batch_wants_replica_classified(first, unnamed_parse, &mut None)
+        self.batch_wants_replica_classified(first, unnamed_parse, None, &mut None)
     }
 
     /// [`Self::batch_wants_replica`], leaving `first`'s class in `class`
     /// when it was classified (so the caller need not classify it again).
+    /// `stmt`: the prepared statement whose text `first` is (its class is
+    /// remembered there).
     pub(super) fn batch_wants_replica_classified(
         &mut self,
         first: Option<&[u8]>,
         unnamed_parse: bool,
+        stmt: Option<&super::statements::Statement>,
         class: &mut Option<Class>,
     ) -> bool {
         if self.server.is_some() || !self.routing.split {
@@ -97,7 +100,10 @@ impl Session {
         }
         let Some(first) = first else { return false };
         let catalog = self.catalog();
-        let first_class = classify(first, &catalog);
+        let first_class = match stmt {
+            Some(s) => s.class(first, &catalog),
+            None => classify(first, &catalog),
+        };
         *class = Some(first_class);
         self.wants_replica(&first_class)
             && self.buffered_batch_read_only(&catalog, unnamed_parse.then_some(first))
@@ -159,9 +165,15 @@ impl Session {
                     Ok(b) if b.statement.is_empty() && unnamed.is_some() => {
                         self.replica_ok(unnamed.unwrap_or_default(), catalog)
                     }
-                    Ok(b) => self
-                        .statement_text(b.statement)
-                        .is_some_and(|t| self.replica_ok(&t, catalog)),
+                    Ok(b) => match self.statements.get(b.statement) {
+                        Some(s) if !b.statement.is_empty() => {
+                            let text = s.key.split(|c| *c == 0).next().unwrap_or_default();
+                            self.wants_replica(&s.class(text, catalog))
+                        }
+                        _ => self
+                            .statement_text(b.statement)
+                            .is_some_and(|t| self.replica_ok(&t, catalog)),
+                    },
                     Err(_) => false,
                 },
                 fe::DESCRIBE | fe::EXECUTE | fe::CLOSE | fe::FLUSH => true,
@@ -190,8 +202,8 @@ impl Session {
     /// front of the client's next statement. That saves the round trip of
     /// the BEGIN, and lets `BEGIN` followed by `SET TRANSACTION READ ONLY`
     /// start on a replica. Returns false when `sql` is not such a BEGIN.
-    pub(super) fn defer_begin(&mut self, sql: &[u8]) -> bool {
-        let Some(word) = crate::router::classify::leading_keyword(sql) else {
+    pub(super) fn defer_begin(&mut self, sql: &[u8], first: Option<&[u8]>) -> bool {
+        let Some(word) = first else {
             return false;
         };
         if !(word.eq_ignore_ascii_case(b"begin") || word.eq_ignore_ascii_case(b"start")) {
@@ -333,8 +345,8 @@ impl Session {
 
     /// `SHOW`/`SET`/`RESET shardgate.<name>` in a simple Query: answered by
     /// the proxy. Returns false for anything else.
-    pub(super) fn shardgate_command(&mut self, sql: &[u8]) -> bool {
-        if !could_be_command(sql) {
+    pub(super) fn shardgate_command(&mut self, sql: &[u8], first: Option<&[u8]>) -> bool {
+        if !is_command(first, sql) {
             return false;
         }
         let Ok(sql) = std::str::from_utf8(sql) else {
@@ -604,7 +616,12 @@ fn parse_command_bytes(sql: &[u8]) -> bool {
 /// The cheap test every Query and Parse passes through: SHOW, SET or
 /// RESET first, and `shardgate.` somewhere.
 pub(super) fn could_be_command(sql: &[u8]) -> bool {
-    let Some(word) = crate::router::classify::leading_keyword(sql) else {
+    is_command(crate::router::classify::leading_keyword(sql), sql)
+}
+
+/// [`could_be_command`] with the text's leading keyword already found.
+pub(super) fn is_command(first: Option<&[u8]>, sql: &[u8]) -> bool {
+    let Some(word) = first else {
         return false;
     };
     (word.eq_ignore_ascii_case(b"show")

@@ -84,6 +84,16 @@ pub struct Session {
     pub(super) on_replica: Option<usize>,
     pub(super) routing: RoutingState,
     pub(super) server: Option<PooledConn>,
+    /// The pool whose shelf keeps this session's spare: the server
+    /// connection of its last transaction, kept for the next one (see
+    /// [`super::spare`]).
+    pub(super) spare: Option<Arc<PoolEntry>>,
+    /// This session's name on pool shelves.
+    pub(super) spare_id: u64,
+    /// When the connection held or kept now came out of its pool.
+    pub(super) pooled_at: Instant,
+    /// `pool.keep_spare` when the client connected.
+    pub(super) keep_spare: bool,
     pub(super) checked_out_at: Instant,
     /// Responses the server still owes, in order.
     pub(super) pipeline: Pipeline,
@@ -248,6 +258,10 @@ impl Session {
             to_server: BytesMut::new(),
             login,
             server: None,
+            spare: None,
+            spare_id: super::spare::new_id(),
+            pooled_at: Instant::now(),
+            keep_spare: config.pool.keep_spare,
             checked_out_at: Instant::now(),
             pipeline: Pipeline::new(),
             skipping: false,
@@ -725,8 +739,10 @@ impl Session {
             };
             match replica {
                 None => {
+                    // (It takes on the session's settings itself.)
                     self.checkout_primary().await?;
-                    break;
+                    self.pool.metrics.routed.inc();
+                    return Ok(());
                 }
                 Some(i) => {
                     self.pool = self.replicas[i].pool.clone();
@@ -839,7 +855,16 @@ impl Session {
         } else {
             self.routing.min_lsn
         };
-        self.routing.turn = self.routing.turn.wrapping_add(1);
+        if self.spare.is_none()
+            || self
+                .checked_out_at
+                .saturating_duration_since(self.pooled_at)
+                >= super::spare::REPICK_AFTER
+        {
+            // With a spare kept, the same turn picks the spare's replica
+            // again while it still qualifies, for a while.
+            self.routing.turn = self.routing.turn.wrapping_add(1);
+        }
         match crate::router::pick_replica(
             &self.replicas,
             routing,
@@ -929,18 +954,29 @@ impl Session {
     }
 
     async fn checkout_raw(&mut self) -> Result<(), (String, String)> {
-        let wait = self.proxy.config.load().pool.checkout_timeout;
-        let conn = self
-            .pool
-            .checkout(wait)
-            .await
-            .map_err(|e| e.client_error())?;
+        let now = Instant::now();
+        let conn = match self.take_spare(now) {
+            Some(conn) => {
+                self.checked_out_at = now;
+                conn
+            }
+            None => {
+                let wait = self.proxy.config.load().pool.checkout_timeout;
+                let conn = self
+                    .pool
+                    .checkout(wait)
+                    .await
+                    .map_err(|e| e.client_error())?;
+                self.checked_out_at = Instant::now();
+                self.pooled_at = self.checked_out_at;
+                conn
+            }
+        };
         *crate::lock(&self.cancel_slot) = Some(CancelTarget {
             addr: conn.addr.clone(),
             pid: conn.pid,
             secret: conn.secret,
         });
-        self.checked_out_at = Instant::now();
         self.unnamed_on_server = false;
         self.server = Some(conn);
         Ok(())
@@ -1031,7 +1067,8 @@ impl Session {
             .observe((now - self.checked_out_at).as_secs_f64());
         self.pool.metrics.transactions.inc();
         *crate::lock(&self.cancel_slot) = None;
-        self.server = None;
+        let conn = self.server.take().expect("checked");
+        self.keep_spare(conn);
         self.routing.tx_begin = None;
         self.routing.tx_pinned = false;
         self.left_server();
@@ -1063,6 +1100,7 @@ impl Session {
     /// otherwise close it (a client that vanished mid-transaction must
     /// never hand its transaction to someone else).
     async fn finish(&mut self) {
+        self.give_back_spare();
         if self.server.is_none() {
             return;
         }

@@ -11,6 +11,8 @@
 
 use crate::protocol::frontend::{build_parse, Parse};
 use crate::protocol::Frame;
+use crate::router::catalog::Catalog;
+use crate::router::classify::Class;
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +37,29 @@ pub struct Statement {
     /// Set once a server's shape differed: like a Postgres prepared
     /// statement, it fails from then on until the client prepares it again.
     pub stale: AtomicBool,
+    /// The text is a COPY.
+    pub copy: bool,
+    /// The text's routing class and the catalog generation it was found
+    /// with (`generation << 8 | 0x80 | class bits`; 0: not yet): a
+    /// statement bound again and again is classified once per catalog.
+    class: AtomicU64,
+}
+
+impl Statement {
+    /// The routing class of the statement's text `sql` under `catalog`.
+    pub fn class(&self, sql: &[u8], catalog: &Catalog) -> Class {
+        let generation = catalog.generation();
+        let known = self.class.load(Ordering::Relaxed);
+        if known != 0 && known >> 8 == generation {
+            return Class::unpack(known as u8 & 0x7f);
+        }
+        let class = crate::router::classify::classify(sql, catalog);
+        self.class.store(
+            generation << 8 | 0x80 | u64::from(class.pack()),
+            Ordering::Relaxed,
+        );
+        class
+    }
 }
 
 /// Bound on the set of known-good texts (a client that prepares endless
@@ -68,6 +93,9 @@ impl StatementRegistry {
             key,
             shape: OnceLock::new(),
             stale: AtomicBool::new(false),
+            class: AtomicU64::new(0),
+            copy: crate::router::classify::leading_keyword(parse.query)
+                .is_some_and(|w| w.eq_ignore_ascii_case(b"copy")),
         }
     }
 

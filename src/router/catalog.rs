@@ -114,6 +114,16 @@ pub struct Catalog {
     policy: FunctionPolicy,
     cache: Mutex<HashMap<Box<[u8]>, Class>>,
     pub loaded_at: Instant,
+    /// Different for every catalog built: a class remembered under one
+    /// generation is not used with another catalog.
+    generation: u64,
+}
+
+/// The next [`Catalog::generation`].
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The rows a catalog is built from (see [`LOAD_SQL`]).
@@ -181,7 +191,12 @@ impl Catalog {
             policy,
             cache: Mutex::new(HashMap::new()),
             loaded_at: Instant::now(),
+            generation: next_generation(),
         }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The catalog of a database not loaded yet: nothing is known
@@ -197,6 +212,7 @@ impl Catalog {
             policy: FunctionPolicy::default(),
             cache: Mutex::new(HashMap::new()),
             loaded_at: Instant::now(),
+            generation: next_generation(),
         }
     }
 

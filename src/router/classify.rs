@@ -65,6 +65,36 @@ impl Class {
         hint: Hint::None,
     };
 
+    /// The class in 7 bits (see [`Class::unpack`]).
+    pub fn pack(&self) -> u8 {
+        let hint = match self.hint {
+            Hint::None => 0,
+            Hint::Primary => 1,
+            Hint::Replica => 2,
+        };
+        self.write as u8
+            | (self.plain_begin as u8) << 1
+            | (self.may_commit as u8) << 2
+            | (self.read_only_tx as u8) << 3
+            | (self.single_begin as u8) << 4
+            | hint << 5
+    }
+
+    pub fn unpack(bits: u8) -> Class {
+        Class {
+            write: bits & 1 != 0,
+            plain_begin: bits & 2 != 0,
+            may_commit: bits & 4 != 0,
+            read_only_tx: bits & 8 != 0,
+            single_begin: bits & 16 != 0,
+            hint: match bits >> 5 & 3 {
+                1 => Hint::Primary,
+                2 => Hint::Replica,
+                _ => Hint::None,
+            },
+        }
+    }
+
     /// May this text go to a replica (outside a read-write transaction)?
     pub fn read_only(&self, default_read_only: bool) -> bool {
         !self.write && (!self.plain_begin || default_read_only)

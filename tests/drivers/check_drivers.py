@@ -392,7 +392,8 @@ def grab_server(dsn, pid, limit=12, connect=None):
     """Through the proxy: open transactions on fresh connections until one of them
     sits on server backend `pid`, so that backend's previous client must use
     another server connection next. Returns (holders, settings seen on `pid`,
-    settings seen by every holder). A no-op for the direct DSN."""
+    settings seen by every holder); when `pid` was found, holders is just the
+    client sitting on it. A no-op for the direct DSN."""
     holders, seen, everyone = [], None, []
     if dsn == DIRECT:
         return holders, seen, everyone
@@ -412,6 +413,13 @@ def grab_server(dsn, pid, limit=12, connect=None):
     except BaseException:
         release(holders)
         raise
+    if seen is not None and len(holders) > 1:
+        # Only the holder on `pid` matters. The others give their connections
+        # back, so that pid's previous client can get one: a proxy that hands
+        # a client's last connection to others only when it has no idle one
+        # (shardgate's spares) lets the holders take every idle one first.
+        release(holders[:-1])
+        holders = holders[-1:]
     return holders, seen, everyone
 
 
