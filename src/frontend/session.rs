@@ -94,6 +94,9 @@ pub struct Session {
     pub(super) pooled_at: Instant,
     /// `pool.keep_spare` when the client connected.
     pub(super) keep_spare: bool,
+    /// Completes when the proxy shuts down. One future for the whole
+    /// session: registered with the token once, not at every idle wait.
+    shutdown_wait: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     pub(super) checked_out_at: Instant,
     /// Responses the server still owes, in order.
     pub(super) pipeline: Pipeline,
@@ -262,6 +265,7 @@ impl Session {
             spare_id: super::spare::new_id(),
             pooled_at: Instant::now(),
             keep_spare: config.pool.keep_spare,
+            shutdown_wait: Box::pin(proxy.shutdown.clone().cancelled_owned()),
             checked_out_at: Instant::now(),
             pipeline: Pipeline::new(),
             skipping: false,
@@ -362,9 +366,14 @@ impl Session {
                     return Err(shutdown_error());
                 }
                 self.release_idle_buffers();
+                // poll_read_ready, not readable(): the socket's own waker
+                // slot instead of a waiter list taken and left per wait.
                 tokio::select! {
-                    r = self.client.readable() => r.map_err(SessionError::ClientIo)?,
-                    _ = self.proxy.shutdown.cancelled() => return Err(shutdown_error()),
+                    biased;
+                    r = std::future::poll_fn(|cx| self.client.poll_read_ready(cx)) => {
+                        r.map_err(SessionError::ClientIo)?
+                    }
+                    _ = self.shutdown_wait.as_mut() => return Err(shutdown_error()),
                 };
                 self.client_buf.reserve(READ_CHUNK);
                 // One poll of an AsyncRead read (not try_read): tokio sees a
@@ -394,13 +403,10 @@ impl Session {
                 if read_buf.capacity() - read_buf.len() < 1024 {
                     read_buf.reserve(SERVER_READ_CHUNK);
                 }
+                // Server first: its answers drain before more client
+                // input is taken (and no random branch order per wait).
                 tokio::select! {
-                    r = self.client.read_buf(&mut self.client_buf) => {
-                        if r.map_err(SessionError::ClientIo)? == 0 {
-                            return Err(SessionError::ClientGone);
-                        }
-                        self.client_step().await?;
-                    }
+                    biased;
                     r = stream.read_buf(read_buf) => {
                         match r {
                             Ok(n) if n > 0 => {
@@ -409,6 +415,12 @@ impl Session {
                             }
                             _ => self.on_server_eof().await?,
                         }
+                    }
+                    r = self.client.read_buf(&mut self.client_buf) => {
+                        if r.map_err(SessionError::ClientIo)? == 0 {
+                            return Err(SessionError::ClientGone);
+                        }
+                        self.client_step().await?;
                     }
                 }
             }
