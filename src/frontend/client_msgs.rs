@@ -155,7 +155,7 @@ impl Session {
                     let map = self.shard_map().expect("sharded");
                     let sql = String::from_utf8_lossy(text).into_owned();
                     match crate::router::copy::plan_copy(&map, &sql) {
-                        Some(Ok(plan)) => return self.copy_sharded(&sql, plan).await,
+                        Some(Ok(plan)) => return Box::pin(self.copy_sharded(&sql, plan)).await,
                         Some(Err(what)) => {
                             let message = format!("shardgate: {what} is not supported");
                             self.refuse_query("0A000", &message).await;
@@ -164,7 +164,7 @@ impl Session {
                         None => {}
                     }
                 }
-                if sharded && self.multi_shard_control(text).await? {
+                if sharded && Box::pin(self.multi_shard_control(text)).await? {
                     return Ok(());
                 }
                 if sharded {
@@ -174,7 +174,7 @@ impl Session {
                         Ok(Some(shards)) if self.server.is_none() => {
                             let sql = String::from_utf8_lossy(text).into_owned();
                             let write = !self.is_read(text);
-                            self.scatter_query(&sql, &shards, write).await;
+                            Box::pin(self.scatter_query(&sql, &shards, write)).await;
                             self.scatter_guard = None;
                             return Ok(());
                         }
@@ -625,7 +625,7 @@ impl Session {
                 {
                     let text = text.expect("checked");
                     let write = !self.is_read(&text);
-                    let r = self.scatter_bind(&bind, &text, types, &shards, write).await;
+                    let r = Box::pin(self.scatter_bind(&bind, &text, types, &shards, write)).await;
                     self.scatter_guard = None;
                     return r;
                 }
