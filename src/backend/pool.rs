@@ -90,15 +90,30 @@ impl managed::Manager for ServerManager {
         if conn.broken || conn.retire || conn.tx_status != b'I' {
             return Err(RecycleError::message("connection not idle"));
         }
-        let now = std::time::Instant::now();
-        if now.saturating_duration_since(m.created) > self.lifetime {
-            return Err(RecycleError::message("connection lifetime reached"));
+        self.reusable(conn, m.created, std::time::Instant::now())
+            .map_err(RecycleError::message)
+    }
+}
+
+impl ServerManager {
+    /// Why an idle connection made at `created` must not be handed out at
+    /// `now`, if it must not: too old, or closed by the server while idle
+    /// (probed only after `liveness_check_after`). For pooled connections
+    /// and spares alike.
+    fn reusable(
+        &self,
+        conn: &ServerConn,
+        created: std::time::Instant,
+        now: std::time::Instant,
+    ) -> Result<(), &'static str> {
+        if now.saturating_duration_since(created) > self.lifetime {
+            return Err("connection lifetime reached");
         }
         if now.saturating_duration_since(conn.last_released) > self.liveness_check_after
             && !conn.looks_alive()
         {
             tracing::debug!(server = %conn.addr, "idle server connection was closed by the server");
-            return Err(RecycleError::message("connection closed by server"));
+            return Err("connection closed by server");
         }
         Ok(())
     }
@@ -234,20 +249,19 @@ impl PoolEntry {
     /// returned (the same checks a pooled connection passes).
     pub fn unshelve(&self, id: u64, now: std::time::Instant) -> Option<PooledConn> {
         let conn = crate::lock(&self.shelf).remove(&id)?;
-        let m = self.pool.manager();
-        if self.pool.is_closed()
-            || now.saturating_duration_since(PooledConn::metrics(&conn).created) > m.lifetime
-        {
-            // Back to the pool, whose recycle check turns it away.
+        if self.pool.is_closed() {
             return None;
         }
-        if now.saturating_duration_since(conn.last_released) > m.liveness_check_after
-            && !conn.looks_alive()
-        {
-            drop(Object::take(conn));
-            return None;
+        let created = PooledConn::metrics(&conn).created;
+        match self.pool.manager().reusable(&conn, created, now) {
+            Ok(()) => Some(conn),
+            Err(_) => {
+                // Closed rather than pooled: the pool's own check would
+                // only turn it away again.
+                drop(Object::take(conn));
+                None
+            }
         }
-        Some(conn)
     }
 
     /// Session `id`'s spare goes back to the pool.

@@ -660,9 +660,11 @@ impl Session {
         } else {
             None
         };
-        let stmt = match text {
-            Some(_) if !bind.statement.is_empty() => self.statements.get(bind.statement).cloned(),
-            _ => None,
+        // Looked up once: for routing and for the server-side name below.
+        let stmt = if bind.statement.is_empty() || !self.renames() && text.is_none() {
+            None
+        } else {
+            self.statements.get(bind.statement).cloned()
         };
         let mut class = None;
         let read = routes
@@ -690,11 +692,7 @@ impl Session {
         if bind.statement.is_empty() {
             self.ensure_unnamed();
             frame.encode(&mut self.to_server);
-        } else if let Some(stmt) = self
-            .renames()
-            .then(|| self.statements.get(bind.statement).cloned())
-            .flatten()
-        {
+        } else if let Some(stmt) = stmt.filter(|_| self.renames()) {
             if !self.ensure_prepared(&stmt).await? {
                 self.fail_stale_statement();
                 return Ok(());

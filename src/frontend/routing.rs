@@ -167,8 +167,7 @@ impl Session {
                     }
                     Ok(b) => match self.statements.get(b.statement) {
                         Some(s) if !b.statement.is_empty() => {
-                            let text = s.key.split(|c| *c == 0).next().unwrap_or_default();
-                            self.wants_replica(&s.class(text, catalog))
+                            self.wants_replica(&s.class(s.text(), catalog))
                         }
                         _ => self
                             .statement_text(b.statement)

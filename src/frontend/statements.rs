@@ -46,6 +46,12 @@ pub struct Statement {
 }
 
 impl Statement {
+    /// The query text (the key up to its NUL).
+    pub fn text(&self) -> &[u8] {
+        let end = memchr::memchr(0, &self.key).unwrap_or(self.key.len());
+        &self.key[..end]
+    }
+
     /// The routing class of the statement's text `sql` under `catalog`.
     pub fn class(&self, sql: &[u8], catalog: &Catalog) -> Class {
         let generation = catalog.generation();
