@@ -867,7 +867,11 @@ impl Session {
         } else {
             self.routing.min_lsn
         };
-        if self.spare.is_none()
+        let spare_on_replica = self
+            .spare
+            .as_ref()
+            .is_some_and(|p| p.key.role == Role::Replica);
+        if !spare_on_replica
             || self
                 .checked_out_at
                 .saturating_duration_since(self.pooled_at)
