@@ -164,7 +164,10 @@ impl Session {
                         None => {}
                     }
                 }
-                if sharded && Box::pin(self.multi_shard_control(text)).await? {
+                if sharded
+                    && self.spans_shards(text)
+                    && Box::pin(self.multi_shard_control(text)).await?
+                {
                     return Ok(());
                 }
                 if sharded {

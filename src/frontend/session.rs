@@ -912,6 +912,11 @@ impl Session {
 
     /// Follows a topology change: the pools of the shard's servers now.
     pub(super) fn refresh_pools(&mut self) {
+        // The epoch is one atomic read; the snapshot is loaded only when
+        // it moved (this runs at every checkout).
+        if self.proxy.topology.epoch() == self.pool_epoch {
+            return;
+        }
         let topology = self.proxy.topology.load();
         if topology.epoch != self.pool_epoch {
             self.shard_map = topology.sharded().cloned();

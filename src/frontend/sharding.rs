@@ -405,19 +405,27 @@ impl Session {
         begun
     }
 
-    /// Handles the transaction-control side of a statement inside a
-    /// transaction (sharding): notes statements that pin the transaction
-    /// to its shard, and ends a transaction that spans shards. Returns
-    /// true when the statement was handled here.
-    pub(super) async fn multi_shard_control(&mut self, sql: &[u8]) -> Result<bool, SessionError> {
+    /// The transaction-control side of a statement inside a transaction
+    /// (sharding), first part: notes statements that pin the transaction
+    /// to its shard. Returns true when the transaction spans shards, and
+    /// `multi_shard_control` must see the statement. Kept apart so that
+    /// the common case awaits (and boxes) nothing.
+    pub(super) fn spans_shards(&mut self, sql: &[u8]) -> bool {
         if self.server.is_none() {
-            return Ok(false);
+            return false;
         }
-        let pins = pins_transaction(sql);
         if self.routing.tx_parked.is_empty() {
-            self.routing.tx_pinned |= pins;
-            return Ok(false);
+            self.routing.tx_pinned |= pins_transaction(sql);
+            return false;
         }
+        true
+    }
+
+    /// Ends a transaction that spans shards, or refuses what it cannot
+    /// carry (after `spans_shards`). Returns true when the statement was
+    /// handled here.
+    pub(super) async fn multi_shard_control(&mut self, sql: &[u8]) -> Result<bool, SessionError> {
+        let pins = pins_transaction(sql);
         if let Some(tag) = super::routing::empty_transaction_end(sql) {
             self.end_multi_shard_tx(tag == "COMMIT").await?;
             return Ok(true);

@@ -316,14 +316,24 @@ fn grow(v: &mut Vec<Windowed>, i: usize) {
 /// The row count a command tag reports (`SELECT 5`, `INSERT 0 5`,
 /// `UPDATE 5`, `COPY 5` ...); 0 for tags without one.
 pub fn rows_of_tag(tag: &[u8]) -> u64 {
-    let digits = tag.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    // Read right to left: one pass, no UTF-8 check or str::parse (this
+    // runs once per command tag).
+    let (mut n, mut scale, mut digits) = (0u64, 1u64, 0usize);
+    for &b in tag.iter().rev() {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        if digits == 19 {
+            return 0; // more than u64 holds: no real row count
+        }
+        n += u64::from(b - b'0') * scale;
+        scale = scale.wrapping_mul(10);
+        digits += 1;
+    }
     if digits == 0 || digits == tag.len() || tag[tag.len() - digits - 1] != b' ' {
         return 0;
     }
-    std::str::from_utf8(&tag[tag.len() - digits..])
-        .ok()
-        .and_then(|d| d.parse().ok())
-        .unwrap_or(0)
+    n
 }
 
 /// One request's load, gathered by its session as statements are placed
@@ -449,5 +459,8 @@ mod tests {
         assert_eq!(rows_of_tag(b"BEGIN"), 0);
         assert_eq!(rows_of_tag(b"CREATE TABLE"), 0);
         assert_eq!(rows_of_tag(b"12"), 0);
+        assert_eq!(rows_of_tag(b"SELECT 0"), 0);
+        assert_eq!(rows_of_tag(b"COPY 1234567890123"), 1234567890123);
+        assert_eq!(rows_of_tag(b"SELECT 99999999999999999999"), 0);
     }
 }

@@ -151,13 +151,11 @@ const SESSION_KEYWORDS: &[&[u8]] = &[
 
 /// Classifies SQL text (the body of a Query or of a Parse).
 pub fn classify(sql: &[u8], catalog: &Catalog) -> Class {
-    let hint = hint(sql);
     if fast_select(sql, catalog) {
-        return Class {
-            hint,
-            ..Class::default()
-        };
+        // It refuses any comment outside a literal: no hint to read.
+        return Class::default();
     }
+    let hint = hint(sql);
     if let Some(word) = leading_keyword(sql) {
         if WRITE_KEYWORDS.iter().any(|w| w.eq_ignore_ascii_case(word)) {
             return Class {
@@ -623,8 +621,15 @@ pub fn fast_select(sql: &[u8], catalog: &Catalog) -> bool {
                 while i < sql.len() && BYTE_CLASS[sql[i] as usize] == WORD {
                     i += 1;
                 }
-                let word = &sql[start..i];
-                if word.eq_ignore_ascii_case(b"for") || word.eq_ignore_ascii_case(b"into") {
+                // FOR or INTO, any case: a word byte is alphanumeric or
+                // `_`, and `| 0x20` lowercases exactly its letters.
+                let lower = |k: usize| sql[start + k] | 0x20;
+                let stop = match i - start {
+                    3 => [lower(0), lower(1), lower(2)] == *b"for",
+                    4 => [lower(0), lower(1), lower(2), lower(3)] == *b"into",
+                    _ => false,
+                };
+                if stop {
                     return false;
                 }
             }
@@ -821,6 +826,12 @@ mod tests {
         assert!(!fast("select f(1)"));
         assert!(!fast("select a from t for update"));
         assert!(!fast("select a into b from t"));
+        assert!(!fast("SELECT a FROM t FOR SHARE"));
+        assert!(!fast("select a InTo b from t"));
+        assert!(!fast("select a from t fOr no key update"));
+        // Words that only start or end like them are plain names.
+        assert!(fast("select fort, intox, _for, for_ from t"));
+        assert!(fast("select a from t where x = 'for update'"));
         assert!(!fast("select a::int from t"));
         assert!(!fast("select E'\\'' from t"));
         assert!(!fast("select 1; delete from t"));
