@@ -81,6 +81,9 @@ pub struct ServerConn {
     /// reused (too many prepared statements, for example).
     pub retire: bool,
     pub last_released: Instant,
+    /// When the pool's `server_lifetime` runs out (None: never, or a
+    /// connection made outside a pool).
+    pub expires_at: Option<Instant>,
     /// Reused read buffer: keeps its allocation across transactions.
     pub read_buf: BytesMut,
 }
@@ -126,6 +129,7 @@ impl ServerConn {
             broken: false,
             retire: false,
             last_released: Instant::now(),
+            expires_at: None,
             read_buf: BytesMut::with_capacity(8192),
         };
         let mut params = vec![("user", p.user.as_str()), ("database", p.database.as_str())];

@@ -71,7 +71,11 @@ impl managed::Manager for ServerManager {
     async fn create(&self) -> Result<Box<ServerConn>, ConnectError> {
         let r = ServerConn::connect(&self.params, self.connect_timeout)
             .await
-            .map(Box::new);
+            .map(|mut c| {
+                // A deadline, so the per-checkout check is one comparison.
+                c.expires_at = std::time::Instant::now().checked_add(self.lifetime);
+                Box::new(c)
+            });
         match &r {
             Ok(_) => self.metrics.connects.inc(),
             Err(e) => {
@@ -85,28 +89,23 @@ impl managed::Manager for ServerManager {
     async fn recycle(
         &self,
         conn: &mut Box<ServerConn>,
-        m: &Metrics,
+        _: &Metrics,
     ) -> RecycleResult<ConnectError> {
         if conn.broken || conn.retire || conn.tx_status != b'I' {
             return Err(RecycleError::message("connection not idle"));
         }
-        self.reusable(conn, m.created, std::time::Instant::now())
+        self.reusable(conn, std::time::Instant::now())
             .map_err(RecycleError::message)
     }
 }
 
 impl ServerManager {
-    /// Why an idle connection made at `created` must not be handed out at
-    /// `now`, if it must not: too old, or closed by the server while idle
+    /// Why an idle connection must not be handed out at `now`, if it
+    /// must not: past its lifetime, or closed by the server while idle
     /// (probed only after `liveness_check_after`). For pooled connections
     /// and spares alike.
-    fn reusable(
-        &self,
-        conn: &ServerConn,
-        created: std::time::Instant,
-        now: std::time::Instant,
-    ) -> Result<(), &'static str> {
-        if now.saturating_duration_since(created) > self.lifetime {
+    fn reusable(&self, conn: &ServerConn, now: std::time::Instant) -> Result<(), &'static str> {
+        if conn.expires_at.is_some_and(|at| now > at) {
             return Err("connection lifetime reached");
         }
         if now.saturating_duration_since(conn.last_released) > self.liveness_check_after
@@ -252,8 +251,7 @@ impl PoolEntry {
         if self.pool.is_closed() {
             return None;
         }
-        let created = PooledConn::metrics(&conn).created;
-        match self.pool.manager().reusable(&conn, created, now) {
+        match self.pool.manager().reusable(&conn, now) {
             Ok(()) => Some(conn),
             Err(_) => {
                 // Closed rather than pooled: the pool's own check would

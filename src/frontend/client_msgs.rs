@@ -29,10 +29,50 @@ impl Session {
                     })
                 }
             };
+            let frame = match self.dispatch_inline(frame) {
+                Ok(r) => {
+                    r?;
+                    continue;
+                }
+                Err(frame) => frame,
+            };
             self.handle_client_message(frame).await?;
         }
         self.emit_ready_synthetics();
         Ok(())
+    }
+
+    /// The messages of a request already on a server that need no wait
+    /// (Execute, Sync, Flush, CopyData), handled without building the
+    /// async dispatch's state (which costs a copy of it per message).
+    /// Gives the frame back when anything about the session calls for
+    /// the general path: no server held, a read being recorded for a
+    /// retry, a deferred BEGIN or owed Parse, a new topology.
+    fn dispatch_inline(&mut self, frame: Frame) -> Result<Result<(), SessionError>, Frame> {
+        if !matches!(
+            frame.tag,
+            fe::EXECUTE | fe::SYNC | fe::FLUSH | fe::COPY_DATA
+        ) || self.server.is_none()
+            || self.routing.retry.is_some()
+            || self.routing.pending_begin.is_some()
+            || !self.routing.owed.is_empty()
+            || self.proxy.topology.epoch() != self.pool_epoch
+        {
+            return Err(frame);
+        }
+        // As handle_client_message would (with a server held, there is no
+        // first message to keep for a replica retry).
+        self.routing.batch_open = frame.tag != fe::SYNC;
+        match frame.tag {
+            fe::EXECUTE => {
+                if self.execute_prelude(&frame) {
+                    self.execute_send(&frame);
+                }
+            }
+            fe::SYNC => self.on_sync(&frame),
+            _ => self.forward_if_attached(&frame),
+        }
+        Ok(Ok(()))
     }
 
     /// Handles one client message, keeping a copy of the messages of a
@@ -225,63 +265,13 @@ impl Session {
             fe::BIND => self.on_bind(frame).await?,
             fe::DESCRIBE => self.on_describe(frame).await?,
             fe::EXECUTE => {
-                if self.skipping {
+                if !self.execute_prelude(&frame) || !self.ensure_server(false, false).await {
                     return Ok(());
                 }
-                let portal = frame.body.split(|b| *b == 0).next().unwrap_or(&[]);
-                if self.proxy_execute(portal) {
-                    return Ok(());
-                }
-                if self.routing.scatter_portal.is_some() {
-                    let max_rows = frame
-                        .body
-                        .get(portal.len() + 1..portal.len() + 5)
-                        .map_or(0, |b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-                    if self.scatter_execute(portal, max_rows) {
-                        return Ok(());
-                    }
-                }
-                if sharded && self.server.is_none() {
-                    let _ = self.route_shard(None, None);
-                }
-                if self.server.is_some() {
-                    self.send_owed_parses();
-                }
-                if !self.ensure_server(false, false).await {
-                    return Ok(());
-                }
-                self.start_request();
-                self.pool.metrics.queries.inc();
-                frame.encode(&mut self.to_server);
-                self.pipeline.push_back(Expect::Execute);
+                self.execute_send(&frame);
             }
             fe::CLOSE => self.on_close(frame).await?,
-            fe::SYNC => {
-                if self.copy_in {
-                    // Ignored by a server in COPY FROM STDIN; no answer owed.
-                    self.forward_if_attached(&frame);
-                } else if self.server.is_some() {
-                    self.skipping = false;
-                    self.routing.scatter_portal = None;
-                    self.forget_unnamed_proxy_portal();
-                    frame.encode(&mut self.to_server);
-                    self.pipeline.push_back(Expect::Sync);
-                    if self.routing.lsn_due {
-                        self.routing.lsn_due = false;
-                        if self.on_replica.is_none() {
-                            self.push_lsn_probe();
-                        }
-                    }
-                } else {
-                    // Nothing reached a server since the last Sync: the
-                    // proxy answered everything itself and is idle.
-                    self.skipping = false;
-                    self.routing.scatter_portal = None;
-                    self.forget_unnamed_proxy_portal();
-                    self.emit_ready_synthetics();
-                    be::ready_for_query(b'I').encode(&mut self.to_client);
-                }
-            }
+            fe::SYNC => self.on_sync(&frame),
             fe::FLUSH => self.forward_if_attached(&frame),
             fe::COPY_DATA => self.forward_if_attached(&frame),
             fe::COPY_DONE | fe::COPY_FAIL => {
@@ -319,6 +309,69 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Execute, up to needing a server: false when it is handled already
+    /// (skipped after an error, answered by the proxy, or run across
+    /// shards).
+    fn execute_prelude(&mut self, frame: &Frame) -> bool {
+        if self.skipping {
+            return false;
+        }
+        let portal = frame.body.split(|b| *b == 0).next().unwrap_or(&[]);
+        if self.proxy_execute(portal) {
+            return false;
+        }
+        if self.routing.scatter_portal.is_some() {
+            let max_rows = frame
+                .body
+                .get(portal.len() + 1..portal.len() + 5)
+                .map_or(0, |b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            if self.scatter_execute(portal, max_rows) {
+                return false;
+            }
+        }
+        if self.server.is_some() {
+            self.send_owed_parses();
+        } else if self.shard_map.is_some() {
+            let _ = self.route_shard(None, None);
+        }
+        true
+    }
+
+    /// Execute, on the server now held.
+    fn execute_send(&mut self, frame: &Frame) {
+        self.start_request();
+        self.pool.metrics.queries.inc();
+        frame.encode(&mut self.to_server);
+        self.pipeline.push_back(Expect::Execute);
+    }
+
+    fn on_sync(&mut self, frame: &Frame) {
+        if self.copy_in {
+            // Ignored by a server in COPY FROM STDIN; no answer owed.
+            self.forward_if_attached(frame);
+        } else if self.server.is_some() {
+            self.skipping = false;
+            self.routing.scatter_portal = None;
+            self.forget_unnamed_proxy_portal();
+            frame.encode(&mut self.to_server);
+            self.pipeline.push_back(Expect::Sync);
+            if self.routing.lsn_due {
+                self.routing.lsn_due = false;
+                if self.on_replica.is_none() {
+                    self.push_lsn_probe();
+                }
+            }
+        } else {
+            // Nothing reached a server since the last Sync: the proxy
+            // answered everything itself and is idle.
+            self.skipping = false;
+            self.routing.scatter_portal = None;
+            self.forget_unnamed_proxy_portal();
+            self.emit_ready_synthetics();
+            be::ready_for_query(b'I').encode(&mut self.to_client);
+        }
     }
 
     fn forward_if_attached(&mut self, frame: &Frame) {

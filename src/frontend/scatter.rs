@@ -413,7 +413,7 @@ impl Session {
                 config.pool.checkout_timeout,
             )
             .await;
-        self.routing.catalog_checked = None;
+        self.routing.catalog_recheck_at = None;
         self.catalog()
     }
 

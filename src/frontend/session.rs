@@ -177,7 +177,8 @@ pub(super) struct RoutingState {
     /// Round-robin counter.
     pub turn: usize,
     pub catalog: Option<Arc<crate::router::catalog::Catalog>>,
-    pub catalog_checked: Option<Instant>,
+    /// When the catalog is next looked up (a second after the last time).
+    pub catalog_recheck_at: Option<Instant>,
     /// The client messages sent to a replica since it was checked out, kept
     /// while no answer to them has reached the client: they can be re-run
     /// elsewhere if the replica goes away (or refuses a write).
@@ -943,11 +944,8 @@ impl Session {
     /// The function catalog of this session's database (loading it in the
     /// background when missing or old).
     pub(super) fn catalog(&mut self) -> Arc<crate::router::catalog::Catalog> {
-        let now = self.checked_out_at;
-        if let (Some(c), Some(at)) = (&self.routing.catalog, self.routing.catalog_checked) {
-            if c.is_loaded()
-                && now.saturating_duration_since(at) < std::time::Duration::from_secs(1)
-            {
+        if let (Some(c), Some(at)) = (&self.routing.catalog, self.routing.catalog_recheck_at) {
+            if c.is_loaded() && self.checked_out_at < at {
                 return c.clone();
             }
         }
@@ -970,7 +968,8 @@ impl Session {
             });
         }
         self.routing.catalog = Some(catalog.clone());
-        self.routing.catalog_checked = Some(Instant::now());
+        self.routing.catalog_recheck_at =
+            Instant::now().checked_add(std::time::Duration::from_secs(1));
         catalog
     }
 
