@@ -874,5 +874,11 @@ impl Session {
 /// A COPY statement (its FROM STDIN form must not have anything queued
 /// behind it before the copy data ends).
 fn is_copy(sql: &[u8]) -> bool {
-    crate::router::classify::leading_keyword(sql).is_some_and(|w| w.eq_ignore_ascii_case(b"copy"))
+    // Most texts are told apart by their first byte (this runs per Bind
+    // of the unnamed statement).
+    match sql.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'c' | b'C' | b'-' | b'/') => crate::router::classify::leading_keyword(sql)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"copy")),
+        _ => false,
+    }
 }

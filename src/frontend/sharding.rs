@@ -805,7 +805,8 @@ impl Session {
         if self.routing.owed.is_empty() {
             return;
         }
-        for owed in std::mem::take(&mut self.routing.owed) {
+        let mut owed = std::mem::take(&mut self.routing.owed);
+        for owed in owed.drain(..) {
             match owed {
                 Owed::Unnamed(frame) => {
                     frame.encode(&mut self.to_server);
@@ -818,6 +819,10 @@ impl Session {
                 }
                 Owed::Named(stmt, name) => self.send_client_parse(stmt, name),
             }
+        }
+        // The list keeps its allocation for the next request.
+        if self.routing.owed.is_empty() {
+            self.routing.owed = owed;
         }
     }
 
