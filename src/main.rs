@@ -176,15 +176,29 @@ fn up(
     }
     if running_pid(home).is_none() {
         let log = std::fs::File::create(home.join("shardgate.log"))?;
-        let child = std::process::Command::new(std::env::current_exe()?)
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        command
             .args(["serve", "--config"])
             .arg(&config_path)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .context("starting the proxy")?;
+            .stderr(log);
+        // A daemon in a session of its own, as `pgbouncer -d` and pg_ctl
+        // start theirs: no terminal hangup reaches it, and where the kernel
+        // shares CPU time between sessions (autogroup), it is not counted
+        // with the shell (and pgbench) that started it. Measured: sharing
+        // the shell's session cost it twice PgBouncer's context switches
+        // per transaction (docs/benchmarks.md).
+        // SAFETY: setsid is async-signal-safe; nothing else runs between
+        // fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = command.spawn().context("starting the proxy")?;
         std::fs::write(pid_file(home), child.id().to_string())?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(listen).is_err() {
