@@ -42,37 +42,64 @@ impl Session {
         Ok(())
     }
 
-    /// The messages of a request already on a server that need no wait
-    /// (Execute, Sync, Flush, CopyData), handled without building the
-    /// async dispatch's state (which costs a copy of it per message).
-    /// Gives the frame back when anything about the session calls for
-    /// the general path: no server held, a read being recorded for a
-    /// retry, a deferred BEGIN or owed Parse, a new topology.
+    /// The messages that need no wait — Execute, Sync, Flush, CopyData
+    /// and a portal's Describe on a held server; with shards, the unnamed
+    /// statement's Parse (held back for its Bind) — handled without
+    /// building the async dispatch's state (which costs a copy of it per
+    /// message). Gives the frame back when anything about the session
+    /// calls for the general path: a read being recorded for a retry, a
+    /// deferred BEGIN, owed Parses, a new topology.
     fn dispatch_inline(&mut self, frame: Frame) -> Result<Result<(), SessionError>, Frame> {
-        if !matches!(
-            frame.tag,
-            fe::EXECUTE | fe::SYNC | fe::FLUSH | fe::COPY_DATA
-        ) || self.server.is_none()
+        let held = self.server.is_some();
+        let inline = match frame.tag {
+            fe::EXECUTE | fe::SYNC | fe::FLUSH | fe::COPY_DATA => held,
+            fe::DESCRIBE => held && frame.body.first() == Some(&b'P'),
+            // (An empty statement name: the body starts with its NUL.)
+            fe::PARSE => !held && self.shard_map.is_some() && frame.body.first() == Some(&0),
+            _ => false,
+        };
+        if !inline
             || self.routing.retry.is_some()
             || self.routing.pending_begin.is_some()
-            || !self.routing.owed.is_empty()
+            || (!self.routing.owed.is_empty() && frame.tag != fe::PARSE)
             || self.proxy.topology.epoch() != self.pool_epoch
         {
             return Err(frame);
         }
-        // As handle_client_message would (with a server held, there is no
-        // first message to keep for a replica retry).
+        // As handle_client_message would: nothing is kept for a replica
+        // retry (a server is held, or nothing is sent yet).
         self.routing.batch_open = frame.tag != fe::SYNC;
-        match frame.tag {
+        let result = match frame.tag {
             fe::EXECUTE => {
                 if self.execute_prelude(&frame) {
                     self.execute_send(&frame);
                 }
+                Ok(())
             }
-            fe::SYNC => self.on_sync(&frame),
-            _ => self.forward_if_attached(&frame),
-        }
-        Ok(Ok(()))
+            fe::SYNC => {
+                self.on_sync(&frame);
+                Ok(())
+            }
+            fe::DESCRIBE => self.describe_prelude(&frame).map(|target| {
+                if target.is_some() {
+                    frame.encode(&mut self.to_server);
+                    self.pipeline.push_back(Expect::Describe);
+                }
+            }),
+            fe::PARSE => match self.parse_prelude(&frame) {
+                Ok(Some(_)) => {
+                    self.defer_unnamed_parse(frame);
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            },
+            _ => {
+                self.forward_if_attached(&frame);
+                Ok(())
+            }
+        };
+        Ok(result)
     }
 
     /// Handles one client message, keeping a copy of the messages of a
@@ -424,19 +451,41 @@ impl Session {
         }
     }
 
-    async fn on_parse(&mut self, frame: Frame) -> Result<(), SessionError> {
+    /// Parse, the part every Parse goes through: None when it is handled
+    /// already (skipped after an error, or answered by the proxy).
+    fn parse_prelude<'f>(
+        &mut self,
+        frame: &'f Frame,
+    ) -> Result<Option<fe::Parse<'f>>, SessionError> {
         if self.skipping {
-            return Ok(());
+            return Ok(None);
         }
         let parse = fe::parse_parse(&frame.body).map_err(|_| Self::malformed("Parse"))?;
         if self.proxy_parse(parse.name, parse.query) {
-            return Ok(());
+            return Ok(None);
         }
         // (Hashing a key costs more than the check: these maps are
         // almost always empty.)
         if parse.name.is_empty() && !self.routing.proxy_stmts.is_empty() {
             self.routing.proxy_stmts.remove("");
         }
+        Ok(Some(parse))
+    }
+
+    /// The unnamed statement's Parse, sent with the Bind that picks the
+    /// shard.
+    fn defer_unnamed_parse(&mut self, frame: Frame) {
+        self.unnamed_parse = Some(frame.clone());
+        self.unnamed_on_server = false;
+        self.routing
+            .owed
+            .push(super::sharding::Owed::Unnamed(frame));
+    }
+
+    async fn on_parse(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let Some(parse) = self.parse_prelude(&frame)? else {
+            return Ok(());
+        };
         // With shards, a Parse waits for the Bind whose key picks the shard
         // — also inside a transaction that may move on to another shard.
         let defer = self.shard_map.is_some()
@@ -444,12 +493,7 @@ impl Session {
                 || (self.routing.tx_begin.is_some() && self.pipeline.is_empty()))
             || !self.routing.owed.is_empty();
         if defer && parse.name.is_empty() {
-            // Sent with the Bind that picks the shard.
-            self.unnamed_parse = Some(frame.clone());
-            self.unnamed_on_server = false;
-            self.routing
-                .owed
-                .push(super::sharding::Owed::Unnamed(frame));
+            self.defer_unnamed_parse(frame);
             return Ok(());
         }
         if parse.name.is_empty() || !self.renames() {
@@ -767,20 +811,33 @@ impl Session {
         Ok(())
     }
 
-    async fn on_describe(&mut self, frame: Frame) -> Result<(), SessionError> {
+    /// Describe, the part every Describe goes through: None when it is
+    /// handled already (skipped after an error, answered by the proxy or
+    /// across shards).
+    fn describe_prelude<'f>(
+        &mut self,
+        frame: &'f Frame,
+    ) -> Result<Option<fe::Target<'f>>, SessionError> {
         if self.skipping {
-            return Ok(());
+            return Ok(None);
         }
         let target =
             fe::parse_target(&frame.body, "Describe").map_err(|_| Self::malformed("Describe"))?;
         if self.proxy_describe(target.kind, target.name)
             || self.scatter_describe(target.kind, target.name)
         {
-            return Ok(());
+            return Ok(None);
         }
         if self.server.is_some() {
             self.send_owed_parses();
         }
+        Ok(Some(target))
+    }
+
+    async fn on_describe(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let Some(target) = self.describe_prelude(&frame)? else {
+            return Ok(());
+        };
         if self.server.is_none() && self.shard_map.is_some() {
             self.route_describe(&frame);
         }
