@@ -13,6 +13,12 @@
 # the primary, so pooling is compared with pooling); PgBouncer needs
 # `ignore_startup_parameters = options` for that.
 #
+# Start each proxy in a session of its own (`setsid shardgate serve ...`,
+# as `shardgate up` and `pgbouncer -d` do): with the kernel's autogroup
+# scheduling on (/proc/sys/kernel/sched_autogroup_enabled), a proxy left in
+# the shell's session shares one CPU share with the pgbench this script
+# runs from that shell, and is measured at a disadvantage.
+#
 # Environment (defaults in brackets): ROUNDS [3], DURATION seconds [8],
 # CLIENTS [16], THREADS [2], PROTOCOL simple|extended|prepared [simple],
 # DB_USER/DB/PGPASSWORD [app/app/app].
@@ -28,7 +34,7 @@ DB=${DB:-app}
 export PGPASSWORD=${PGPASSWORD:-app}
 PGBENCH=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)/pgbench
 [[ -x $PGBENCH ]] || PGBENCH=$(command -v pgbench)
-[[ $# -gt 0 ]] || { sed -n '2,19p' "$0" >&2; exit 2; }
+[[ $# -gt 0 ]] || { sed -n '2,24p' "$0" >&2; exit 2; }
 
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
