@@ -639,16 +639,23 @@ pub(super) fn empty_transaction_end(sql: &[u8]) -> Option<&'static str> {
         .trim()
         .trim_end_matches(';')
         .trim();
+    // (No lowercased copies: this runs on every statement of a
+    // transaction on a sharded topology.)
     let mut words = text.split_ascii_whitespace();
-    let first = words.next()?.to_ascii_lowercase();
-    let rest: Vec<String> = words.map(|w| w.to_ascii_lowercase()).collect();
-    if !rest.iter().all(|w| w == "work" || w == "transaction") || rest.len() > 1 {
-        return None;
+    let first = words.next()?;
+    match (words.next(), words.next()) {
+        (None, _) => {}
+        (Some(w), None)
+            if w.eq_ignore_ascii_case("work") || w.eq_ignore_ascii_case("transaction") => {}
+        _ => return None,
     }
-    match first.as_str() {
-        "commit" | "end" => Some("COMMIT"),
-        "rollback" | "abort" => Some("ROLLBACK"),
-        _ => None,
+    let is = |k: &str| first.eq_ignore_ascii_case(k);
+    if is("commit") || is("end") {
+        Some("COMMIT")
+    } else if is("rollback") || is("abort") {
+        Some("ROLLBACK")
+    } else {
+        None
     }
 }
 
@@ -803,6 +810,11 @@ mod tests {
             Some("ROLLBACK")
         );
         assert_eq!(empty_transaction_end(b"abort"), Some("ROLLBACK"));
+        assert_eq!(empty_transaction_end(b"Commit Transaction"), Some("COMMIT"));
+        assert_eq!(empty_transaction_end(b"END;"), Some("COMMIT"));
+        assert_eq!(empty_transaction_end(b"commit work work"), None);
+        assert_eq!(empty_transaction_end(b"commit later"), None);
+        assert_eq!(empty_transaction_end(b"update t set x = 1"), None);
         assert_eq!(empty_transaction_end(b"commit and chain"), None);
         assert_eq!(empty_transaction_end(b"commit; select 1"), None);
         assert_eq!(empty_transaction_end(b"rollback to savepoint a"), None);

@@ -846,6 +846,16 @@ impl Session {
 /// SAVEPOINT, RELEASE, ROLLBACK TO, SET LOCAL, SET TRANSACTION: they act
 /// on one server's transaction.
 pub(super) fn pins_transaction(sql: &[u8]) -> bool {
+    // Runs on every statement inside a transaction: most are told apart
+    // by their leading keyword, without a lowercased copy of the text.
+    if let Some(word) = crate::router::classify::leading_keyword(sql) {
+        if !["savepoint", "release", "rollback", "set"]
+            .iter()
+            .any(|k| word.eq_ignore_ascii_case(k.as_bytes()))
+        {
+            return false;
+        }
+    }
     let s = String::from_utf8_lossy(sql);
     let text = crate::sql::strip_leading(&s).to_lowercase();
     let mut words = text
@@ -869,6 +879,32 @@ fn raise_sql(code: &str, message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_that_pin_a_transaction() {
+        for sql in [
+            "SAVEPOINT a",
+            " /* c */ release a",
+            "-- c\nsavepoint a",
+            "ROLLBACK TO a",
+            "rollback to savepoint a",
+            "SET LOCAL work_mem = '1MB'",
+            "set transaction read only",
+            "SET CONSTRAINTS ALL DEFERRED",
+        ] {
+            assert!(pins_transaction(sql.as_bytes()), "{sql}");
+        }
+        for sql in [
+            "rollback",
+            "set work_mem = '1MB'",
+            "UPDATE t SET x = 1",
+            "select 1",
+            "savepoints",
+            "",
+        ] {
+            assert!(!pins_transaction(sql.as_bytes()), "{sql}");
+        }
+    }
 
     #[test]
     fn hints() {
