@@ -8,7 +8,10 @@
 #   bench/endpoints.sh direct:16000 old:6632:<pid> new:6432:<pid> pgbouncer:6440:<pid>
 #
 # Each endpoint is name:port[:pid]; with a pid, the row shows that
-# process's user and system CPU (from /proc/<pid>/stat) per transaction.
+# process's user and system CPU (from /proc/<pid>/stat) and its voluntary
+# and involuntary context switches (from /proc/<pid>/status: the main
+# thread, which runs the sessions of shardgate and PgBouncer alike) per
+# transaction: how often it slept in epoll_wait and was preempted.
 # shardgate endpoints get -c shardgate.target=primary (every statement on
 # the primary, so pooling is compared with pooling); PgBouncer needs
 # `ignore_startup_parameters = options` for that.
@@ -34,27 +37,35 @@ DB=${DB:-app}
 export PGPASSWORD=${PGPASSWORD:-app}
 PGBENCH=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)/pgbench
 [[ -x $PGBENCH ]] || PGBENCH=$(command -v pgbench)
-[[ $# -gt 0 ]] || { sed -n '2,24p' "$0" >&2; exit 2; }
+[[ $# -gt 0 ]] || { sed -n '2,27p' "$0" >&2; exit 2; }
 
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
-hz=$(getconf CLK_TCK)
+switches() { awk '/^voluntary_ctxt_switches/ {v=$2} /^nonvoluntary_ctxt_switches/ {n=$2} END {print v, n}' "/proc/$1/status"; }
+per_txn() { awk -v d="$1" -v n="$2" -v scale="$3" 'BEGIN{printf "%.'"$4"'f", d * scale / n}'; }
+us_per_tick=$(awk -v hz="$(getconf CLK_TCK)" 'BEGIN{print 1e6 / hz}')
 
-echo "| round | endpoint | TPS | user µs/txn | system µs/txn |"
-echo "|---:|---|---:|---:|---:|"
+echo "| round | endpoint | TPS | user µs/txn | system µs/txn | voluntary switches/txn | involuntary switches/txn |"
+echo "|---:|---|---:|---:|---:|---:|---:|"
 for round in $(seq "$ROUNDS"); do
     for endpoint in "$@"; do
         IFS=: read -r name port pid <<<"$endpoint"
-        [[ -n $pid ]] && read -r u1 s1 < <(ticks "$pid")
+        if [[ -n $pid ]]; then
+            read -r u1 s1 < <(ticks "$pid")
+            read -r v1 i1 < <(switches "$pid")
+        fi
         out=$(PGOPTIONS="-c shardgate.target=primary" "$PGBENCH" -n -S -M "$PROTOCOL" \
             -T "$DURATION" -c "$CLIENTS" -j "$THREADS" -h 127.0.0.1 -p "$port" -U "$DB_USER" "$DB" 2>&1) || true
         tps=$(grep -oP 'tps = \K[0-9.]+' <<<"$out" || echo failed)
         n=$(grep -oP 'processed: \K[0-9]+' <<<"$out" || echo 0)
-        user=- sys=-
+        user=- sys=- vol=- invol=-
         if [[ -n $pid && $n -gt 0 ]]; then
             read -r u2 s2 < <(ticks "$pid")
-            user=$(awk -v t=$((u2 - u1)) -v n="$n" -v hz="$hz" 'BEGIN{printf "%.1f", t * 1e6 / hz / n}')
-            sys=$(awk -v t=$((s2 - s1)) -v n="$n" -v hz="$hz" 'BEGIN{printf "%.1f", t * 1e6 / hz / n}')
+            read -r v2 i2 < <(switches "$pid")
+            user=$(per_txn $((u2 - u1)) "$n" "$us_per_tick" 1)
+            sys=$(per_txn $((s2 - s1)) "$n" "$us_per_tick" 1)
+            vol=$(per_txn $((v2 - v1)) "$n" 1 3)
+            invol=$(per_txn $((i2 - i1)) "$n" 1 3)
         fi
-        printf '| %d | %s | %s | %s | %s |\n' "$round" "$name" "${tps%.*}" "$user" "$sys"
+        printf '| %d | %s | %s | %s | %s | %s | %s |\n' "$round" "$name" "${tps%.*}" "$user" "$sys" "$vol" "$invol"
     done
 done

@@ -86,14 +86,14 @@ impl Session {
                     self.pipeline.push_back(Expect::Describe);
                 }
             }),
-            fe::PARSE => match self.parse_prelude(&frame) {
-                Ok(Some(_)) => {
-                    self.defer_unnamed_parse(frame);
-                    Ok(())
-                }
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
-            },
+            fe::PARSE => {
+                let parsed = self.parse_prelude(&frame).map(|p| p.is_some());
+                parsed.map(|defer| {
+                    if defer {
+                        self.defer_unnamed_parse(frame);
+                    }
+                })
+            }
             _ => {
                 self.forward_if_attached(&frame);
                 Ok(())
