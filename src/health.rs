@@ -70,6 +70,19 @@ pub struct Streak {
     pub since: Option<Instant>,
 }
 
+impl Streak {
+    /// Whether a primary with these failed probes is dead at `now`:
+    /// `failed_probes` refused or closed connections in a row, or that many
+    /// failures spanning `unresponsive_for` when probes time out.
+    pub fn is_dead(&self, f: &crate::config::FailoverConfig, now: Instant) -> bool {
+        self.failures >= f.failed_probes
+            && (self.hard >= f.failed_probes
+                || self
+                    .since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= f.unresponsive_for))
+    }
+}
+
 /// What a primary reported about synchronous replication.
 #[derive(Debug, Clone, Default)]
 pub struct SyncReplication {
@@ -487,5 +500,32 @@ mod tests {
         // Behind everything kept: at least as old as the oldest sample.
         assert_eq!(lag_of(&h, 50, now), (450, Duration::from_millis(400)));
         assert_eq!(lag_of(&VecDeque::new(), 1, now).0, u64::MAX);
+    }
+
+    #[test]
+    fn dead_after_refused_probes_or_unresponsive_window() {
+        let f = crate::config::FailoverConfig::default();
+        let refused = ServerHealth::new("a".into());
+        let timing_out = ServerHealth::new("b".into());
+        for _ in 1..f.failed_probes {
+            refused.probe_failed(true);
+            timing_out.probe_failed(false);
+        }
+        let start = refused.streak().since.unwrap();
+        assert!(!refused.streak().is_dead(&f, start));
+        refused.probe_failed(true);
+        timing_out.probe_failed(false);
+        // Refused connections: dead at once, whatever the time.
+        assert!(refused.streak().is_dead(&f, start));
+        // Timeouts: dead only once they span `unresponsive_for`.
+        let since = timing_out.streak().since.unwrap();
+        assert!(!timing_out.streak().is_dead(&f, since));
+        assert!(!timing_out
+            .streak()
+            .is_dead(&f, since + f.unresponsive_for - Duration::from_millis(1)));
+        assert!(timing_out.streak().is_dead(&f, since + f.unresponsive_for));
+        // A timeout breaks the run of refusals.
+        refused.probe_failed(false);
+        assert!(!refused.streak().is_dead(&f, start));
     }
 }

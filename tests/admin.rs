@@ -206,7 +206,6 @@ fn status_drill_rejoin_and_switchover_through_the_cli() {
     assert_eq!(r["new_primary"], replica.addr().as_str());
     assert_eq!(r["missing_acknowledged"], 0);
     assert!(r["acknowledged"].as_u64().unwrap() > 100);
-    assert!(r["detect_ms"].as_u64().unwrap() <= 2000);
     for code in r["errors"].as_object().unwrap().keys() {
         assert!(code.starts_with("08"), "client error {code}");
     }

