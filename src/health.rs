@@ -52,6 +52,10 @@ pub struct ServerHealth {
     /// On a replica: the server (`host:port`) its walreceiver was last
     /// seen streaming from, and when.
     streamed_from: Mutex<Option<(String, Instant)>>,
+    /// On a primary: its WAL insert position from the last probe, and when
+    /// that probe started (every commit finished before then is at or
+    /// below it).
+    position: Mutex<Option<(Instant, u64)>>,
     /// On a replica: it was last seen streaming from its shard's current
     /// primary (or never seen streaming at all). A replica still attached
     /// to a former primary may hold WAL the new one lacks; it gets no reads.
@@ -110,6 +114,7 @@ impl ServerHealth {
             sync: Mutex::new(SyncReplication::default()),
             streamed_from: Mutex::new(None),
             follows_primary: AtomicBool::new(true),
+            position: Mutex::new(None),
         }
     }
 
@@ -120,6 +125,15 @@ impl ServerHealth {
     /// Where and when the replica was last seen streaming.
     pub fn streamed_from(&self) -> Option<(String, Instant)> {
         crate::lock(&self.streamed_from).clone()
+    }
+
+    /// The primary's WAL insert position as a probe that started after
+    /// `t` found it: at or past every commit that finished before `t`.
+    pub fn position_since(&self, t: Instant) -> Option<u64> {
+        match *crate::lock(&self.position) {
+            Some((started, lsn)) if started > t => Some(lsn),
+            _ => None,
+        }
     }
 
     pub fn streak(&self) -> Streak {
@@ -380,6 +394,7 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery()::text, \
 
 async fn probe(server: &ServerHealth, params: &ProbeParams) {
     let mut slot = server.conn.lock().await;
+    let started = Instant::now();
     let result = tokio::time::timeout(params.timeout, async {
         if slot.as_ref().is_none_or(|c| c.broken) {
             let p = ConnectParams {
@@ -444,6 +459,7 @@ async fn probe(server: &ServerHealth, params: &ProbeParams) {
     }
     server.in_recovery.store(in_recovery, Ordering::Relaxed);
     server.lsn.store(lsn, Ordering::Relaxed);
+    *crate::lock(&server.position) = (!in_recovery).then_some((started, lsn));
     server.mark_up();
 }
 

@@ -508,6 +508,84 @@ fn read_your_writes_with_a_lagging_replica() {
             "1"
         );
         assert_eq!(scalar(&other, "show shardgate.min_lsn").await, after);
+
+        // A session pinned to the primary does not probe its commits; a
+        // replica hint right after a write still reads it (on the primary
+        // until a health probe of the primary has passed the commit), and
+        // later reads of it reach replicas again.
+        let pinned = p.connect().await;
+        pinned
+            .batch_execute("set shardgate.target = primary")
+            .await
+            .unwrap();
+        let hinted = |id: i64| {
+            format!(
+                "/* shardgate: replica */ select count(*)::text || ' ' || inet_server_port() from ryw where id = {id}"
+            )
+        };
+        let mut hinted_on_replicas = 0;
+        for i in 0..100i64 {
+            let id = 4_000_000_000 + i;
+            if i % 2 == 0 {
+                pinned
+                    .batch_execute(&format!("insert into ryw values ({id}, 7)"))
+                    .await
+                    .unwrap();
+            } else {
+                pinned
+                    .execute("insert into ryw values ($1, 7)", &[&id])
+                    .await
+                    .unwrap();
+            }
+            let answer = scalar(&pinned, &hinted(id)).await;
+            let (n, at) = answer.split_once(' ').unwrap();
+            assert_eq!(n, "1", "stale read of an unprobed commit (on port {at})");
+            hinted_on_replicas += usize::from(at != primary_port().to_string());
+        }
+        eprintln!("pinned session: {hinted_on_replicas} of 100 hinted read-backs on replicas");
+        let last = 4_000_000_099i64;
+        common::eventually("a hinted read of an old commit reaches a replica", || async {
+            let answer = scalar(&pinned, &hinted(last)).await;
+            let (n, at) = answer.split_once(' ').unwrap();
+            assert_eq!(n, "1");
+            at != primary_port().to_string()
+        })
+        .await;
+        // Its position, simple and extended protocol, right after a write:
+        // handed to another session, that session reads the write.
+        for (i, extended) in [(1i64, false), (2, true)] {
+            let id = 4_100_000_000 + i;
+            // The insert's own WAL position, before its commit record.
+            let inserted = scalar(
+                &pinned,
+                &format!("insert into ryw values ({id}, 7) returning pg_current_wal_insert_lsn()::text"),
+            )
+            .await;
+            let lsn = if extended {
+                pinned
+                    .query_one("show shardgate.last_commit_lsn", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, String>(0)
+            } else {
+                scalar(&pinned, "show shardgate.last_commit_lsn").await
+            };
+            assert_eq!(
+                scalar(&pinned, &format!("select '{lsn}'::pg_lsn > '{inserted}'::pg_lsn")).await,
+                "t",
+                "SHOW (extended: {extended}) gave {lsn}, not past the insert at {inserted}"
+            );
+            let other = p.connect().await;
+            other
+                .batch_execute(&format!("set shardgate.min_lsn = '{lsn}'"))
+                .await
+                .unwrap();
+            assert_eq!(
+                scalar(&other, &format!("select count(*) from ryw where id = {id}")).await,
+                "1",
+                "position {lsn} from SHOW (extended: {extended}) misses the commit"
+            );
+        }
     });
 
     // Lag limit below the delay: the late replica gets no reads while

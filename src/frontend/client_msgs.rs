@@ -189,11 +189,16 @@ impl Session {
                 let text = frame.body.strip_suffix(&[0]).unwrap_or(&frame.body);
                 // Found once: the checks below all start from it.
                 let first = crate::router::classify::leading_keyword(text);
-                if !self.pipeline.is_empty() && super::routing::is_command(first, text) {
+                if super::routing::is_command(first, text) {
                     // `SHOW shardgate.last_commit_lsn` right after a write
                     // must include it: take the answer to the write's
-                    // position probe first.
-                    self.await_lsn_probes().await;
+                    // position probe first (or learn it, unprobed).
+                    if !self.pipeline.is_empty() {
+                        self.await_lsn_probes().await;
+                    }
+                    if self.routing.unprobed != super::routing::Unprobed::No {
+                        self.settle_commit_position().await?;
+                    }
                 }
                 if self.shardgate_command(text, first) {
                     return Ok(());
@@ -690,6 +695,11 @@ impl Session {
             return Ok(());
         }
         let bind = fe::parse_bind(&frame.body).map_err(|_| Self::malformed("Bind"))?;
+        if self.routing.unprobed != super::routing::Unprobed::No
+            && self.routing.proxy_stmts.contains_key(bind.statement)
+        {
+            self.settle_commit_position().await?;
+        }
         if self.proxy_bind(bind.portal, bind.statement) {
             return Ok(());
         }

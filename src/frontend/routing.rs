@@ -24,6 +24,22 @@ use crate::router::TargetOverride;
 /// The position probe pipelined behind a write.
 const LSN_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text";
 
+/// A commit of a session pinned to the primary (`shardgate.target =
+/// primary`) is not probed: none of its reads needs the position. Should
+/// one need it later (a replica hint, the target set back, `SHOW
+/// shardgate.last_commit_lsn`), the primary's own health probe supplies a
+/// position at or past the commit once a probe has started after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Unprobed {
+    /// Every commit was probed.
+    #[default]
+    No,
+    /// Sent on the server connection still held; it may not have finished.
+    InFlight,
+    /// Finished by this time.
+    Since(std::time::Instant),
+}
+
 impl Session {
     pub(super) fn classify(&mut self, sql: &[u8]) -> Class {
         let catalog = self.catalog();
@@ -309,8 +325,17 @@ impl Session {
     }
 
     /// Pipelines the commit-position probe behind what was just queued for
-    /// the primary.
+    /// the primary, unless the session is pinned to the primary (the
+    /// commit is noted as unprobed instead).
     pub(super) fn push_lsn_probe(&mut self) {
+        if self.routing.target == TargetOverride::Primary {
+            self.routing.unprobed = Unprobed::InFlight;
+            return;
+        }
+        self.send_lsn_probe();
+    }
+
+    fn send_lsn_probe(&mut self) {
         fe::build_query(LSN_SQL).encode(&mut self.to_server);
         self.pipeline.push_back(Expect::LsnProbe);
         self.routing.probed_lsn = None;
@@ -340,6 +365,74 @@ impl Session {
             }
             _ => {}
         }
+    }
+
+    /// The position a replica must have replayed for this session's reads
+    /// of its shard (read-your-writes): its last probed commit, or after
+    /// an unprobed one the primary's position from a health probe that
+    /// started after it; u64::MAX (the primary) until there is one.
+    pub(super) fn commit_position(&mut self) -> u64 {
+        let since = match self.routing.unprobed {
+            Unprobed::No => return self.routing.last_commit_lsn,
+            Unprobed::InFlight => return u64::MAX,
+            Unprobed::Since(t) => t,
+        };
+        let health = self.proxy.health.server(&self.primary_pool.key.addr);
+        let Some(lsn) = health.position_since(since) else {
+            return u64::MAX;
+        };
+        self.routing.last_commit_lsn = self.routing.last_commit_lsn.max(lsn);
+        self.routing.unprobed = Unprobed::No;
+        self.routing.last_commit_lsn
+    }
+
+    /// Learns the position of an unprobed commit for `SHOW
+    /// shardgate.last_commit_lsn`: waits for what the held server still
+    /// owes (the commit among it), then asks the primary. Without an
+    /// answer the SHOW fails rather than report an older position.
+    pub(super) async fn settle_commit_position(
+        &mut self,
+    ) -> Result<(), super::session::SessionError> {
+        if self.routing.unprobed == Unprobed::InFlight {
+            self.drain_pipeline().await?;
+            self.routing.unprobed = Unprobed::Since(std::time::Instant::now());
+        }
+        if self.commit_position() != u64::MAX || self.routing.unprobed == Unprobed::No {
+            return Ok(());
+        }
+        // The held server when it is the primary and idle (session
+        // pooling holds it for good), else one from the pool.
+        let held = self.on_replica.is_none()
+            && self.pipeline.is_empty()
+            && self.server.as_ref().is_some_and(|s| s.tx_status == b'I');
+        let mut pooled = None;
+        if !held {
+            let wait = self.proxy.config.load().pool.checkout_timeout;
+            pooled = self.primary_pool.checkout(wait).await.ok();
+        }
+        let conn = if held {
+            self.server.as_deref_mut()
+        } else {
+            pooled.as_deref_mut()
+        };
+        let Some(conn) = conn else {
+            return Ok(());
+        };
+        let lsn = match conn.query_rows(LSN_SQL).await {
+            Ok(Ok(rows)) => rows
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .and_then(|t| parse_lsn(&t)),
+            _ => {
+                conn.broken = true;
+                None
+            }
+        };
+        if let Some(lsn) = lsn {
+            self.routing.last_commit_lsn = self.routing.last_commit_lsn.max(lsn);
+            self.routing.unprobed = Unprobed::No;
+        }
+        Ok(())
     }
 
     /// `SHOW`/`SET`/`RESET shardgate.<name>` in a simple Query: answered by
@@ -549,6 +642,12 @@ impl Session {
                 let value = match name.as_str() {
                     "target" => self.routing.target.as_str().to_owned(),
                     "min_lsn" => format_lsn(self.routing.min_lsn),
+                    "last_commit_lsn" if self.routing.unprobed != Unprobed::No => {
+                        return Err((
+                            "08006",
+                            "shardgate: the position of this session's last commit is unknown: the primary did not answer its probe".into(),
+                        ))
+                    }
                     "last_commit_lsn" => format_lsn(self.routing.last_commit_lsn),
                     "next_id" => {
                         let node = self.proxy.config.load().proxy.node_id;

@@ -72,8 +72,9 @@ pub struct Session {
     pub(super) shard: usize,
     /// Other shards' pools, kept while the session uses another shard.
     pub(super) parked: Vec<Option<(Arc<PoolEntry>, Vec<ReplicaSlot>)>>,
-    /// Per shard: the session's last commit position there.
-    pub(super) commit_lsns: Vec<u64>,
+    /// Per shard: the session's last commit position there, and whether
+    /// a later commit went unprobed.
+    pub(super) commit_lsns: Vec<(u64, super::routing::Unprobed)>,
     /// The bucket map when there are several shards to choose from.
     pub(super) shard_map: Option<Arc<crate::sharding::map::ShardMap>>,
     /// Counts a statement running on several shards (bucket moves wait
@@ -150,6 +151,9 @@ pub(super) struct RoutingState {
     /// The session's last commit on the primary (its insert position right
     /// after the commit).
     pub last_commit_lsn: u64,
+    /// A commit after `last_commit_lsn` whose position was not probed
+    /// (the session was pinned to the primary).
+    pub unprobed: super::routing::Unprobed,
     /// `SET shardgate.min_lsn`: reads at least this fresh.
     pub min_lsn: u64,
     /// A write may have committed since the last position probe: probe
@@ -864,7 +868,7 @@ impl Session {
         let config = self.proxy.config.load();
         let routing = &config.routing;
         let min_lsn = if routing.read_your_writes {
-            self.routing.last_commit_lsn.max(self.routing.min_lsn)
+            self.commit_position().max(self.routing.min_lsn)
         } else {
             self.routing.min_lsn
         };
@@ -1096,6 +1100,11 @@ impl Session {
 
     /// Bookkeeping when the server connection is given up.
     pub(super) fn left_server(&mut self) {
+        if self.routing.unprobed == super::routing::Unprobed::InFlight {
+            // Given up idle (or dropped, which settled it first): the
+            // unprobed commit has finished by now.
+            self.routing.unprobed = super::routing::Unprobed::Since(Instant::now());
+        }
         if let Some(i) = self.on_replica.take() {
             if let Some(r) = self.replicas.get(i) {
                 r.candidate
@@ -1109,6 +1118,12 @@ impl Session {
 
     /// Throws the server connection away instead of pooling it.
     pub(super) fn drop_server(&mut self) {
+        if self.routing.unprobed == super::routing::Unprobed::InFlight {
+            // An unprobed commit's outcome is unknown: reads of this shard
+            // go to the primary from now on (read-your-writes).
+            self.routing.last_commit_lsn = u64::MAX;
+            self.routing.unprobed = super::routing::Unprobed::No;
+        }
         if let Some(conn) = self.server.take() {
             *crate::lock(&self.cancel_slot) = None;
             drop(deadpool::managed::Object::take(conn));

@@ -481,7 +481,7 @@ impl Session {
 
     /// Waits for everything the held server still owes (asking it to
     /// answer what is pending with a Flush), forwarding it to the client.
-    async fn drain_pipeline(&mut self) -> Result<(), SessionError> {
+    pub(super) async fn drain_pipeline(&mut self) -> Result<(), SessionError> {
         use tokio::io::AsyncReadExt;
         self.emit_ready_synthetics();
         if self.pipeline.is_empty() {
@@ -681,9 +681,9 @@ impl Session {
             return;
         }
         if self.commit_lsns.len() <= shard {
-            self.commit_lsns.resize(shard + 1, 0);
+            self.commit_lsns.resize(shard + 1, Default::default());
         }
-        self.commit_lsns[shard] = self.commit_lsns[shard].max(lsn);
+        self.commit_lsns[shard].0 = self.commit_lsns[shard].0.max(lsn);
     }
 
     /// One server connection of each of `shards` (a replica's when `read`
@@ -717,9 +717,10 @@ impl Session {
         }
         if self.parked.len() <= i.max(self.shard) {
             self.parked.resize_with(i.max(self.shard) + 1, || None);
-            self.commit_lsns.resize(i.max(self.shard) + 1, 0);
+            self.commit_lsns
+                .resize(i.max(self.shard) + 1, Default::default());
         }
-        self.commit_lsns[self.shard] = self.routing.last_commit_lsn;
+        self.commit_lsns[self.shard] = (self.routing.last_commit_lsn, self.routing.unprobed);
         let topology = self.proxy.topology.load();
         let (primary, replicas) = match self.parked[i].take() {
             Some(p) => p,
@@ -730,7 +731,7 @@ impl Session {
         self.parked[self.shard] = Some((old_primary, old_replicas));
         self.pool = self.primary_pool.clone();
         self.shard = i;
-        self.routing.last_commit_lsn = self.commit_lsns[i];
+        (self.routing.last_commit_lsn, self.routing.unprobed) = self.commit_lsns[i];
         self.refresh_routing_flags();
     }
 
