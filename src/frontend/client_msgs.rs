@@ -703,6 +703,8 @@ impl Session {
         if self.proxy_bind(bind.portal, bind.statement) {
             return Ok(());
         }
+        // The statement's text, when the shard routing below looked it up.
+        let mut looked_up = None;
         if self.shard_map.is_some() {
             let (text, types) = self.statement_text_and_types(bind.statement);
             if self.server.is_some() && !self.routing.tx_parked.is_empty() {
@@ -761,12 +763,13 @@ impl Session {
                     return Ok(());
                 }
             }
+            looked_up = Some(text);
         }
         // The statement's text is needed only to route a new transaction
         // or to learn commit positions (shards with replicas).
         let routes = self.server.is_none() && self.routing.split;
         let text = if routes || self.routing.track_lsn {
-            self.statement_text(bind.statement)
+            looked_up.unwrap_or_else(|| self.statement_text(bind.statement))
         } else {
             None
         };

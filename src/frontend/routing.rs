@@ -40,10 +40,43 @@ pub(super) enum Unprobed {
     Since(std::time::Instant),
 }
 
+/// The last text [`Session::classify_unnamed`] classified.
+#[derive(Default)]
+pub(super) struct LastClass {
+    text: Vec<u8>,
+    /// Of the catalog it was classified with (0: none yet; generations
+    /// start at 1).
+    generation: u64,
+    class: Class,
+}
+
+impl LastClass {
+    /// Longer texts are not kept (an idle session's memory stays small).
+    const MAX_TEXT: usize = 512;
+}
+
 impl Session {
     pub(super) fn classify(&mut self, sql: &[u8]) -> Class {
         let catalog = self.catalog();
         classify(sql, &catalog)
+    }
+
+    /// Classifies a text that is not a named statement's, remembering the
+    /// last one: drivers send the same unnamed statement for every
+    /// execution (a named statement keeps its class itself).
+    fn classify_unnamed(&mut self, sql: &[u8], catalog: &crate::router::catalog::Catalog) -> Class {
+        let last = &mut self.routing.last_class;
+        if last.generation == catalog.generation() && last.text == sql {
+            return last.class;
+        }
+        let class = classify(sql, catalog);
+        if sql.len() <= LastClass::MAX_TEXT {
+            last.text.clear();
+            last.text.extend_from_slice(sql);
+            last.generation = catalog.generation();
+            last.class = class;
+        }
+        class
     }
 
     /// Could running `sql` on the held primary connection commit a write
@@ -118,7 +151,7 @@ impl Session {
         let catalog = self.catalog();
         let first_class = match stmt {
             Some(s) => s.class(first, &catalog),
-            None => classify(first, &catalog),
+            None => self.classify_unnamed(first, &catalog),
         };
         *class = Some(first_class);
         self.wants_replica(&first_class)

@@ -156,6 +156,8 @@ pub(super) struct RoutingState {
     pub unprobed: super::routing::Unprobed,
     /// `SET shardgate.min_lsn`: reads at least this fresh.
     pub min_lsn: u64,
+    /// The class of the last unnamed statement text.
+    pub last_class: super::routing::LastClass,
     /// A write may have committed since the last position probe: probe
     /// after the next Sync.
     pub lsn_due: bool,

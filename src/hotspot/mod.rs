@@ -187,17 +187,26 @@ impl Hotspots {
     /// under one lock. Leaves `req` empty for the next request.
     pub fn answered(&self, shard: usize, req: &mut Request, elapsed: Duration, now: Instant) {
         let mut inner = self.lock_at(now);
-        self.count_statements(&mut inner, req);
         let c = Counts {
             statements: 0,
             rows: std::mem::take(&mut req.rows),
             bytes: std::mem::take(&mut req.bytes),
             server_us: elapsed.as_micros() as u64,
         };
+        let bucket = req.bucket.take();
+        if let [(s, key)] = req.routed.as_slice() {
+            if *s == shard && key.as_ref().map(|k| k.bucket) == bucket {
+                // The usual request, one statement: its rows and time go
+                // in with it (one add per counter rather than two).
+                self.count_statements(&mut inner, req, &c);
+                return;
+            }
+        }
+        self.count_statements(&mut inner, req, &Counts::default());
         let now_s = inner.now_s;
         grow(&mut inner.shards, shard);
         inner.shards[shard].add(now_s, &c);
-        if let Some(b) = req.bucket.take() {
+        if let Some(b) = bucket {
             grow(&mut inner.buckets, b as usize);
             inner.buckets[b as usize].add(now_s, &c);
         }
@@ -218,7 +227,7 @@ impl Hotspots {
     /// Sync, so that the list stays short).
     pub fn flush_statements(&self, req: &mut Request) {
         let mut inner = self.lock_at(Instant::now());
-        self.count_statements(&mut inner, req);
+        self.count_statements(&mut inner, req, &Counts::default());
     }
 
     /// The counters, their clock advanced and faded to `now`.
@@ -231,11 +240,12 @@ impl Hotspots {
         inner
     }
 
-    fn count_statements(&self, inner: &mut Inner, req: &mut Request) {
+    /// Counts the statements of `req`, each with `with` added.
+    fn count_statements(&self, inner: &mut Inner, req: &mut Request, with: &Counts) {
         let now_s = inner.now_s;
         let one = Counts {
             statements: 1,
-            ..Counts::default()
+            ..*with
         };
         for (s, key) in req.routed.drain(..) {
             grow(&mut inner.shards, s);
@@ -450,6 +460,51 @@ mod tests {
         let mut inner = crate::lock(&h.inner);
         inner.fade(Duration::from_secs(300), Duration::from_secs(300));
         assert!((inner.shard_faded[1] - 5.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn one_statement_requests_count_like_any_other() {
+        let h = Hotspots::new(&crate::config::HotspotsConfig::default());
+        let hit = |bucket| KeyHit {
+            table: "t".into(),
+            key: KeyValue::Int(7),
+            bucket,
+        };
+        let answer = |routed: Vec<(usize, Option<KeyHit>)>| {
+            let mut req = Request::default();
+            for (s, k) in routed {
+                req.routed(s, k);
+            }
+            req.rows = 5;
+            req.bytes = 100;
+            h.answered(2, &mut req, Duration::from_micros(30), Instant::now());
+        };
+        answer(vec![(2, Some(hit(4)))]); // one statement, keyed
+        answer(vec![(2, None)]); // one statement, no key
+        answer(vec![(1, None)]); // one statement on another shard
+        let s = h.snapshot();
+        let total = |w: &Windowed| w.total;
+        assert_eq!(
+            total(&s.shards[2]),
+            Counts {
+                statements: 2,
+                rows: 15,
+                bytes: 300,
+                server_us: 90,
+            }
+        );
+        assert_eq!(
+            total(&s.buckets[4]),
+            Counts {
+                statements: 1,
+                rows: 5,
+                bytes: 100,
+                server_us: 30,
+            }
+        );
+        assert_eq!(total(&s.shards[1]).statements, 1);
+        assert_eq!(total(&s.shards[1]).rows, 0);
+        assert_eq!(s.shards[2].window(s.now_s, false).rows, 15);
     }
 
     #[test]
