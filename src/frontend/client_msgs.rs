@@ -815,7 +815,7 @@ impl Session {
                 // on it; the message has failed.
                 return Ok(());
             }
-            fe::build_bind(bind.portal, &stmt.name, bind.rest).encode(&mut self.to_server);
+            fe::encode_bind(bind.portal, &stmt.name, bind.rest, &mut self.to_server);
         } else {
             // Unknown to the proxy: the server answers (e.g. 26000).
             frame.encode(&mut self.to_server);

@@ -84,6 +84,20 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, ProtocolError> {
     })
 }
 
+/// A Bind naming `statement`, written straight onto `out` (the per-Bind
+/// path of renamed statements: no intermediate buffer).
+pub fn encode_bind(portal: &[u8], statement: &str, rest: &[u8], out: &mut BytesMut) {
+    let len = 4 + portal.len() + 1 + statement.len() + 1 + rest.len();
+    out.reserve(1 + len);
+    out.put_u8(BIND);
+    out.put_i32(len as i32);
+    out.put_slice(portal);
+    out.put_u8(0);
+    out.put_slice(statement.as_bytes());
+    out.put_u8(0);
+    out.put_slice(rest);
+}
+
 pub fn build_bind(portal: &[u8], statement: &str, rest: &[u8]) -> Frame {
     let mut b = BytesMut::with_capacity(portal.len() + statement.len() + 2 + rest.len());
     b.put_slice(portal);
@@ -194,6 +208,13 @@ mod tests {
         let c = parse_bind(&g.body).unwrap();
         assert_eq!(c.statement, "sg_7");
         assert_eq!(c.rest, b.rest);
+        // Written in place: the same bytes as the frame, after whatever
+        // was already in the buffer.
+        let mut out = BytesMut::from(&b"xy"[..]);
+        encode_bind(b.portal, "sg_7", b.rest, &mut out);
+        let mut framed = BytesMut::from(&b"xy"[..]);
+        g.encode(&mut framed);
+        assert_eq!(out, framed);
     }
 
     #[test]
