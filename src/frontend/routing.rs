@@ -441,7 +441,8 @@ impl Session {
         let mut pooled = None;
         if !held {
             let wait = self.proxy.config.load().pool.checkout_timeout;
-            pooled = self.primary_pool.checkout(wait).await.ok();
+            // Boxed: see `checkout_raw`.
+            pooled = Box::pin(self.primary_pool.checkout(wait)).await.ok();
         }
         let conn = if held {
             self.server.as_deref_mut()

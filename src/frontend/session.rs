@@ -988,9 +988,12 @@ impl Session {
             }
             None => {
                 let wait = self.proxy.config.load().pool.checkout_timeout;
-                let conn = self
-                    .pool
-                    .checkout(wait)
+                // Boxed: the pool's checkout future holds a whole server
+                // connect (3.6 KB), and every future that may check out
+                // (the dispatch of each client message) would carry it,
+                // copied whenever the future moves. One allocation here,
+                // when there is no spare to take.
+                let conn = Box::pin(self.pool.checkout(wait))
                     .await
                     .map_err(|e| e.client_error())?;
                 self.checked_out_at = Instant::now();
