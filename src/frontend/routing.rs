@@ -40,7 +40,7 @@ pub(super) enum Unprobed {
     Since(std::time::Instant),
 }
 
-/// The last text [`Session::classify_unnamed`] classified.
+/// The last text [`Session::classify_repeated`] classified.
 #[derive(Default)]
 pub(super) struct LastClass {
     text: Vec<u8>,
@@ -63,8 +63,13 @@ impl Session {
 
     /// Classifies a text that is not a named statement's, remembering the
     /// last one: drivers send the same unnamed statement for every
-    /// execution (a named statement keeps its class itself).
-    fn classify_unnamed(&mut self, sql: &[u8], catalog: &crate::router::catalog::Catalog) -> Class {
+    /// execution, and clients the same BEGIN for every transaction (a
+    /// named statement keeps its class itself).
+    fn classify_repeated(
+        &mut self,
+        sql: &[u8],
+        catalog: &crate::router::catalog::Catalog,
+    ) -> Class {
         let last = &mut self.routing.last_class;
         if last.generation == catalog.generation() && last.text == sql {
             return last.class;
@@ -151,7 +156,7 @@ impl Session {
         let catalog = self.catalog();
         let first_class = match stmt {
             Some(s) => s.class(first, &catalog),
-            None => self.classify_unnamed(first, &catalog),
+            None => self.classify_repeated(first, &catalog),
         };
         *class = Some(first_class);
         self.wants_replica(&first_class)
@@ -257,7 +262,8 @@ impl Session {
         if !(word.eq_ignore_ascii_case(b"begin") || word.eq_ignore_ascii_case(b"start")) {
             return false;
         }
-        let class = self.classify(sql);
+        let catalog = self.catalog();
+        let class = self.classify_repeated(sql, &catalog);
         if !class.single_begin {
             return false;
         }

@@ -156,7 +156,7 @@ pub(super) struct RoutingState {
     pub unprobed: super::routing::Unprobed,
     /// `SET shardgate.min_lsn`: reads at least this fresh.
     pub min_lsn: u64,
-    /// The class of the last unnamed statement text.
+    /// The last text classified by `classify_repeated`, and its class.
     pub last_class: super::routing::LastClass,
     /// A write may have committed since the last position probe: probe
     /// after the next Sync.

@@ -415,6 +415,15 @@ impl Visitor for ReadOnlyCheck<'_> {
 /// The first word of the text after whitespace and simple comments; None
 /// when it does not start with a word (or with a nested comment).
 pub fn leading_keyword(sql: &[u8]) -> Option<&[u8]> {
+    // The usual text starts with its keyword (this runs several times per
+    // statement).
+    if sql.first().is_some_and(u8::is_ascii_alphabetic) {
+        let len = sql
+            .iter()
+            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+            .unwrap_or(sql.len());
+        return Some(&sql[..len]);
+    }
     let mut i = 0;
     loop {
         while i < sql.len() && sql[i].is_ascii_whitespace() {
@@ -749,6 +758,11 @@ mod tests {
         );
         assert_eq!(leading_keyword(b"/* a /* b */ */ select"), None);
         assert_eq!(leading_keyword(b"(select 1)"), None);
+        assert_eq!(leading_keyword(b"UPDATE t"), Some(&b"UPDATE"[..]));
+        assert_eq!(leading_keyword(b"end;"), Some(&b"end"[..]));
+        assert_eq!(leading_keyword(b"a_1"), Some(&b"a_1"[..]));
+        assert_eq!(leading_keyword(b""), None);
+        assert_eq!(leading_keyword(b"  "), None);
         assert!(may_end_transaction(b"END;"));
         assert!(may_end_transaction(b"commit"));
         assert!(may_end_transaction(b"update t set a = 1; commit"));
