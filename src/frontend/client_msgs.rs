@@ -49,7 +49,8 @@ impl Session {
 
     /// The messages that need no wait — Execute, Sync, Flush, CopyData
     /// and a portal's Describe on a held server; with shards, the unnamed
-    /// statement's Parse (held back for its Bind) — handled without
+    /// statement's Parse held back for its Bind (between transactions, and
+    /// inside one that may move on to another shard) — handled without
     /// building the async dispatch's state (which costs a copy of it per
     /// message). Gives the frame back when anything about the session
     /// calls for the general path: a read being recorded for a retry, a
@@ -59,8 +60,16 @@ impl Session {
         let inline = match frame.tag {
             fe::EXECUTE | fe::SYNC | fe::FLUSH | fe::COPY_DATA => held,
             fe::DESCRIBE => held && frame.body.first() == Some(&b'P'),
-            // (An empty statement name: the body starts with its NUL.)
-            fe::PARSE => !held && self.shard_map.is_some() && frame.body.first() == Some(&0),
+            // The unnamed statement (its empty name: the body starts with
+            // a NUL): held back with shards and no server; inside a
+            // transaction, held back or sent on as `on_parse` decides.
+            fe::PARSE => {
+                frame.body.first() == Some(&0)
+                    && match &self.server {
+                        None => self.shard_map.is_some(),
+                        Some(s) => s.tx_status != b'I',
+                    }
+            }
             _ => false,
         };
         if !inline
@@ -93,10 +102,10 @@ impl Session {
             }),
             fe::PARSE => {
                 let parsed = self.parse_prelude(&frame).map(|p| p.is_some());
-                parsed.map(|defer| {
-                    if defer {
-                        self.defer_unnamed_parse(frame);
-                    }
+                parsed.map(|go_on| match go_on {
+                    false => {}
+                    true if self.parse_deferred() => self.defer_unnamed_parse(frame),
+                    true => self.send_unnamed_parse(frame),
                 })
             }
             _ => {
@@ -499,16 +508,33 @@ impl Session {
             .push(super::sharding::Owed::Unnamed(frame));
     }
 
+    /// With shards, a Parse waits for the Bind whose key picks the shard
+    /// — also inside a transaction that may move on to another shard; and
+    /// behind Parses already waiting.
+    fn parse_deferred(&self) -> bool {
+        self.shard_map.is_some()
+            && (self.server.is_none()
+                || (self.routing.tx_begin.is_some() && self.pipeline.is_empty()))
+            || !self.routing.owed.is_empty()
+    }
+
+    /// The unnamed statement's Parse, on the server held.
+    fn send_unnamed_parse(&mut self, frame: Frame) {
+        frame.encode(&mut self.to_server);
+        self.unnamed_parse = Some(frame);
+        self.unnamed_on_server = true;
+        self.pipeline.push_back(Expect::Parse {
+            stmt: None,
+            client_name: None,
+            injected: false,
+        });
+    }
+
     async fn on_parse(&mut self, frame: Frame) -> Result<(), SessionError> {
         let Some(parse) = self.parse_prelude(&frame)? else {
             return Ok(());
         };
-        // With shards, a Parse waits for the Bind whose key picks the shard
-        // — also inside a transaction that may move on to another shard.
-        let defer = self.shard_map.is_some()
-            && (self.server.is_none()
-                || (self.routing.tx_begin.is_some() && self.pipeline.is_empty()))
-            || !self.routing.owed.is_empty();
+        let defer = self.parse_deferred();
         if defer && parse.name.is_empty() {
             self.defer_unnamed_parse(frame);
             return Ok(());
@@ -519,8 +545,8 @@ impl Session {
                 return Ok(());
             }
             if parse.name.is_empty() {
-                self.unnamed_parse = Some(frame.clone());
-                self.unnamed_on_server = true;
+                self.send_unnamed_parse(frame);
+                return Ok(());
             }
             frame.encode(&mut self.to_server);
             self.pipeline.push_back(Expect::Parse {
