@@ -96,6 +96,16 @@ async fn wait_for_replica_reads(c: &Client) {
     .await;
 }
 
+/// A new session whose reads are at least as fresh as `lsn`
+/// (`SET shardgate.min_lsn`).
+async fn reader_at(p: &TestProxy, lsn: &str) -> Client {
+    let c = p.connect().await;
+    c.batch_execute(&format!("set shardgate.min_lsn = '{lsn}'"))
+        .await
+        .unwrap();
+    c
+}
+
 /// Waits until both replicas have replayed everything the primary has now.
 async fn wait_replicas_caught_up() {
     let d = common::direct().await;
@@ -498,11 +508,7 @@ fn read_your_writes_with_a_lagging_replica() {
             .await
             .unwrap();
         let after = scalar(&c, "show shardgate.last_commit_lsn").await;
-        let other = p.connect().await;
-        other
-            .batch_execute(&format!("set shardgate.min_lsn = '{after}'"))
-            .await
-            .unwrap();
+        let other = reader_at(&p, &after).await;
         assert_eq!(
             scalar(&other, "select count(*) from ryw where id = -1").await,
             "1"
@@ -575,11 +581,7 @@ fn read_your_writes_with_a_lagging_replica() {
                 "t",
                 "SHOW (extended: {extended}) gave {lsn}, not past the insert at {inserted}"
             );
-            let other = p.connect().await;
-            other
-                .batch_execute(&format!("set shardgate.min_lsn = '{lsn}'"))
-                .await
-                .unwrap();
+            let other = reader_at(&p, &lsn).await;
             assert_eq!(
                 scalar(&other, &format!("select count(*) from ryw where id = {id}")).await,
                 "1",

@@ -520,9 +520,14 @@ impl Session {
 
     /// The unnamed statement's Parse, on the server held.
     fn send_unnamed_parse(&mut self, frame: Frame) {
-        frame.encode(&mut self.to_server);
+        self.send_parse(&frame);
         self.unnamed_parse = Some(frame);
         self.unnamed_on_server = true;
+    }
+
+    /// The client's Parse as it is, on the server held.
+    fn send_parse(&mut self, frame: &Frame) {
+        frame.encode(&mut self.to_server);
         self.pipeline.push_back(Expect::Parse {
             stmt: None,
             client_name: None,
@@ -546,14 +551,9 @@ impl Session {
             }
             if parse.name.is_empty() {
                 self.send_unnamed_parse(frame);
-                return Ok(());
+            } else {
+                self.send_parse(&frame);
             }
-            frame.encode(&mut self.to_server);
-            self.pipeline.push_back(Expect::Parse {
-                stmt: None,
-                client_name: None,
-                injected: false,
-            });
             return Ok(());
         }
         let name = parse.name.to_owned();

@@ -436,7 +436,9 @@ impl Session {
             self.drain_pipeline().await?;
             self.routing.unprobed = Unprobed::Since(std::time::Instant::now());
         }
-        if self.commit_position() != u64::MAX || self.routing.unprobed == Unprobed::No {
+        // From the primary's health probe, when one started after it.
+        self.commit_position();
+        if self.routing.unprobed == Unprobed::No {
             return Ok(());
         }
         // The held server when it is the primary and idle (session
