@@ -180,9 +180,20 @@ fn parse_startup_params(mut body: &[u8]) -> Result<Vec<(String, String)>, Protoc
     Ok(params)
 }
 
+/// The position of the NUL that ends the string at the front of `buf`.
+/// Most names in the extended protocol are empty (the unnamed statement
+/// and portal): those skip the search, whose setup costs more than the
+/// one-byte check.
+fn cstr_end(buf: &[u8]) -> Option<usize> {
+    match buf.first() {
+        Some(0) => Some(0),
+        _ => memchr::memchr(0, buf),
+    }
+}
+
 /// Takes a NUL-terminated UTF-8 string off the front of `buf`.
 pub fn take_cstr<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
-    let end = memchr::memchr(0, buf)?;
+    let end = cstr_end(buf)?;
     let s = std::str::from_utf8(&buf[..end]).ok()?;
     *buf = &buf[end + 1..];
     Some(s)
@@ -190,7 +201,7 @@ pub fn take_cstr<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
 
 /// Takes a NUL-terminated byte string off the front of `buf`.
 pub fn take_cbytes<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let end = memchr::memchr(0, buf)?;
+    let end = cstr_end(buf)?;
     let s = &buf[..end];
     *buf = &buf[end + 1..];
     Some(s)
@@ -206,6 +217,20 @@ mod tests {
         v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
         v.extend_from_slice(body);
         v
+    }
+
+    #[test]
+    fn strings_are_taken_up_to_their_nul() {
+        let mut rest: &[u8] = b"\0name\0tail";
+        assert_eq!(take_cstr(&mut rest), Some(""));
+        assert_eq!(take_cbytes(&mut rest), Some(&b"name"[..]));
+        assert_eq!(rest, b"tail");
+        assert_eq!(take_cstr(&mut rest), None, "no NUL: nothing taken");
+        assert_eq!(rest, b"tail");
+        let mut empty: &[u8] = b"";
+        assert_eq!(take_cbytes(&mut empty), None);
+        let mut bad: &[u8] = b"\xff\0";
+        assert_eq!(take_cstr(&mut bad), None, "not UTF-8");
     }
 
     #[test]
