@@ -458,7 +458,11 @@ impl Session {
         if self.server.is_some() {
             return true;
         }
-        match self.checkout(read).await {
+        let checkout = match self.attach_primary_spare(read) {
+            true => Ok(()),
+            false => self.checkout(read).await,
+        };
+        match checkout {
             Ok(()) => {
                 self.send_owed_parses();
                 true

@@ -157,6 +157,8 @@ impl Session {
                 server.tx_status = status;
                 if let Some(t) = self.request_started.take() {
                     let now = std::time::Instant::now();
+                    // (The release that usually follows reads it too.)
+                    self.answered_at = Some(now);
                     let elapsed = now.saturating_duration_since(t);
                     self.pool
                         .metrics

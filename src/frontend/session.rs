@@ -118,6 +118,10 @@ pub struct Session {
     pub(super) unnamed_on_server: bool,
     pub(super) vars: SessionVars,
     pub(super) request_started: Option<Instant>,
+    /// When the server last answered a request (its ReadyForQuery), for
+    /// the release right after it: one clock read less per transaction.
+    /// Taken by the next `maybe_release`, released or not.
+    pub(super) answered_at: Option<Instant>,
     pub(super) cancel_key: (i32, i32),
     pub(super) cancel_slot: CancelSlot,
 }
@@ -284,6 +288,7 @@ impl Session {
             unnamed_on_server: false,
             vars: SessionVars::default(),
             request_started: None,
+            answered_at: None,
             cancel_key,
             cancel_slot,
             proxy,
@@ -980,27 +985,65 @@ impl Session {
     }
 
     async fn checkout_raw(&mut self) -> Result<(), (String, String)> {
-        let now = Instant::now();
-        let conn = match self.take_spare(now) {
-            Some(conn) => {
+        if self.spare.is_some() {
+            let now = Instant::now();
+            if let Some(conn) = self.take_spare(now) {
                 self.checked_out_at = now;
-                conn
+                self.attach(conn);
+                return Ok(());
             }
-            None => {
-                let wait = self.proxy.config.load().pool.checkout_timeout;
-                // Boxed: the pool's checkout future holds a whole server
-                // connect (3.6 KB), and every future that may check out
-                // (the dispatch of each client message) would carry it,
-                // copied whenever the future moves. One allocation here,
-                // when there is no spare to take.
-                let conn = Box::pin(self.pool.checkout(wait))
-                    .await
-                    .map_err(|e| e.client_error())?;
-                self.checked_out_at = Instant::now();
-                self.pooled_at = self.checked_out_at;
-                conn
-            }
+        }
+        let wait = self.proxy.config.load().pool.checkout_timeout;
+        // Boxed: the pool's checkout future holds a whole server connect
+        // (3.6 KB), and every future that may check out (the dispatch of
+        // each client message) would carry it, copied whenever the future
+        // moves. One allocation here, when there is no spare to take.
+        let conn = Box::pin(self.pool.checkout(wait))
+            .await
+            .map_err(|e| e.client_error())?;
+        self.checked_out_at = Instant::now();
+        self.pooled_at = self.checked_out_at;
+        self.attach(conn);
+        Ok(())
+    }
+
+    /// `checkout` in its most common case, without its async layers: a
+    /// transaction for the shard's primary (not a read a replica may
+    /// take) while the session's spare is on the primary's pool and
+    /// carries the session's settings, with the topology unchanged and no
+    /// shard held for a failover. False, with nothing checked out,
+    /// otherwise (the spare may then be back in its pool).
+    pub(super) fn attach_primary_spare(&mut self, read: bool) -> bool {
+        if (read && self.routing.split)
+            || self.proxy.topology.epoch() != self.pool_epoch
+            || self.proxy.failover.any_held()
+            || !self
+                .spare
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, &self.primary_pool))
+        {
+            return false;
+        }
+        if !Arc::ptr_eq(&self.pool, &self.primary_pool) {
+            self.pool = self.primary_pool.clone();
+        }
+        let now = Instant::now();
+        let Some(conn) = self.take_spare(now) else {
+            return false;
         };
+        if conn.session_fingerprint != self.vars.fingerprint() {
+            // Settings to apply first: the general path does that.
+            self.keep_spare(conn);
+            return false;
+        }
+        self.checked_out_at = now;
+        self.attach(conn);
+        self.pool.metrics.routed.inc();
+        true
+    }
+
+    /// `conn` becomes the session's server connection.
+    fn attach(&mut self, conn: PooledConn) {
         *crate::lock(&self.cancel_slot) = Some(CancelTarget {
             addr: conn.addr.clone(),
             pid: conn.pid,
@@ -1008,7 +1051,6 @@ impl Session {
         });
         self.unnamed_on_server = false;
         self.server = Some(conn);
-        Ok(())
     }
 
     async fn sync_session_state(&mut self) -> Result<(), (String, String)> {
@@ -1038,6 +1080,7 @@ impl Session {
     /// Returns the server connection to the pool when nothing is pending
     /// (first reading the session settings if the client changed them).
     pub(super) async fn maybe_release(&mut self) {
+        let mut answered_at = self.answered_at.take();
         if self.mode != PoolMode::Transaction {
             return;
         }
@@ -1054,6 +1097,8 @@ impl Session {
             return;
         }
         if self.vars.needs_capture() {
+            // (After this round trip, the answer's time is old.)
+            answered_at = None;
             match server.query_rows(super::vars::CAPTURE_SQL).await {
                 Ok(Ok(rows)) => {
                     let rows = rows
@@ -1088,7 +1133,7 @@ impl Session {
         if let Some(parse) = self.unnamed_parse.as_mut() {
             parse.body = bytes::Bytes::copy_from_slice(&parse.body);
         }
-        let now = Instant::now();
+        let now = answered_at.unwrap_or_else(Instant::now);
         server.last_released = now;
         self.pool
             .metrics
