@@ -745,10 +745,24 @@ impl Session {
         if self.proxy_bind(bind.portal, bind.statement) {
             return Ok(());
         }
+        // The named statement, looked up once: its text and types route
+        // the Bind, and its server-side name is bound.
+        let named = match bind.statement.is_empty() {
+            true => None,
+            false => self.statements.get(bind.statement).cloned(),
+        };
         // The statement's text, when the shard routing below looked it up.
         let mut looked_up = None;
         if self.shard_map.is_some() {
-            let (text, types) = self.statement_text_and_types(bind.statement);
+            let unnamed_types;
+            let (text, types) = match &named {
+                Some(s) => (Some(s.text_bytes()), s.types.as_slice()),
+                None => {
+                    let (text, types) = self.statement_text_and_types(bind.statement);
+                    unnamed_types = types;
+                    (text, unnamed_types.as_slice())
+                }
+            };
             if self.server.is_some() && !self.routing.tx_parked.is_empty() {
                 if let Some(t) = text.as_deref() {
                     if super::sharding::pins_transaction(t)
@@ -767,9 +781,9 @@ impl Session {
                     self.routing.tx_pinned |= super::sharding::pins_transaction(t);
                 }
             }
-            self.wait_for_cutover(text.as_deref(), Some((types.as_slice(), bind.rest)))
+            self.wait_for_cutover(text.as_deref(), Some((types, bind.rest)))
                 .await;
-            let routed = self.route_shard(text.as_deref(), Some((types.as_slice(), bind.rest)));
+            let routed = self.route_shard(text.as_deref(), Some((types, bind.rest)));
             let refused = match routed {
                 Ok(None) => None,
                 Ok(Some(shards))
@@ -779,7 +793,9 @@ impl Session {
                 {
                     let text = text.expect("checked");
                     let write = !self.is_read(&text);
-                    let r = Box::pin(self.scatter_bind(&bind, &text, types, &shards, write)).await;
+                    let r =
+                        Box::pin(self.scatter_bind(&bind, &text, types.to_vec(), &shards, write))
+                            .await;
                     self.scatter_guard = None;
                     return r;
                 }
@@ -811,16 +827,14 @@ impl Session {
         // or to learn commit positions (shards with replicas).
         let routes = self.server.is_none() && self.routing.split;
         let text = if routes || self.routing.track_lsn {
-            looked_up.unwrap_or_else(|| self.statement_text(bind.statement))
+            looked_up.unwrap_or_else(|| match &named {
+                Some(s) => Some(s.text_bytes()),
+                None => self.statement_text(bind.statement),
+            })
         } else {
             None
         };
-        // Looked up once: for routing and for the server-side name below.
-        let stmt = if bind.statement.is_empty() || !self.renames() && text.is_none() {
-            None
-        } else {
-            self.statements.get(bind.statement).cloned()
-        };
+        let stmt = named;
         let mut class = None;
         let read = routes
             && self.batch_wants_replica_classified(

@@ -25,6 +25,10 @@ pub struct Statement {
     pub name: String,
     /// Query text, NUL, parameter types: the identity of the statement.
     pub key: Bytes,
+    /// Length of the query text at the front of `key`.
+    text_len: usize,
+    /// The parameter types (sharding keys in a Bind are decoded by them).
+    pub types: Vec<u32>,
     /// A ready-to-send Parse under the server-side name.
     pub parse: Frame,
     /// The result shape (RowDescription body; empty for NoData) from the
@@ -48,8 +52,12 @@ pub struct Statement {
 impl Statement {
     /// The query text (the key up to its NUL).
     pub fn text(&self) -> &[u8] {
-        let end = memchr::memchr(0, &self.key).unwrap_or(self.key.len());
-        &self.key[..end]
+        &self.key[..self.text_len]
+    }
+
+    /// The query text, sharing `key`'s buffer.
+    pub fn text_bytes(&self) -> Bytes {
+        self.key.slice(..self.text_len)
     }
 
     /// The routing class of the statement's text `sql` under `catalog`.
@@ -96,6 +104,8 @@ impl StatementRegistry {
             id,
             parse: build_parse(&name, parse.query, parse.param_types),
             name,
+            text_len: parse.query.len(),
+            types: crate::frontend::sharding::param_types(parse.param_types),
             key,
             shape: OnceLock::new(),
             stale: AtomicBool::new(false),
