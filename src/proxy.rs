@@ -29,7 +29,12 @@ pub struct Proxy {
     pub pools: Arc<Pools>,
     pub statements: StatementRegistry,
     pub cancels: CancelRegistry,
+    /// Cancelled when the proxy stops, through [`Proxy::stop`] only
+    /// (which also sets `stopping`).
     pub shutdown: CancellationToken,
+    /// Set just before `shutdown` is cancelled: read without a lock on
+    /// every idle client wait (`is_cancelled` takes one).
+    stopping: std::sync::atomic::AtomicBool,
     pub tasks: TaskTracker,
     pub health: Arc<crate::health::Health>,
     pub catalogs: crate::router::Catalogs,
@@ -45,6 +50,18 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Starts stopping: everything waiting on `shutdown` wakes.
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shutdown.cancel();
+    }
+
+    /// Has [`Proxy::stop`] been called?
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The proxy for `config`, with the cluster state saved in
     /// `proxy.state_dir` (failovers before a restart stay in effect).
     pub fn new(config: Config) -> anyhow::Result<Arc<Proxy>> {
@@ -65,6 +82,7 @@ impl Proxy {
             statements: StatementRegistry::default(),
             cancels: CancelRegistry::default(),
             shutdown: CancellationToken::new(),
+            stopping: Default::default(),
             tasks: TaskTracker::new(),
             health: Arc::default(),
             catalogs: crate::router::Catalogs::default(),
@@ -272,7 +290,7 @@ async fn wait_for_signals(proxy: &Arc<Proxy>, config_path: Option<PathBuf>) {
 
 /// Stops accepting, lets transactions finish (bounded), closes pools.
 pub async fn drain(proxy: &Arc<Proxy>) {
-    proxy.shutdown.cancel();
+    proxy.stop();
     proxy.tasks.close();
     let timeout = proxy.config.load().proxy.shutdown_timeout;
     if tokio::time::timeout(timeout, proxy.tasks.wait())

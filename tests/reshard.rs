@@ -700,7 +700,7 @@ async fn reads_across_shards_during_a_move_count_every_row_once() {
 
 /// Stops a proxy the way a crash would stop its move: mid-phase.
 fn kill(tp: TestProxy) {
-    tp.proxy.shutdown.cancel();
+    tp.proxy.stop();
 }
 
 async fn until_phase(tp: &TestProxy, what: &str, f: impl Fn(&shardgate::reshard::Move) -> bool) {

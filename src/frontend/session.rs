@@ -98,6 +98,8 @@ pub struct Session {
     /// Completes when the proxy shuts down. One future for the whole
     /// session: registered with the token once, not at every idle wait.
     shutdown_wait: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// `shutdown_wait` has been polled and registered its waker.
+    shutdown_armed: bool,
     pub(super) checked_out_at: Instant,
     /// Responses the server still owes, in order.
     pub(super) pipeline: Pipeline,
@@ -277,6 +279,7 @@ impl Session {
             pooled_at: Instant::now(),
             keep_spare: config.pool.keep_spare,
             shutdown_wait: Box::pin(proxy.shutdown.clone().cancelled_owned()),
+            shutdown_armed: false,
             checked_out_at: Instant::now(),
             pipeline: Pipeline::new(),
             skipping: false,
@@ -374,18 +377,22 @@ impl Session {
                 continue;
             }
             if self.server.is_none() {
-                if self.proxy.shutdown.is_cancelled() {
+                if self.proxy.stopping() {
                     return Err(shutdown_error());
                 }
                 self.release_idle_buffers();
+                let (client, proxy) = (&self.client, &self.proxy);
+                let (wait, armed) = (&mut self.shutdown_wait, &mut self.shutdown_armed);
                 // poll_read_ready, not readable(): the socket's own waker
                 // slot instead of a waiter list taken and left per wait.
                 tokio::select! {
                     biased;
-                    r = std::future::poll_fn(|cx| self.client.poll_read_ready(cx)) => {
+                    r = std::future::poll_fn(|cx| client.poll_read_ready(cx)) => {
                         r.map_err(SessionError::ClientIo)?
                     }
-                    _ = self.shutdown_wait.as_mut() => return Err(shutdown_error()),
+                    _ = std::future::poll_fn(|cx| poll_stop(wait.as_mut(), armed, proxy, cx)) => {
+                        return Err(shutdown_error())
+                    }
                 };
                 self.client_buf.reserve(READ_CHUNK);
                 // One poll of an AsyncRead read (not try_read): tokio sees a
@@ -1273,6 +1280,23 @@ impl Session {
 const READ_CHUNK: usize = 4096;
 /// Bytes reserved for one read from a server (result sets stream through).
 const SERVER_READ_CHUNK: usize = 16384;
+
+/// The wait for the proxy to stop. Once it is registered (with this
+/// task's waker, which stays the same for the task's life) only a stop
+/// wakes it, so it is polled again only then: each poll takes three locks.
+fn poll_stop(
+    wait: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
+    armed: &mut bool,
+    proxy: &Proxy,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<()> {
+    if *armed && !proxy.stopping() {
+        return std::task::Poll::Pending;
+    }
+    let poll = wait.poll(cx);
+    *armed = poll.is_pending();
+    poll
+}
 
 fn shutdown_error() -> SessionError {
     SessionError::Fatal {
