@@ -6,7 +6,7 @@ use super::pipeline::Expect;
 use super::session::{Session, SessionError};
 use crate::config::PoolMode;
 use crate::protocol::backend as be;
-use crate::protocol::frame::{decode_frame, Frame};
+use crate::protocol::frame::{decode_frame, peek_header, Frame, FrameRef};
 use crate::protocol::frontend as fe;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +19,25 @@ impl Session {
                 self.routing.paused = true;
                 break;
             }
+            // Messages handled inline other than Parse are read in place:
+            // no frame is split off the buffer (which takes a reference on
+            // it and drops it again, per message).
+            if let Ok(Some((tag, total))) = peek_header(&self.client_buf, self.max_message_size) {
+                if tag != fe::PARSE
+                    && total <= self.client_buf.len()
+                    && self.inline_ok(tag, self.client_buf.get(5).copied())
+                {
+                    let buf = std::mem::take(&mut self.client_buf);
+                    let result = self.dispatch_in_place(FrameRef {
+                        tag,
+                        body: &buf[5..total],
+                    });
+                    self.client_buf = buf;
+                    bytes::Buf::advance(&mut self.client_buf, total);
+                    result?;
+                    continue;
+                }
+            }
             let frame = match decode_frame(&mut self.client_buf, self.max_message_size) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -29,13 +48,11 @@ impl Session {
                     })
                 }
             };
-            let frame = match self.dispatch_inline(frame) {
-                Ok(r) => {
-                    r?;
-                    continue;
-                }
-                Err(frame) => frame,
-            };
+            if frame.tag == fe::PARSE && self.inline_ok(frame.tag, frame.body.first().copied()) {
+                self.routing.batch_open = true;
+                self.inline_parse(frame)?;
+                continue;
+            }
             // `handle_client_message` spelled out: one async layer less
             // (each layer copies the dispatch's state once more).
             self.before_dispatch(&frame);
@@ -47,24 +64,24 @@ impl Session {
         Ok(())
     }
 
-    /// The messages that need no wait — Execute, Sync, Flush, CopyData
-    /// and a portal's Describe on a held server; with shards, the unnamed
-    /// statement's Parse held back for its Bind (between transactions, and
-    /// inside one that may move on to another shard) — handled without
-    /// building the async dispatch's state (which costs a copy of it per
-    /// message). Gives the frame back when anything about the session
-    /// calls for the general path: a read being recorded for a retry, a
-    /// deferred BEGIN, owed Parses, a new topology.
-    fn dispatch_inline(&mut self, frame: Frame) -> Result<Result<(), SessionError>, Frame> {
+    /// May this message (its tag and first body byte) skip the async
+    /// dispatch, which costs a copy of its state per message? Execute,
+    /// Sync, Flush, CopyData and a portal's Describe need no wait on a
+    /// held server; with shards, the unnamed statement's Parse is held
+    /// back for its Bind (between transactions, and inside one that may
+    /// move on to another shard) or sent on. Not when anything about the
+    /// session calls for the general path: a read being recorded for a
+    /// retry, a deferred BEGIN, owed Parses, a new topology.
+    fn inline_ok(&self, tag: u8, first: Option<u8>) -> bool {
         let held = self.server.is_some();
-        let inline = match frame.tag {
+        let inline = match tag {
             fe::EXECUTE | fe::SYNC | fe::FLUSH | fe::COPY_DATA => held,
-            fe::DESCRIBE => held && frame.body.first() == Some(&b'P'),
+            fe::DESCRIBE => held && first == Some(b'P'),
             // The unnamed statement (its empty name: the body starts with
             // a NUL): held back with shards and no server; inside a
             // transaction, held back or sent on as `on_parse` decides.
             fe::PARSE => {
-                frame.body.first() == Some(&0)
+                first == Some(0)
                     && match &self.server {
                         None => self.shard_map.is_some(),
                         Some(s) => s.tx_status != b'I',
@@ -72,48 +89,47 @@ impl Session {
             }
             _ => false,
         };
-        if !inline
-            || self.routing.retry.is_some()
-            || self.routing.pending_begin.is_some()
-            || (!self.routing.owed.is_empty() && frame.tag != fe::PARSE)
-            || self.proxy.topology.epoch() != self.pool_epoch
-        {
-            return Err(frame);
-        }
-        // As handle_client_message would: nothing is kept for a replica
-        // retry (a server is held, or nothing is sent yet).
+        inline
+            && self.routing.retry.is_none()
+            && self.routing.pending_begin.is_none()
+            && (self.routing.owed.is_empty() || tag == fe::PARSE)
+            && self.proxy.topology.epoch() == self.pool_epoch
+    }
+
+    /// A message `inline_ok` passed, other than Parse. As
+    /// `handle_client_message` would, minus what it keeps for a replica
+    /// retry (a server is held).
+    fn dispatch_in_place(&mut self, frame: FrameRef<'_>) -> Result<(), SessionError> {
         self.routing.batch_open = frame.tag != fe::SYNC;
-        let result = match frame.tag {
+        match frame.tag {
             fe::EXECUTE => {
-                if self.execute_prelude(&frame) {
-                    self.execute_send(&frame);
+                if self.execute_prelude(frame) {
+                    self.execute_send(frame);
                 }
-                Ok(())
             }
-            fe::SYNC => {
-                self.on_sync(&frame);
-                Ok(())
-            }
-            fe::DESCRIBE => self.describe_prelude(&frame).map(|target| {
-                if target.is_some() {
+            fe::SYNC => self.on_sync(frame),
+            fe::DESCRIBE => {
+                if self.describe_prelude(frame)?.is_some() {
                     frame.encode(&mut self.to_server);
                     self.pipeline.push_back(Expect::Describe);
                 }
-            }),
-            fe::PARSE => {
-                let parsed = self.parse_prelude(&frame).map(|p| p.is_some());
-                parsed.map(|go_on| match go_on {
-                    false => {}
-                    true if self.parse_deferred() => self.defer_unnamed_parse(frame),
-                    true => self.send_unnamed_parse(frame),
-                })
             }
-            _ => {
-                self.forward_if_attached(&frame);
-                Ok(())
+            _ => self.forward_if_attached(frame),
+        }
+        Ok(())
+    }
+
+    /// The unnamed statement's Parse `inline_ok` passed: held back or
+    /// sent on, as `on_parse` would.
+    fn inline_parse(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if self.parse_prelude(&frame)?.is_some() {
+            if self.parse_deferred() {
+                self.defer_unnamed_parse(frame);
+            } else {
+                self.send_unnamed_parse(frame);
             }
-        };
-        Ok(result)
+        }
+        Ok(())
     }
 
     /// Handles one client message, keeping a copy of the messages of a
@@ -318,17 +334,17 @@ impl Session {
             fe::BIND => self.on_bind(frame).await?,
             fe::DESCRIBE => self.on_describe(frame).await?,
             fe::EXECUTE => {
-                if !self.execute_prelude(&frame) || !self.ensure_server(false, false).await {
+                if !self.execute_prelude(frame.as_ref()) || !self.ensure_server(false, false).await
+                {
                     return Ok(());
                 }
-                self.execute_send(&frame);
+                self.execute_send(frame.as_ref());
             }
             fe::CLOSE => self.on_close(frame).await?,
-            fe::SYNC => self.on_sync(&frame),
-            fe::FLUSH => self.forward_if_attached(&frame),
-            fe::COPY_DATA => self.forward_if_attached(&frame),
+            fe::SYNC => self.on_sync(frame.as_ref()),
+            fe::FLUSH | fe::COPY_DATA => self.forward_if_attached(frame.as_ref()),
             fe::COPY_DONE | fe::COPY_FAIL => {
-                self.forward_if_attached(&frame);
+                self.forward_if_attached(frame.as_ref());
                 self.copy_in = false;
                 match self.routing.copy_lsn.take() {
                     // Simple protocol: the COPY ends with this message.
@@ -367,7 +383,7 @@ impl Session {
     /// Execute, up to needing a server: false when it is handled already
     /// (skipped after an error, answered by the proxy, or run across
     /// shards).
-    fn execute_prelude(&mut self, frame: &Frame) -> bool {
+    fn execute_prelude(&mut self, frame: FrameRef<'_>) -> bool {
         if self.skipping {
             return false;
         }
@@ -393,14 +409,14 @@ impl Session {
     }
 
     /// Execute, on the server now held.
-    fn execute_send(&mut self, frame: &Frame) {
+    fn execute_send(&mut self, frame: FrameRef<'_>) {
         self.start_request();
         self.pool.metrics.queries.inc();
         frame.encode(&mut self.to_server);
         self.pipeline.push_back(Expect::Execute);
     }
 
-    fn on_sync(&mut self, frame: &Frame) {
+    fn on_sync(&mut self, frame: FrameRef<'_>) {
         if self.copy_in {
             // Ignored by a server in COPY FROM STDIN; no answer owed.
             self.forward_if_attached(frame);
@@ -427,7 +443,7 @@ impl Session {
         }
     }
 
-    fn forward_if_attached(&mut self, frame: &Frame) {
+    fn forward_if_attached(&mut self, frame: FrameRef<'_>) {
         if self.server.is_some() {
             frame.encode(&mut self.to_server);
         }
@@ -885,13 +901,13 @@ impl Session {
     /// across shards).
     fn describe_prelude<'f>(
         &mut self,
-        frame: &'f Frame,
+        frame: FrameRef<'f>,
     ) -> Result<Option<fe::Target<'f>>, SessionError> {
         if self.skipping {
             return Ok(None);
         }
         let target =
-            fe::parse_target(&frame.body, "Describe").map_err(|_| Self::malformed("Describe"))?;
+            fe::parse_target(frame.body, "Describe").map_err(|_| Self::malformed("Describe"))?;
         if self.proxy_describe(target.kind, target.name)
             || self.scatter_describe(target.kind, target.name)
         {
@@ -904,7 +920,7 @@ impl Session {
     }
 
     async fn on_describe(&mut self, frame: Frame) -> Result<(), SessionError> {
-        let Some(target) = self.describe_prelude(&frame)? else {
+        let Some(target) = self.describe_prelude(frame.as_ref())? else {
             return Ok(());
         };
         if self.server.is_none() && self.shard_map.is_some() {

@@ -52,10 +52,30 @@ impl Frame {
     }
 
     pub fn encode(&self, out: &mut BytesMut) {
-        out.reserve(self.wire_len());
+        self.as_ref().encode(out);
+    }
+
+    pub fn as_ref(&self) -> FrameRef<'_> {
+        FrameRef {
+            tag: self.tag,
+            body: &self.body,
+        }
+    }
+}
+
+/// A tagged message read in place, from the buffer it arrived in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    pub tag: u8,
+    pub body: &'a [u8],
+}
+
+impl FrameRef<'_> {
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.reserve(5 + self.body.len());
         out.extend_from_slice(&[self.tag]);
         out.extend_from_slice(&((self.body.len() + 4) as i32).to_be_bytes());
-        out.extend_from_slice(&self.body);
+        out.extend_from_slice(self.body);
     }
 }
 
@@ -217,6 +237,19 @@ mod tests {
         v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
         v.extend_from_slice(body);
         v
+    }
+
+    #[test]
+    fn a_message_read_in_place_encodes_as_its_frame() {
+        let frame = Frame {
+            tag: b'E',
+            body: Bytes::from_static(b"\0\0\0\0\0"),
+        };
+        let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+        frame.encode(&mut a);
+        frame.as_ref().encode(&mut b);
+        assert_eq!(a, b);
+        assert_eq!(&a[..], &frame_bytes(b'E', b"\0\0\0\0\0")[..]);
     }
 
     #[test]

@@ -12,4 +12,4 @@ pub mod backend;
 pub mod frame;
 pub mod frontend;
 
-pub use frame::{decode_frame, decode_startup, Frame, ProtocolError, Startup};
+pub use frame::{decode_frame, decode_startup, Frame, FrameRef, ProtocolError, Startup};
