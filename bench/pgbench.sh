@@ -259,15 +259,17 @@ proxy_pid() {
     esac
 }
 
-# CPU time (user + system, in clock ticks) a process has used so far.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# CPU time a process has used so far, in clock ticks: "user system".
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat" 2>/dev/null || echo 0 0; }
 
 # run_pgbench LOGFILE TARGET ARGS... -> sets TPS, LAT, ERR (ERR empty on
-# success) and CPU_US (the proxy's CPU microseconds per transaction).
+# success), CPU_US (the proxy's CPU microseconds per transaction) and
+# CPU_USER_US (the user-space part of it; the rest is kernel time, which on
+# loopback includes the TCP stack's work for the sockets' peers).
 run_pgbench() {
     local logf=$1 target=$2
     shift 2
-    local port rc=0 pid t0=0 t1=0 txns
+    local port rc=0 pid t0="0 0" t1="0 0" txns
     port=$(port_of "$target")
     reset_tables
     pid=$(proxy_pid "$target")
@@ -276,9 +278,14 @@ run_pgbench() {
         "$PGBENCH" -h 127.0.0.1 -p "$port" -U "$DB_USER" -n -T "$DURATION" "$@" "$DB" >"$logf" 2>&1 || rc=$?
     [[ -n $pid ]] && t1=$(cpu_ticks "$pid")
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$logf" | head -1)
-    CPU_US=-
+    CPU_US=- CPU_USER_US=-
     if [[ -n $pid && -n $txns && $txns -gt 0 ]]; then
-        CPU_US=$(awk -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$txns" 'BEGIN{printf "%.1f", t * 1e6 / hz / n}')
+        local u0 s0 u1 s1 hz
+        read -r u0 s0 <<<"$t0"
+        read -r u1 s1 <<<"$t1"
+        hz=$(getconf CLK_TCK)
+        CPU_US=$(awk -v t=$((u1 + s1 - u0 - s0)) -v hz="$hz" -v n="$txns" 'BEGIN{printf "%.1f", t * 1e6 / hz / n}')
+        CPU_USER_US=$(awk -v t=$((u1 - u0)) -v hz="$hz" -v n="$txns" 'BEGIN{printf "%.1f", t * 1e6 / hz / n}')
     fi
     TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$logf" | head -1)
     LAT=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$logf" | head -1)
@@ -299,7 +306,7 @@ run_pgbench() {
 
 md_escape() { local s=${1//|/\\|}; s=${s//$'\r'/}; printf '%s' "${s:0:200}"; }
 
-HEADER='| workload | protocol | clients | target | TPS | avg latency ms | ratio to direct TPS (range) | proxy CPU µs/txn | notes |'
+HEADER='| workload | protocol | clients | target | TPS | avg latency ms | ratio to direct TPS (range) | proxy CPU µs/txn (user) | notes |'
 SEP='|---|---|---:|---|---:|---:|---:|---:|---|'
 
 versions() {
@@ -346,7 +353,7 @@ cell() {
     local j=$THREADS r t k logf order=() targets=($TARGETS)
     ((clients < j)) && j=$clients
     ((j < 1)) && j=1
-    declare -A tps=() lat=() cpu=() err=() direct=()
+    declare -A tps=() lat=() cpu=() cpu_user=() err=() direct=()
     for ((r = 0; r < ROUNDS; r++)); do
         order=("${targets[@]:r % ${#targets[@]}}" "${targets[@]:0:r % ${#targets[@]}}")
         for t in "${order[@]}"; do
@@ -356,7 +363,7 @@ cell() {
             run_pgbench "$logf" "$t" -c "$clients" -j "$j" -M "$proto" "$@"
             if [[ -n $TPS && ( -z $ERR || $ERR == "(partial)"* ) ]]; then
                 tps[$t]+="$TPS " lat[$t]+="$LAT "
-                [[ $CPU_US == - ]] || cpu[$t]+="$CPU_US "
+                [[ $CPU_US == - ]] || cpu[$t]+="$CPU_US " cpu_user[$t]+="$CPU_USER_US "
                 [[ $t == direct ]] && direct[$r]=$TPS
                 log "$(printf '%.0f' "$TPS") tps, $LAT ms${ERR:+ ($ERR)}"
             else
@@ -370,7 +377,7 @@ cell() {
         if [[ -n ${tps[$t]:-} ]]; then
             tps_s=$(printf '%.0f' "$(median ${tps[$t]})")
             lat_s=$(printf '%.3f' "$(median ${lat[$t]})")
-            [[ -z ${cpu[$t]:-} ]] || cpu_s=$(printf '%.1f' "$(median ${cpu[$t]})")
+            [[ -z ${cpu[$t]:-} ]] || cpu_s="$(printf '%.1f' "$(median ${cpu[$t]})") ($(printf '%.1f' "$(median ${cpu_user[$t]})"))"
             # Ratios are taken within a round (direct and target measured
             # minutes apart at most), then the median over rounds.
             if [[ $t != direct ]]; then

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# User-space instructions per pgbench transaction, counted with callgrind:
+# a repeatable number where TPS on a shared 2-core machine is not.
+#
+#   bench/callgrind.sh                                 # shardgate, select-only, 3 protocols
+#   TARGET=pgbouncer PROTOCOLS="simple extended" bench/callgrind.sh
+#   WORKLOAD=tpcb-like PROTOCOLS=simple bench/callgrind.sh
+#
+# Method: the proxy runs under `valgrind --tool=callgrind` (its own
+# process, on its own ports), pooling the local topology's s0 primary. For
+# each protocol: a warm-up run, then counters zeroed, a run of SHORT
+# transactions per client, a dump; counters zeroed, a run of LONG
+# transactions per client, a dump. Both runs connect and authenticate the
+# same clients (PgBouncer derives a SCRAM key per login, far more work than
+# the transactions), so the difference divided by CLIENTS * (LONG - SHORT)
+# is the count per transaction. shardgate runs with `-c
+# shardgate.target=primary` (pooling only, as bench/pgbench.sh's
+# shardgate-primary) and `[health] probe_interval = "5s"` (fewer probes in
+# the counted window).
+#
+# Needs the topology of `shardgate up --home $SHARDGATE_HOME` running, with
+# pgbench tables in s0 (`pgbench -i -s 10 -h 127.0.0.1 -p 16000 -U app
+# app`), valgrind, and pgbouncer for TARGET=pgbouncer. Run as root (the
+# PgBouncer copy runs as the postgres user).
+#
+# Environment (defaults in brackets):
+#   TARGET          shardgate or pgbouncer [shardgate]
+#   WORKLOAD        select-only or tpcb-like [select-only]
+#   PROTOCOLS       pgbench -M values [simple extended prepared]
+#   CLIENTS         pgbench -c [4]
+#   SHORT, LONG     transactions per client of the two counted runs [500, 2500]
+#   SHARDGATE       proxy binary [target/release/shardgate]
+#   SHARDGATE_HOME  topology home [/tmp/shardgate]
+#   BASE_PORT       the topology's first Postgres port (s0's primary) [16000]
+#   PORT            the measured proxy's port [6532]
+#   OUT             directory for callgrind files and logs [/tmp/sg-callgrind]
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+TARGET=${TARGET:-shardgate}
+WORKLOAD=${WORKLOAD:-select-only}
+PROTOCOLS=${PROTOCOLS:-simple extended prepared}
+CLIENTS=${CLIENTS:-4}
+SHORT=${SHORT:-500}
+LONG=${LONG:-2500}
+SHARDGATE=${SHARDGATE:-target/release/shardgate}
+SHARDGATE_HOME=${SHARDGATE_HOME:-/tmp/shardgate}
+BASE_PORT=${BASE_PORT:-16000}
+PORT=${PORT:-6532}
+OUT=${OUT:-/tmp/sg-callgrind}
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+
+die() { echo "callgrind.sh: $*" >&2; exit 1; }
+[[ $TARGET == shardgate || $TARGET == pgbouncer ]] || die "TARGET must be shardgate or pgbouncer, got '$TARGET'"
+[[ $WORKLOAD == select-only || $WORKLOAD == tpcb-like ]] || die "WORKLOAD must be select-only or tpcb-like"
+[[ $SHORT =~ ^[0-9]+$ && $LONG =~ ^[0-9]+$ && $LONG -gt $SHORT ]] || die "need numbers with LONG > SHORT"
+command -v valgrind >/dev/null || die "valgrind is missing (apt-get install valgrind)"
+[[ -r $SHARDGATE_HOME/shardgate.toml ]] || die "no topology config at $SHARDGATE_HOME/shardgate.toml (run shardgate up --home $SHARDGATE_HOME)"
+PGPASSWORD=app "$PGBIN/psql" -h 127.0.0.1 -p "$BASE_PORT" -U app app -Atc 'select 1 from pgbench_branches limit 1' >/dev/null 2>&1 ||
+    die "no pgbench tables on 127.0.0.1:$BASE_PORT (pgbench -i -s 10 -h 127.0.0.1 -p $BASE_PORT -U app app)"
+
+rm -rf "$OUT"
+mkdir -p "$OUT"
+chmod 777 "$OUT"
+VG_PID=
+as_owner() { if [[ $TARGET == pgbouncer ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+stop() {
+    [[ -n $VG_PID ]] || return 0
+    kill -INT "$VG_PID" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$VG_PID" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$VG_PID" 2>/dev/null || true
+    VG_PID=
+}
+trap stop EXIT
+
+if [[ $TARGET == shardgate ]]; then
+    [[ -x $SHARDGATE ]] || die "$SHARDGATE missing (cargo build --release)"
+    # The topology's own configuration on other ports and a state dir of
+    # its own, with slower health probes.
+    sed -e "s/^listen = \"127.0.0.1:[0-9]*\"/listen = \"127.0.0.1:$((PORT + 1))\"/" \
+        -e "0,/^listen = /s/^listen = \"127.0.0.1:[0-9]*\"/listen = \"127.0.0.1:$PORT\"/" \
+        -e "s/^metrics_listen = .*/metrics_listen = \"127.0.0.1:$((PORT + 2))\"/" \
+        -e "s|^state_dir = .*|state_dir = \"$OUT/state\"|" \
+        -e 's/^\[health\]$/[health]\nprobe_interval = "5s"/' \
+        "$SHARDGATE_HOME/shardgate.toml" >"$OUT/shardgate.toml"
+    valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" \
+        "$SHARDGATE" serve --config "$OUT/shardgate.toml" >"$OUT/proxy.log" 2>&1 &
+    VG_PID=$!
+    OPTS="-c shardgate.target=primary"
+else
+    command -v pgbouncer >/dev/null || die "pgbouncer is missing (apt-get install pgbouncer)"
+    printf '"app" "app"\n' >"$OUT/userlist.txt"
+    cat >"$OUT/pgbouncer.ini" <<EOF
+[databases]
+app = host=127.0.0.1 port=$BASE_PORT dbname=app
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $OUT/userlist.txt
+pool_mode = transaction
+default_pool_size = 20
+logfile = $OUT/pgbouncer.log
+pidfile = $OUT/pgbouncer.pid
+ignore_startup_parameters = extra_float_digits,options
+EOF
+    chown -R postgres "$OUT"
+    runuser -u postgres -- valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" \
+        pgbouncer -q "$OUT/pgbouncer.ini" >"$OUT/proxy.log" 2>&1 &
+    sleep 1
+    VG_PID=$(pgrep -f "callgrind.*pgbouncer.*$OUT" | head -1 || true)
+    OPTS=
+fi
+
+for _ in $(seq 240); do
+    PGPASSWORD=app "$PGBIN/psql" -h 127.0.0.1 -p "$PORT" -U app app -c 'select 1' >/dev/null 2>&1 && break
+    [[ -n $VG_PID ]] && kill -0 "$VG_PID" 2>/dev/null || die "the proxy under valgrind exited; see $OUT/proxy.log"
+    sleep 0.5
+done
+# The valgrind'ed process itself (runuser may sit in between).
+PID=$(pgrep -f "callgrind-out-file=$OUT/cg.out" | tail -1)
+
+mode=-S
+[[ $WORKLOAD == tpcb-like ]] && mode=
+pgb() {
+    PGOPTIONS=$OPTS PGPASSWORD=app "$PGBIN/pgbench" -n $mode -c "$CLIENTS" -j 1 -t "$1" -M "$2" \
+        -h 127.0.0.1 -p "$PORT" -U app app >"$OUT/pgbench-$2-$1.log" 2>&1 ||
+        die "pgbench failed; see $OUT/pgbench-$2-$1.log"
+}
+total() { callgrind_annotate --auto=no "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'; }
+counted() { # run N PROTOCOL: instructions of that run alone
+    as_owner callgrind_control -z "$PID" >/dev/null 2>&1
+    pgb "$1" "$2"
+    local before
+    before=$(ls "$OUT"/cg.out.* 2>/dev/null | wc -l)
+    as_owner callgrind_control -d "$PID" >/dev/null 2>&1
+    for _ in $(seq 50); do (($(ls "$OUT"/cg.out.* 2>/dev/null | wc -l) > before)) && break; sleep 0.2; done
+    total "$(ls -t "$OUT"/cg.out.* | head -1)"
+}
+
+echo "| target | workload | protocol | clients | instructions per transaction |"
+echo "|---|---|---|---:|---:|"
+for proto in $PROTOCOLS; do
+    pgb 100 "$proto"
+    short=$(counted "$SHORT" "$proto")
+    long=$(counted "$LONG" "$proto")
+    per=$(((long - short) / (CLIENTS * (LONG - SHORT))))
+    echo "| $TARGET | $WORKLOAD | $proto | $CLIENTS | $per |"
+done
