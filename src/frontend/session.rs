@@ -714,8 +714,7 @@ impl Session {
 
     pub(super) async fn flush_client(&mut self) -> Result<(), SessionError> {
         if !self.to_client.is_empty() {
-            self.client
-                .write_all(&self.to_client)
+            write_all(&mut self.client, &self.to_client)
                 .await
                 .map_err(SessionError::ClientIo)?;
             if self.to_client_shares_read_buf {
@@ -737,7 +736,7 @@ impl Session {
             self.to_server.clear();
             return Ok(());
         };
-        if server.stream.write_all(&self.to_server).await.is_err() {
+        if write_all(&mut server.stream, &self.to_server).await.is_err() {
             if (self.routing.retry.is_some() && self.on_replica.is_some())
                 || self.primary_loss_recoverable()
             {
@@ -1280,6 +1279,18 @@ impl Session {
 const READ_CHUNK: usize = 4096;
 /// Bytes reserved for one read from a server (result sets stream through).
 const SERVER_READ_CHUNK: usize = 16384;
+
+/// Writes all of `buf`: at once when the socket takes it (the usual case,
+/// a few hundred bytes into an empty send buffer: no write future, no
+/// cooperative-scheduling budget), else waiting for room.
+async fn write_all(stream: &mut TcpStream, buf: &[u8]) -> std::io::Result<()> {
+    match stream.try_write(buf) {
+        Ok(n) if n == buf.len() => Ok(()),
+        Ok(n) => stream.write_all(&buf[n..]).await,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.write_all(buf).await,
+        Err(e) => Err(e),
+    }
+}
 
 /// The wait for the proxy to stop. Once it is registered (with this
 /// task's waker, which stays the same for the task's life) only a stop
