@@ -736,7 +736,10 @@ impl Session {
             self.to_server.clear();
             return Ok(());
         };
-        if write_all(&mut server.stream, &self.to_server).await.is_err() {
+        if write_all(&mut server.stream, &self.to_server)
+            .await
+            .is_err()
+        {
             if (self.routing.retry.is_some() && self.on_replica.is_some())
                 || self.primary_loss_recoverable()
             {
