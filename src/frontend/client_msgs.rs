@@ -25,7 +25,7 @@ impl Session {
             if let Ok(Some((tag, total))) = peek_header(&self.client_buf, self.max_message_size) {
                 if tag != fe::PARSE
                     && total <= self.client_buf.len()
-                    && self.inline_ok(tag, self.client_buf.get(5).copied())
+                    && self.inline_ok(tag, (total > 5).then(|| self.client_buf[5]))
                 {
                     let buf = std::mem::take(&mut self.client_buf);
                     let result = self.dispatch_in_place(FrameRef {
