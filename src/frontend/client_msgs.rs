@@ -773,11 +773,13 @@ impl Session {
             let unnamed_types;
             let (text, types) = match &named {
                 Some(s) => (Some(s.text_bytes()), s.types.as_slice()),
-                None => {
-                    let (text, types) = self.statement_text_and_types(bind.statement);
+                None if bind.statement.is_empty() => {
+                    let (text, types) = self.unnamed_text_and_types();
                     unnamed_types = types;
                     (text, unnamed_types.as_slice())
                 }
+                // Unknown to the proxy: the server answers (e.g. 26000).
+                None => (None, &[][..]),
             };
             if self.server.is_some() && !self.routing.tx_parked.is_empty() {
                 if let Some(t) = text.as_deref() {

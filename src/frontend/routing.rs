@@ -107,12 +107,11 @@ impl Session {
     /// Query text of a statement the client names in Bind or Describe (a
     /// slice of the stored Parse, not a copy).
     pub(super) fn statement_text(&self, name: &str) -> Option<bytes::Bytes> {
-        let body = if name.is_empty() {
-            // Body of a Parse of the unnamed statement: "\0" query "\0" ...
-            self.unnamed_parse.as_ref()?.body.slice(1..)
-        } else {
-            self.statements.get(name)?.key.clone()
-        };
+        if !name.is_empty() {
+            return Some(self.statements.get(name)?.text_bytes());
+        }
+        // Body of a Parse of the unnamed statement: "\0" query "\0" ...
+        let body = self.unnamed_parse.as_ref()?.body.slice(1..);
         let end = memchr::memchr(0, &body)?;
         Some(body.slice(..end))
     }

@@ -602,20 +602,19 @@ impl Session {
         Ok(target)
     }
 
-    /// Text and parameter types of a statement named in Bind/Describe.
-    pub(super) fn statement_text_and_types(&self, name: &str) -> (Option<bytes::Bytes>, Vec<u32>) {
-        let body = if name.is_empty() {
-            self.unnamed_parse.as_ref().map(|p| p.body.slice(1..))
-        } else {
-            self.statements.get(name).map(|s| s.key.clone())
-        };
-        let Some(body) = body else {
+    /// Text and parameter types of the unnamed statement (a named one
+    /// keeps both itself).
+    pub(super) fn unnamed_text_and_types(&self) -> (Option<bytes::Bytes>, Vec<u32>) {
+        let Some(text) = self.statement_text("") else {
             return (None, Vec::new());
         };
-        let Some(end) = memchr::memchr(0, &body) else {
-            return (None, Vec::new());
-        };
-        (Some(body.slice(..end)), param_types(&body[end + 1..]))
+        // Body of a Parse of the unnamed statement: "\0" query "\0" types.
+        let types = self
+            .unnamed_parse
+            .as_ref()
+            .and_then(|p| p.body.get(text.len() + 2..))
+            .map_or_else(Vec::new, param_types);
+        (Some(text), types)
     }
 
     /// A Describe with no server held: the statement's shard when its text
@@ -625,7 +624,7 @@ impl Session {
             return;
         };
         let text = match fe::parse_target(&frame.body, "Describe") {
-            Ok(t) if t.kind == b'S' => self.statement_text_and_types(t.name).0,
+            Ok(t) if t.kind == b'S' => self.statement_text(t.name),
             _ => None,
         };
         let shard = match text.map(|t| self.target_of(&map, &t, None)) {
