@@ -274,7 +274,7 @@ impl Session {
                     }
                 }
                 if sharded
-                    && self.spans_shards(text)
+                    && self.spans_shards(text, first)
                     && Box::pin(self.multi_shard_control(text)).await?
                 {
                     return Ok(());
@@ -319,7 +319,7 @@ impl Session {
                 let wrote = std::mem::take(&mut self.routing.force_probe);
                 if self.routing.track_lsn
                     && self.on_replica.is_none()
-                    && (wrote || self.may_commit(text, class))
+                    && (wrote || self.may_commit(text, Some(first), class))
                 {
                     if copy {
                         // A query behind COPY FROM STDIN would arrive in
@@ -867,12 +867,12 @@ impl Session {
         if self.routing.track_lsn && self.on_replica.is_none() && !self.routing.lsn_due {
             self.routing.lsn_due = match &text {
                 Some(t) if stmt.as_ref().map_or_else(|| is_copy(t), |s| s.copy) => {
-                    if self.may_commit(t, class) {
+                    if self.may_commit(t, None, class) {
                         self.routing.copy_lsn = Some(false);
                     }
                     false
                 }
-                Some(t) => self.may_commit(t, class),
+                Some(t) => self.may_commit(t, None, class),
                 None => true,
             };
         }

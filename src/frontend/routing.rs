@@ -88,10 +88,17 @@ impl Session {
     /// (so a position probe should follow it)? Outside a transaction: any
     /// statement that may commit data (not reads, not SET); inside one:
     /// only COMMIT/END (or a statement list), a cheap lexical check.
-    pub(super) fn may_commit(&mut self, sql: &[u8], class: Option<Class>) -> bool {
+    /// `first`: the text's leading keyword, when the caller has found it.
+    pub(super) fn may_commit(
+        &mut self,
+        sql: &[u8],
+        first: Option<Option<&[u8]>>,
+        class: Option<Class>,
+    ) -> bool {
         let idle = self.server.as_ref().is_some_and(|s| s.tx_status == b'I');
         if !idle {
-            return crate::router::classify::may_end_transaction(sql);
+            let first = first.unwrap_or_else(|| crate::router::classify::leading_keyword(sql));
+            return crate::router::classify::may_end_transaction_after(first, sql);
         }
         let class = match class {
             Some(c) => c,
@@ -774,6 +781,16 @@ pub(super) fn is_command(first: Option<&[u8]>, sql: &[u8]) -> bool {
 /// `COMMIT`/`END`/`ROLLBACK`/`ABORT` alone: the command tag that ends an
 /// empty transaction.
 pub(super) fn empty_transaction_end(sql: &[u8]) -> Option<&'static str> {
+    // Most texts are told apart by their first word, without a UTF-8
+    // check and a split of the whole text (this runs on the first
+    // statement of every transaction whose BEGIN the proxy answered).
+    let word = crate::router::classify::leading_keyword(sql)?;
+    if !["commit", "end", "rollback", "abort"]
+        .iter()
+        .any(|k| word.eq_ignore_ascii_case(k.as_bytes()))
+    {
+        return None;
+    }
     let text = std::str::from_utf8(sql)
         .ok()?
         .trim()
@@ -959,6 +976,9 @@ mod tests {
         assert_eq!(empty_transaction_end(b"commit; select 1"), None);
         assert_eq!(empty_transaction_end(b"rollback to savepoint a"), None);
         assert_eq!(empty_transaction_end(b"commit prepared 'x'"), None);
+        assert_eq!(empty_transaction_end(b"\n\tROLLBACK\n"), Some("ROLLBACK"));
+        assert_eq!(empty_transaction_end(b"endless"), None);
+        assert_eq!(empty_transaction_end(b""), None);
     }
 
     #[test]

@@ -410,12 +410,13 @@ impl Session {
     /// to its shard. Returns true when the transaction spans shards, and
     /// `multi_shard_control` must see the statement. Kept apart so that
     /// the common case awaits (and boxes) nothing.
-    pub(super) fn spans_shards(&mut self, sql: &[u8]) -> bool {
+    /// `first`: the text's leading keyword.
+    pub(super) fn spans_shards(&mut self, sql: &[u8], first: Option<&[u8]>) -> bool {
         if self.server.is_none() {
             return false;
         }
         if self.routing.tx_parked.is_empty() {
-            self.routing.tx_pinned |= pins_transaction(sql);
+            self.routing.tx_pinned |= pins_transaction_after(first, sql);
             return false;
         }
         true
@@ -846,9 +847,14 @@ impl Session {
 /// SAVEPOINT, RELEASE, ROLLBACK TO, SET LOCAL, SET TRANSACTION: they act
 /// on one server's transaction.
 pub(super) fn pins_transaction(sql: &[u8]) -> bool {
+    pins_transaction_after(crate::router::classify::leading_keyword(sql), sql)
+}
+
+/// [`pins_transaction`], given the text's leading keyword.
+pub(super) fn pins_transaction_after(first: Option<&[u8]>, sql: &[u8]) -> bool {
     // Runs on every statement inside a transaction: most are told apart
     // by their leading keyword, without a lowercased copy of the text.
-    if let Some(word) = crate::router::classify::leading_keyword(sql) {
+    if let Some(word) = first {
         if !["savepoint", "release", "rollback", "set"]
             .iter()
             .any(|k| word.eq_ignore_ascii_case(k.as_bytes()))

@@ -70,7 +70,18 @@ pub fn backend_key_data(pid: i32, secret: i32) -> Frame {
 }
 
 pub fn ready_for_query(status: u8) -> Frame {
-    frame(READY_FOR_QUERY, BytesMut::from(&[status][..]))
+    // The three statuses Postgres sends need no allocation (the proxy
+    // answers a deferred BEGIN with one per transaction).
+    let body = match status {
+        b'I' => Bytes::from_static(b"I"),
+        b'T' => Bytes::from_static(b"T"),
+        b'E' => Bytes::from_static(b"E"),
+        other => Bytes::copy_from_slice(&[other]),
+    };
+    Frame {
+        tag: READY_FOR_QUERY,
+        body,
+    }
 }
 
 /// A RowDescription of text columns (the proxy's own result sets).
@@ -101,6 +112,19 @@ pub fn data_row(values: &[&str]) -> Frame {
 }
 
 pub fn command_complete(tag: &str) -> Frame {
+    // The tags of the transaction control the proxy answers itself.
+    let known: Option<&'static [u8]> = match tag {
+        "BEGIN" => Some(b"BEGIN\0"),
+        "COMMIT" => Some(b"COMMIT\0"),
+        "ROLLBACK" => Some(b"ROLLBACK\0"),
+        _ => None,
+    };
+    if let Some(body) = known {
+        return Frame {
+            tag: COMMAND_COMPLETE,
+            body: Bytes::from_static(body),
+        };
+    }
     let mut b = BytesMut::with_capacity(tag.len() + 1);
     b.put_slice(tag.as_bytes());
     b.put_u8(0);
@@ -236,5 +260,19 @@ mod tests {
             parse_parameter_status(&f.body),
             Some(("DateStyle", "ISO, MDY"))
         );
+    }
+
+    #[test]
+    fn command_complete_and_ready_for_query_encode_their_tag_and_status() {
+        for tag in ["BEGIN", "COMMIT", "ROLLBACK", "SELECT 1", "INSERT 0 3"] {
+            let f = command_complete(tag);
+            assert_eq!(f.tag, COMMAND_COMPLETE);
+            assert_eq!(&f.body[..], [tag.as_bytes(), b"\0"].concat(), "{tag}");
+        }
+        for status in [b'I', b'T', b'E', b'X'] {
+            let f = ready_for_query(status);
+            assert_eq!(f.tag, READY_FOR_QUERY);
+            assert_eq!(&f.body[..], [status], "{}", status as char);
+        }
     }
 }

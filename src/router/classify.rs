@@ -452,7 +452,13 @@ pub fn leading_keyword(sql: &[u8]) -> Option<&[u8]> {
 /// (COMMIT or END, or several statements, which are not looked into.)
 /// Procedures and DO blocks cannot commit inside a transaction block.
 pub fn may_end_transaction(sql: &[u8]) -> bool {
-    let Some(word) = leading_keyword(sql) else {
+    may_end_transaction_after(leading_keyword(sql), sql)
+}
+
+/// [`may_end_transaction`], given the text's [`leading_keyword`] (which a
+/// caller looking at every statement has found already).
+pub fn may_end_transaction_after(first: Option<&[u8]>, sql: &[u8]) -> bool {
+    let Some(word) = first else {
         return true;
     };
     if word.eq_ignore_ascii_case(b"commit") || word.eq_ignore_ascii_case(b"end") {
