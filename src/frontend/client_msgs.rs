@@ -242,7 +242,9 @@ impl Session {
                 }
                 if self.server.is_none() && self.mode == PoolMode::Transaction {
                     if self.routing.pending_begin.is_some() {
-                        self.wait_for_cutover(Some(text), None).await;
+                        if self.buckets_held() {
+                            self.wait_for_cutover(Some(text), None).await;
+                        }
                         let refused = match self.route_shard(Some(text), None) {
                             Ok(None) => None,
                             Ok(Some(shards)) => Some(self.cross_shard_refusal(&shards)),
@@ -280,7 +282,9 @@ impl Session {
                     return Ok(());
                 }
                 if sharded {
-                    self.wait_for_cutover(Some(text), None).await;
+                    if self.buckets_held() {
+                        self.wait_for_cutover(Some(text), None).await;
+                    }
                     let refused = match self.route_shard(Some(text), None) {
                         Ok(None) => None,
                         Ok(Some(shards)) if self.server.is_none() => {
@@ -799,8 +803,10 @@ impl Session {
                     self.routing.tx_pinned |= super::sharding::pins_transaction(t);
                 }
             }
-            self.wait_for_cutover(text.as_deref(), Some((types, bind.rest)))
-                .await;
+            if self.buckets_held() {
+                self.wait_for_cutover(text.as_deref(), Some((types, bind.rest)))
+                    .await;
+            }
             let routed = self.route_shard(text.as_deref(), Some((types, bind.rest)));
             let refused = match routed {
                 Ok(None) => None,

@@ -282,6 +282,13 @@ impl Session {
         }
     }
 
+    /// Is a bucket move cutting over (holding statements of its keys)?
+    /// Checked before `wait_for_cutover` is called, so that the common
+    /// case builds no future.
+    pub(super) fn buckets_held(&self) -> bool {
+        self.shard_map.as_ref().is_some_and(|m| !m.held.is_empty())
+    }
+
     /// Waits (at most [`CUTOVER_WAIT`]) while the statement's key is in a
     /// bucket a move is cutting over; the session then places it with the
     /// new bucket map.
@@ -292,7 +299,7 @@ impl Session {
     ) {
         let Some(sql) = text else { return };
         // Per statement: no clone, no clock unless a bucket is held.
-        if self.shard_map.as_ref().is_none_or(|m| m.held.is_empty()) {
+        if !self.buckets_held() {
             return;
         }
         let limit = tokio::time::Instant::now() + CUTOVER_WAIT;

@@ -412,15 +412,28 @@ impl Visitor for ReadOnlyCheck<'_> {
     }
 }
 
+/// The bytes a keyword is made of (ASCII letters, digits, underscore), as
+/// a table: one load per byte instead of three range checks.
+const WORD_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = b.is_ascii_alphanumeric() || b == b'_';
+        i += 1;
+    }
+    table
+};
+
 /// The first word of the text after whitespace and simple comments; None
 /// when it does not start with a word (or with a nested comment).
 pub fn leading_keyword(sql: &[u8]) -> Option<&[u8]> {
-    // The usual text starts with its keyword (this runs several times per
+    // The usual text starts with its keyword (this runs on every
     // statement).
     if sql.first().is_some_and(u8::is_ascii_alphabetic) {
         let len = sql
             .iter()
-            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+            .position(|&b| !WORD_BYTE[b as usize])
             .unwrap_or(sql.len());
         return Some(&sql[..len]);
     }
@@ -443,7 +456,7 @@ pub fn leading_keyword(sql: &[u8]) -> Option<&[u8]> {
     }
     let len = sql[i..]
         .iter()
-        .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+        .take_while(|&&b| WORD_BYTE[b as usize])
         .count();
     (len > 0).then(|| &sql[i..i + len])
 }
@@ -769,6 +782,11 @@ mod tests {
         assert_eq!(leading_keyword(b"a_1"), Some(&b"a_1"[..]));
         assert_eq!(leading_keyword(b""), None);
         assert_eq!(leading_keyword(b"  "), None);
+        for b in 0..=255u8 {
+            let word = b.is_ascii_alphanumeric() || b == b'_';
+            assert_eq!(WORD_BYTE[b as usize], word, "byte {b}");
+        }
+        assert_eq!(leading_keyword("sélect".as_bytes()), Some(&b"s"[..]));
         assert!(may_end_transaction(b"END;"));
         assert!(may_end_transaction(b"commit"));
         assert!(may_end_transaction(b"update t set a = 1; commit"));
