@@ -33,9 +33,11 @@ impl Session {
                         body: &buf[5..total],
                     });
                     self.client_buf = buf;
-                    bytes::Buf::advance(&mut self.client_buf, total);
-                    result?;
-                    continue;
+                    if result? {
+                        bytes::Buf::advance(&mut self.client_buf, total);
+                        continue;
+                    }
+                    // Not handled: the general path takes it from the buffer.
                 }
             }
             let frame = match decode_frame(&mut self.client_buf, self.max_message_size) {
@@ -76,6 +78,8 @@ impl Session {
         let held = self.server.is_some();
         let inline = match tag {
             fe::EXECUTE | fe::SYNC | fe::FLUSH | fe::COPY_DATA => held,
+            // `inline_bind` checks the rest (and may hand it back).
+            fe::BIND => true,
             fe::DESCRIBE => held && first == Some(b'P'),
             // The unnamed statement (its empty name: the body starts with
             // a NUL): held back with shards and no server; inside a
@@ -92,16 +96,18 @@ impl Session {
         inline
             && self.routing.retry.is_none()
             && self.routing.pending_begin.is_none()
-            && (self.routing.owed.is_empty() || tag == fe::PARSE)
+            && (self.routing.owed.is_empty() || matches!(tag, fe::PARSE | fe::BIND))
             && self.proxy.topology.epoch() == self.pool_epoch
     }
 
     /// A message `inline_ok` passed, other than Parse. As
     /// `handle_client_message` would, minus what it keeps for a replica
-    /// retry (a server is held).
-    fn dispatch_in_place(&mut self, frame: FrameRef<'_>) -> Result<(), SessionError> {
+    /// retry (a server is held, or a Bind attaches one on the primary).
+    /// Returns false for a Bind that needs the general path after all.
+    fn dispatch_in_place(&mut self, frame: FrameRef<'_>) -> Result<bool, SessionError> {
         self.routing.batch_open = frame.tag != fe::SYNC;
         match frame.tag {
+            fe::BIND => return Ok(self.inline_bind(frame)),
             fe::EXECUTE => {
                 if self.execute_prelude(frame) {
                     self.execute_send(frame);
@@ -116,7 +122,7 @@ impl Session {
             }
             _ => self.forward_if_attached(frame),
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The unnamed statement's Parse `inline_ok` passed: held back or
@@ -660,13 +666,25 @@ impl Session {
         &mut self,
         stmt: &Arc<super::statements::Statement>,
     ) -> Result<bool, SessionError> {
-        use std::sync::atomic::Ordering;
-        if stmt.stale.load(Ordering::Relaxed) {
-            return Ok(false);
+        match self.prepare_on_server(stmt) {
+            None => Ok(false),
+            Some(false) => Ok(true),
+            Some(true) => {
+                self.wait_for_shape_check().await?;
+                Ok(!stmt.stale.load(std::sync::atomic::Ordering::Relaxed))
+            }
+        }
+    }
+
+    /// `ensure_prepared` up to the wait: None for a stale statement, else
+    /// whether its shape check must be awaited before the Bind goes out.
+    fn prepare_on_server(&mut self, stmt: &Arc<super::statements::Statement>) -> Option<bool> {
+        if stmt.stale.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
         }
         let server = self.server.as_mut().expect("ensured");
         if !server.prepared.insert(stmt.id) {
-            return Ok(true);
+            return Some(false);
         }
         stmt.parse.encode(&mut self.to_server);
         self.pipeline.push_back(Expect::Parse {
@@ -676,10 +694,7 @@ impl Session {
         });
         let known = stmt.shape.get().is_some();
         self.push_shape_check(stmt.clone(), !known);
-        if known {
-            self.wait_for_shape_check().await?;
-        }
-        Ok(!stmt.stale.load(Ordering::Relaxed))
+        Some(known)
     }
 
     /// Sends what is queued and processes server messages (forwarding the
@@ -752,6 +767,8 @@ impl Session {
         }
     }
 
+    /// A Bind, the general path (`inline_bind` handles the common case
+    /// without awaiting; keep the two in step).
     async fn on_bind(&mut self, frame: Frame) -> Result<(), SessionError> {
         if self.skipping {
             return Ok(());
@@ -847,41 +864,13 @@ impl Session {
             }
             looked_up = Some(text);
         }
-        // The statement's text is needed only to route a new transaction
-        // or to learn commit positions (shards with replicas).
-        let routes = self.server.is_none() && self.routing.split;
-        let text = if routes || self.routing.track_lsn {
-            looked_up.unwrap_or_else(|| match &named {
-                Some(s) => Some(s.text_bytes()),
-                None => self.statement_text(bind.statement),
-            })
-        } else {
-            None
-        };
+        let (text, class, read) =
+            self.bind_text_and_read(looked_up, named.as_deref(), bind.statement);
         let stmt = named;
-        let mut class = None;
-        let read = routes
-            && self.batch_wants_replica_classified(
-                text.as_deref(),
-                false,
-                stmt.as_deref(),
-                &mut class,
-            );
         if !self.ensure_server(false, read).await {
             return Ok(());
         }
-        if self.routing.track_lsn && self.on_replica.is_none() && !self.routing.lsn_due {
-            self.routing.lsn_due = match &text {
-                Some(t) if stmt.as_ref().map_or_else(|| is_copy(t), |s| s.copy) => {
-                    if self.may_commit(t, None, class) {
-                        self.routing.copy_lsn = Some(false);
-                    }
-                    false
-                }
-                Some(t) => self.may_commit(t, None, class),
-                None => true,
-            };
-        }
+        self.note_bind_commit(text.as_deref(), stmt.as_deref(), class);
         if bind.statement.is_empty() {
             self.ensure_unnamed();
             frame.encode(&mut self.to_server);
@@ -902,6 +891,149 @@ impl Session {
         }
         self.pipeline.push_back(Expect::Bind);
         Ok(())
+    }
+
+    /// The Bound statement's text, when routing a new transaction or
+    /// learning commit positions (shards with replicas) needs it
+    /// (`looked_up`: found already by the shard routing); its class; and
+    /// whether it may run on a replica.
+    fn bind_text_and_read(
+        &mut self,
+        looked_up: Option<Option<bytes::Bytes>>,
+        named: Option<&super::statements::Statement>,
+        name: &str,
+    ) -> (
+        Option<bytes::Bytes>,
+        Option<crate::router::classify::Class>,
+        bool,
+    ) {
+        let routes = self.server.is_none() && self.routing.split;
+        let text = if routes || self.routing.track_lsn {
+            looked_up.unwrap_or_else(|| match named {
+                Some(s) => Some(s.text_bytes()),
+                None => self.statement_text(name),
+            })
+        } else {
+            None
+        };
+        let mut class = None;
+        let read = routes
+            && self.batch_wants_replica_classified(text.as_deref(), false, named, &mut class);
+        (text, class, read)
+    }
+
+    /// Read-your-writes: may the Bound statement commit, so that a
+    /// position probe follows at Sync?
+    fn note_bind_commit(
+        &mut self,
+        text: Option<&[u8]>,
+        stmt: Option<&super::statements::Statement>,
+        class: Option<crate::router::classify::Class>,
+    ) {
+        if self.routing.track_lsn && self.on_replica.is_none() && !self.routing.lsn_due {
+            self.routing.lsn_due = match text {
+                Some(t) if stmt.map_or_else(|| is_copy(t), |s| s.copy) => {
+                    if self.may_commit(t, None, class) {
+                        self.routing.copy_lsn = Some(false);
+                    }
+                    false
+                }
+                Some(t) => self.may_commit(t, None, class),
+                None => true,
+            };
+        }
+    }
+
+    /// A Bind that needs nothing awaited, handled in place as `on_bind`
+    /// would (keep the two in step). False, before anything the general
+    /// path would do a second time, when the Bind needs that path:
+    /// statements the proxy answers, a bucket cutover, a transaction
+    /// spread over shards or moving on to another, a position probe still
+    /// owed, a statement the proxy does not know, a read for a replica,
+    /// no spare on the primary to attach, or a prepared statement whose
+    /// shape must be checked on this connection first.
+    fn inline_bind(&mut self, frame: FrameRef<'_>) -> bool {
+        if self.skipping
+            || !self.routing.proxy_stmts.is_empty()
+            || !self.routing.proxy_portals.is_empty()
+            || self.buckets_held()
+            || self.server.as_ref().is_some_and(|s| {
+                !self.routing.tx_parked.is_empty()
+                    || (s.tx_status == b'I' && !self.pipeline.is_empty())
+            })
+        {
+            return false;
+        }
+        let Ok(bind) = fe::parse_bind(frame.body) else {
+            return false;
+        };
+        let named = match bind.statement.is_empty() {
+            true => None,
+            false => match self.statements.get(bind.statement) {
+                Some(s) => Some(s.clone()),
+                None => return false,
+            },
+        };
+        let mut looked_up = None;
+        if self.shard_map.is_some() {
+            let unnamed_types;
+            let (text, types) = match &named {
+                Some(s) => (Some(s.text_bytes()), s.types.as_slice()),
+                None => {
+                    let (text, types) = self.unnamed_text_and_types();
+                    unnamed_types = types;
+                    (text, unnamed_types.as_slice())
+                }
+            };
+            if !self.place_inline(text.as_deref(), (types, bind.rest)) {
+                return false;
+            }
+            if self.server.is_some() {
+                if let Some(t) = text.as_deref() {
+                    self.routing.tx_pinned |= super::sharding::pins_transaction(t);
+                }
+                self.send_owed_parses();
+            }
+            looked_up = Some(text);
+        }
+        let (text, class, read) =
+            self.bind_text_and_read(looked_up, named.as_deref(), bind.statement);
+        if self.server.is_none() {
+            if !self.attach_primary_spare(read) {
+                return false;
+            }
+            self.send_owed_parses();
+        }
+        let stmt = named.filter(|_| self.renames());
+        if let Some(s) = &stmt {
+            let server = self.server.as_ref().expect("attached");
+            if s.shape.get().is_some()
+                && !server.prepared.contains(&s.id)
+                && !s.stale.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                // Its shape is checked on this connection first (the
+                // general path finds the server attached and goes on).
+                return false;
+            }
+        }
+        if self.shard_map.is_some() {
+            self.count_routed(self.shard);
+        }
+        self.note_bind_commit(text.as_deref(), stmt.as_deref(), class);
+        if bind.statement.is_empty() {
+            self.ensure_unnamed();
+            frame.encode(&mut self.to_server);
+        } else if let Some(stmt) = stmt {
+            if self.prepare_on_server(&stmt).is_none() {
+                self.fail_stale_statement();
+                return true;
+            }
+            fe::encode_bind(bind.portal, &stmt.name, bind.rest, &mut self.to_server);
+        } else {
+            frame.encode(&mut self.to_server);
+        }
+        self.pipeline.push_back(Expect::Bind);
+        true
     }
 
     /// Describe, the part every Describe goes through: None when it is

@@ -270,9 +270,35 @@ impl Session {
         Ok(None)
     }
 
+    /// `route_shard` for a Bind handled inline, when placing it needs
+    /// nothing awaited: false (nothing counted, nothing to undo) for a
+    /// statement across shards, refused, or moving the transaction on to
+    /// another shard. With no server held, the shard is selected; the
+    /// caller counts the statement (`count_routed`) once it goes out.
+    pub(super) fn place_inline(&mut self, text: Option<&[u8]>, bind: (&[u32], &[u8])) -> bool {
+        self.scatter_guard = None;
+        self.routing.key_hit = None;
+        let Some(map) = self.shard_map() else {
+            return true;
+        };
+        let want = match text {
+            None => None,
+            Some(sql) => match self.target_of(&map, sql, Some(bind)) {
+                Ok(Target::Anywhere) => None,
+                Ok(Target::Shard(s)) => Some(s),
+                _ => return false,
+            },
+        };
+        if self.server.is_some() {
+            return want.is_none_or(|s| s == self.shard);
+        }
+        self.select_shard(want.unwrap_or(map.default_shard));
+        true
+    }
+
     /// Notes a statement placed on `shard` (and its key, if it has one)
     /// for the load views; they count it when the server answers.
-    fn count_routed(&mut self, shard: usize) {
+    pub(super) fn count_routed(&mut self, shard: usize) {
         let hit = self.routing.key_hit.take();
         if self.proxy.hotspots.enabled() {
             self.routing.load.routed(shard, hit);
