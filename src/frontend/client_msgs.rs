@@ -78,8 +78,9 @@ impl Session {
         let held = self.server.is_some();
         let inline = match tag {
             fe::EXECUTE | fe::SYNC | fe::FLUSH | fe::COPY_DATA => held,
-            // `inline_bind` checks the rest (and may hand it back).
-            fe::BIND => true,
+            // `inline_bind` and `inline_query` check the rest (and may
+            // hand the message back).
+            fe::BIND | fe::QUERY => true,
             fe::DESCRIBE => held && first == Some(b'P'),
             // The unnamed statement (its empty name: the body starts with
             // a NUL): held back with shards and no server; inside a
@@ -103,11 +104,13 @@ impl Session {
     /// A message `inline_ok` passed, other than Parse. As
     /// `handle_client_message` would, minus what it keeps for a replica
     /// retry (a server is held, or a Bind attaches one on the primary).
-    /// Returns false for a Bind that needs the general path after all.
+    /// Returns false for a Bind or Query that needs the general path after
+    /// all.
     fn dispatch_in_place(&mut self, frame: FrameRef<'_>) -> Result<bool, SessionError> {
-        self.routing.batch_open = frame.tag != fe::SYNC;
+        self.routing.batch_open = !matches!(frame.tag, fe::SYNC | fe::QUERY);
         match frame.tag {
             fe::BIND => return Ok(self.inline_bind(frame)),
+            fe::QUERY => return Ok(self.inline_query(frame)),
             fe::EXECUTE => {
                 if self.execute_prelude(frame) {
                     self.execute_send(frame);
@@ -944,6 +947,72 @@ impl Session {
         }
     }
 
+    /// What an inline Bind or Query needs of the session: not skipping
+    /// to Sync, no bucket cutover, and a held server with no transaction
+    /// spread over shards and no position probe still owed.
+    fn may_place_inline(&self) -> bool {
+        !self.skipping
+            && !self.buckets_held()
+            && self.server.as_ref().is_none_or(|s| {
+                self.routing.tx_parked.is_empty()
+                    && (s.tx_status != b'I' || self.pipeline.is_empty())
+            })
+    }
+
+    /// A simple Query that needs nothing awaited, handled in place as
+    /// `dispatch_client_message` would (keep the two in step). False,
+    /// before anything the general path would do a second time, for
+    /// `shardgate.*` commands, BEGIN (which the proxy may answer itself),
+    /// COPY, a statement across shards or moving the transaction on to
+    /// another, a read for a replica, and no spare on the primary to
+    /// attach.
+    fn inline_query(&mut self, frame: FrameRef<'_>) -> bool {
+        if !self.may_place_inline() {
+            return false;
+        }
+        let text = frame.body.strip_suffix(&[0]).unwrap_or(frame.body);
+        let first = crate::router::classify::leading_keyword(text);
+        let special = |w: &[u8]| {
+            [&b"begin"[..], b"start", b"copy"]
+                .iter()
+                .any(|k| w.eq_ignore_ascii_case(k))
+        };
+        if first.is_some_and(special) || super::routing::is_command(first, text) {
+            return false;
+        }
+        let sharded = self.shard_map.is_some();
+        if sharded && !self.place_inline(Some(text), None) {
+            return false;
+        }
+        let class = (self.server.is_none() && self.routing.split).then(|| self.classify(text));
+        if self.server.is_none() {
+            let read = class.as_ref().is_some_and(|c| self.wants_replica(c));
+            if !self.attach_primary_spare(read) {
+                return false;
+            }
+            self.send_owed_parses();
+        } else if sharded {
+            // Only records a statement that pins the transaction (no
+            // transaction is spread over shards here).
+            self.spans_shards(text, first);
+        }
+        if sharded {
+            self.count_routed(self.shard);
+        }
+        self.start_request();
+        self.pool.metrics.queries.inc();
+        frame.encode(&mut self.to_server);
+        self.pipeline.push_back(Expect::Query);
+        let wrote = std::mem::take(&mut self.routing.force_probe);
+        if self.routing.track_lsn
+            && self.on_replica.is_none()
+            && (wrote || self.may_commit(text, Some(first), class))
+        {
+            self.push_lsn_probe();
+        }
+        true
+    }
+
     /// A Bind that needs nothing awaited, handled in place as `on_bind`
     /// would (keep the two in step). False, before anything the general
     /// path would do a second time, when the Bind needs that path:
@@ -953,14 +1022,9 @@ impl Session {
     /// no spare on the primary to attach, or a prepared statement whose
     /// shape must be checked on this connection first.
     fn inline_bind(&mut self, frame: FrameRef<'_>) -> bool {
-        if self.skipping
+        if !self.may_place_inline()
             || !self.routing.proxy_stmts.is_empty()
             || !self.routing.proxy_portals.is_empty()
-            || self.buckets_held()
-            || self.server.as_ref().is_some_and(|s| {
-                !self.routing.tx_parked.is_empty()
-                    || (s.tx_status == b'I' && !self.pipeline.is_empty())
-            })
         {
             return false;
         }
@@ -985,7 +1049,7 @@ impl Session {
                     (text, unnamed_types.as_slice())
                 }
             };
-            if !self.place_inline(text.as_deref(), (types, bind.rest)) {
+            if !self.place_inline(text.as_deref(), Some((types, bind.rest))) {
                 return false;
             }
             if self.server.is_some() {

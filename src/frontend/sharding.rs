@@ -270,12 +270,16 @@ impl Session {
         Ok(None)
     }
 
-    /// `route_shard` for a Bind handled inline, when placing it needs
+    /// `route_shard` for a Bind or Query handled inline, when placing it needs
     /// nothing awaited: false (nothing counted, nothing to undo) for a
     /// statement across shards, refused, or moving the transaction on to
     /// another shard. With no server held, the shard is selected; the
     /// caller counts the statement (`count_routed`) once it goes out.
-    pub(super) fn place_inline(&mut self, text: Option<&[u8]>, bind: (&[u32], &[u8])) -> bool {
+    pub(super) fn place_inline(
+        &mut self,
+        text: Option<&[u8]>,
+        bind: Option<(&[u32], &[u8])>,
+    ) -> bool {
         self.scatter_guard = None;
         self.routing.key_hit = None;
         let Some(map) = self.shard_map() else {
@@ -283,7 +287,7 @@ impl Session {
         };
         let want = match text {
             None => None,
-            Some(sql) => match self.target_of(&map, sql, Some(bind)) {
+            Some(sql) => match self.target_of(&map, sql, bind) {
                 Ok(Target::Anywhere) => None,
                 Ok(Target::Shard(s)) => Some(s),
                 _ => return false,
