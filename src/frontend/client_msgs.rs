@@ -323,25 +323,7 @@ impl Session {
                 if !self.ensure_server(true, read).await {
                     return Ok(());
                 }
-                self.start_request();
-                self.pool.metrics.queries.inc();
-                frame.encode(&mut self.to_server);
-                self.pipeline.push_back(Expect::Query);
-                // A replay after a replica refused the statement as a write:
-                // it writes, whatever its text looked like.
-                let wrote = std::mem::take(&mut self.routing.force_probe);
-                if self.routing.track_lsn
-                    && self.on_replica.is_none()
-                    && (wrote || self.may_commit(text, Some(first), class))
-                {
-                    if copy {
-                        // A query behind COPY FROM STDIN would arrive in
-                        // the middle of the copy data: probe after CopyDone.
-                        self.routing.copy_lsn = Some(true);
-                    } else {
-                        self.push_lsn_probe();
-                    }
-                }
+                self.send_query(frame.as_ref(), first, class, copy);
             }
             fe::PARSE => self.on_parse(frame).await?,
             fe::BIND => self.on_bind(frame).await?,
@@ -999,18 +981,40 @@ impl Session {
         if sharded {
             self.count_routed(self.shard);
         }
+        self.send_query(frame, first, class, false);
+        true
+    }
+
+    /// A simple Query, on the server held, and the position probe that
+    /// follows it when it may commit (read-your-writes). `first`: its
+    /// leading keyword; `class`: its class, if it was classified.
+    fn send_query(
+        &mut self,
+        frame: FrameRef<'_>,
+        first: Option<&[u8]>,
+        class: Option<crate::router::classify::Class>,
+        copy: bool,
+    ) {
         self.start_request();
         self.pool.metrics.queries.inc();
         frame.encode(&mut self.to_server);
         self.pipeline.push_back(Expect::Query);
+        // A replay after a replica refused the statement as a write: it
+        // writes, whatever its text looked like.
         let wrote = std::mem::take(&mut self.routing.force_probe);
+        let text = frame.body.strip_suffix(&[0]).unwrap_or(frame.body);
         if self.routing.track_lsn
             && self.on_replica.is_none()
             && (wrote || self.may_commit(text, Some(first), class))
         {
-            self.push_lsn_probe();
+            if copy {
+                // A query behind COPY FROM STDIN would arrive in the
+                // middle of the copy data: probe after CopyDone.
+                self.routing.copy_lsn = Some(true);
+            } else {
+                self.push_lsn_probe();
+            }
         }
-        true
     }
 
     /// A Bind that needs nothing awaited, handled in place as `on_bind`
