@@ -1,8 +1,9 @@
 //! Failover against real servers: a primary killed (kill -9, and `pg_ctl
 //! stop -m immediate`) under a write load through shardgate, a primary
 //! stopped (SIGSTOP) for less than the detection window, a planned
-//! switchover under load, fencing of a returning old primary, and a
-//! restarted proxy that keeps the new topology.
+//! switchover under load, fencing of a returning old primary, a
+//! restarted proxy that keeps the new topology, and a commit position the
+//! dead primary can no longer tell.
 //!
 //! Every test has its own servers (`private_cluster`) and its own state
 //! directory: they kill and promote servers.
@@ -705,4 +706,61 @@ fn a_replica_that_stopped_following_is_never_promoted() {
             .trim(),
         "t"
     );
+}
+
+/// `SHOW shardgate.last_commit_lsn` after a commit whose position the proxy
+/// never learned (pinned to the primary, no probe sent), with the primary
+/// gone before it could be asked: an error (08006), never a stale position.
+#[test]
+fn last_commit_lsn_unknown_when_the_primary_cannot_be_asked() {
+    let (primary, replicas) = private_cluster(1);
+    make_ledger(&primary, "ledger");
+    wait_replicated(&primary, &replicas);
+    let state = state_dir();
+    let list: Vec<String> = replicas.iter().map(|r| format!("{:?}", r.addr())).collect();
+    let base = common::config_text(
+        &primary.addr(),
+        "max_size = 20",
+        &format!("state_dir = {:?}", state.display().to_string()),
+    );
+    // No failover, and no health probe after the write (a probe that
+    // started after a commit also tells its position).
+    let text = format!(
+        "{base}replicas = [{}]\n[health]\nprobe_interval = \"1h\"\n[failover]\nenabled = false\n",
+        list.join(", ")
+    );
+    let p = start_proxy_text(&text);
+    runtime().block_on(async {
+        let c = common::connect_url(&p.url("app", "app", "app"))
+            .await
+            .expect("connects");
+        c.batch_execute("set shardgate.target = primary")
+            .await
+            .unwrap();
+        c.batch_execute("insert into ledger (id) values (1)")
+            .await
+            .unwrap();
+        // Asked while the primary is up, the position is learned.
+        let up = c
+            .simple_query("show shardgate.last_commit_lsn")
+            .await
+            .expect("the primary answers");
+        assert!(up
+            .iter()
+            .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))));
+        c.batch_execute("insert into ledger (id) values (2)")
+            .await
+            .unwrap();
+        signal(&server_pids(&primary), nix::sys::signal::Signal::SIGKILL);
+        let e = c
+            .simple_query("show shardgate.last_commit_lsn")
+            .await
+            .expect_err("the position is unknown");
+        assert_eq!(e.code().map(|c| c.code()), Some("08006"), "{e:?}");
+        let message = e.as_db_error().map(|d| d.message().to_owned());
+        assert!(
+            message.as_deref().is_some_and(|m| m.contains("unknown")),
+            "{message:?}"
+        );
+    });
 }
