@@ -492,6 +492,36 @@ fn read_your_writes_with_a_lagging_replica() {
             "a session that never wrote reads from replicas"
         );
 
+        // A write after a pause, when the replica has replayed every
+        // earlier position of the session: only this write's own position
+        // keeps the read that follows it off the replica (300 ms behind).
+        let paused = p.connect().await;
+        for i in 0..4i64 {
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            let id = 9_000_000 + i;
+            let n: i64 = if i % 2 == 0 {
+                paused
+                    .execute("insert into ryw values ($1, 9)", &[&id])
+                    .await
+                    .unwrap();
+                paused
+                    .query_one("select count(*) from ryw where id = $1", &[&id])
+                    .await
+                    .unwrap()
+                    .get(0)
+            } else {
+                paused
+                    .batch_execute(&format!("insert into ryw values ({id}, 9)"))
+                    .await
+                    .unwrap();
+                scalar(&paused, &format!("select count(*) from ryw where id = {id}"))
+                    .await
+                    .parse()
+                    .unwrap()
+            };
+            assert_eq!(n, 1, "write {i} after a pause read back stale");
+        }
+
         // Handing the position to another connection.
         // SHOW right after a write includes it (the proxy takes the answer
         // to the write's position probe first; this raced once): twenty
