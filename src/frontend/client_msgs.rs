@@ -1,6 +1,8 @@
 //! Messages from the client: decide per message whether it is forwarded
 //! raw, rewritten (prepared statement names), answered by the proxy, or
-//! refused, and record what response the server now owes.
+//! refused, and record what response the server now owes. This is the
+//! general (async) path; `inline` handles the common messages that need
+//! nothing awaited.
 
 use super::pipeline::Expect;
 use super::session::{Session, SessionError};
@@ -63,81 +65,6 @@ impl Session {
             result?;
         }
         self.emit_ready_synthetics();
-        Ok(())
-    }
-
-    /// May this message (its tag and first body byte) skip the async
-    /// dispatch, which costs a copy of its state per message? Execute,
-    /// Sync, Flush, CopyData and a portal's Describe need no wait on a
-    /// held server; with shards, the unnamed statement's Parse is held
-    /// back for its Bind (between transactions, and inside one that may
-    /// move on to another shard) or sent on. Not when anything about the
-    /// session calls for the general path: a read being recorded for a
-    /// retry, a deferred BEGIN, owed Parses, a new topology.
-    fn inline_ok(&self, tag: u8, first: Option<u8>) -> bool {
-        let held = self.server.is_some();
-        let inline = match tag {
-            fe::EXECUTE | fe::SYNC | fe::FLUSH | fe::COPY_DATA => held,
-            // `inline_bind` and `inline_query` check the rest (and may
-            // hand the message back).
-            fe::BIND | fe::QUERY => true,
-            fe::DESCRIBE => held && first == Some(b'P'),
-            // The unnamed statement (its empty name: the body starts with
-            // a NUL): held back with shards and no server; inside a
-            // transaction, held back or sent on as `on_parse` decides.
-            fe::PARSE => {
-                first == Some(0)
-                    && match &self.server {
-                        None => self.shard_map.is_some(),
-                        Some(s) => s.tx_status != b'I',
-                    }
-            }
-            _ => false,
-        };
-        inline
-            && self.routing.retry.is_none()
-            && self.routing.pending_begin.is_none()
-            && (self.routing.owed.is_empty() || matches!(tag, fe::PARSE | fe::BIND))
-            && self.proxy.topology.epoch() == self.pool_epoch
-    }
-
-    /// A message `inline_ok` passed, other than Parse. As
-    /// `handle_client_message` would, minus what it keeps for a replica
-    /// retry (a server is held, or a Bind attaches one on the primary).
-    /// Returns false for a Bind or Query that needs the general path after
-    /// all.
-    fn dispatch_in_place(&mut self, frame: FrameRef<'_>) -> Result<bool, SessionError> {
-        self.routing.batch_open = !matches!(frame.tag, fe::SYNC | fe::QUERY);
-        match frame.tag {
-            fe::BIND => return Ok(self.inline_bind(frame)),
-            fe::QUERY => return Ok(self.inline_query(frame)),
-            fe::EXECUTE => {
-                if self.execute_prelude(frame) {
-                    self.execute_send(frame);
-                }
-            }
-            fe::SYNC => self.on_sync(frame),
-            fe::DESCRIBE => {
-                if self.describe_prelude(frame)?.is_some() {
-                    frame.encode(&mut self.to_server);
-                    self.pipeline.push_back(Expect::Describe);
-                }
-            }
-            _ => self.forward_if_attached(frame),
-        }
-        Ok(true)
-    }
-
-    /// The unnamed statement's Parse `inline_ok` passed: held back or
-    /// sent on, as `on_parse` would.
-    fn inline_parse(&mut self, frame: Frame) -> Result<(), SessionError> {
-        if self.parse_prelude(&frame)?.is_some() {
-            if self.parse_deferred() {
-                self.defer_unnamed_parse(frame);
-            } else {
-                self.send_unnamed_parse(frame);
-            }
-        }
         Ok(())
     }
 
@@ -378,7 +305,7 @@ impl Session {
     /// Execute, up to needing a server: false when it is handled already
     /// (skipped after an error, answered by the proxy, or run across
     /// shards).
-    fn execute_prelude(&mut self, frame: FrameRef<'_>) -> bool {
+    pub(super) fn execute_prelude(&mut self, frame: FrameRef<'_>) -> bool {
         if self.skipping {
             return false;
         }
@@ -404,14 +331,14 @@ impl Session {
     }
 
     /// Execute, on the server now held.
-    fn execute_send(&mut self, frame: FrameRef<'_>) {
+    pub(super) fn execute_send(&mut self, frame: FrameRef<'_>) {
         self.start_request();
         self.pool.metrics.queries.inc();
         frame.encode(&mut self.to_server);
         self.pipeline.push_back(Expect::Execute);
     }
 
-    fn on_sync(&mut self, frame: FrameRef<'_>) {
+    pub(super) fn on_sync(&mut self, frame: FrameRef<'_>) {
         if self.copy_in {
             // Ignored by a server in COPY FROM STDIN; no answer owed.
             self.forward_if_attached(frame);
@@ -438,7 +365,7 @@ impl Session {
         }
     }
 
-    fn forward_if_attached(&mut self, frame: FrameRef<'_>) {
+    pub(super) fn forward_if_attached(&mut self, frame: FrameRef<'_>) {
         if self.server.is_some() {
             frame.encode(&mut self.to_server);
         }
@@ -450,7 +377,7 @@ impl Session {
         }
     }
 
-    fn renames(&self) -> bool {
+    pub(super) fn renames(&self) -> bool {
         self.mode == PoolMode::Transaction
     }
 
@@ -494,7 +421,7 @@ impl Session {
 
     /// Parse, the part every Parse goes through: None when it is handled
     /// already (skipped after an error, or answered by the proxy).
-    fn parse_prelude<'f>(
+    pub(super) fn parse_prelude<'f>(
         &mut self,
         frame: &'f Frame,
     ) -> Result<Option<fe::Parse<'f>>, SessionError> {
@@ -515,7 +442,7 @@ impl Session {
 
     /// The unnamed statement's Parse, sent with the Bind that picks the
     /// shard.
-    fn defer_unnamed_parse(&mut self, frame: Frame) {
+    pub(super) fn defer_unnamed_parse(&mut self, frame: Frame) {
         self.unnamed_parse = Some(frame.clone());
         self.unnamed_on_server = false;
         self.routing
@@ -526,7 +453,7 @@ impl Session {
     /// With shards, a Parse waits for the Bind whose key picks the shard
     /// — also inside a transaction that may move on to another shard; and
     /// behind Parses already waiting.
-    fn parse_deferred(&self) -> bool {
+    pub(super) fn parse_deferred(&self) -> bool {
         self.shard_map.is_some()
             && (self.server.is_none()
                 || (self.routing.tx_begin.is_some() && self.pipeline.is_empty()))
@@ -534,7 +461,7 @@ impl Session {
     }
 
     /// The unnamed statement's Parse, on the server held.
-    fn send_unnamed_parse(&mut self, frame: Frame) {
+    pub(super) fn send_unnamed_parse(&mut self, frame: Frame) {
         self.send_parse(&frame);
         self.unnamed_parse = Some(frame);
         self.unnamed_on_server = true;
@@ -663,7 +590,10 @@ impl Session {
 
     /// `ensure_prepared` up to the wait: None for a stale statement, else
     /// whether its shape check must be awaited before the Bind goes out.
-    fn prepare_on_server(&mut self, stmt: &Arc<super::statements::Statement>) -> Option<bool> {
+    pub(super) fn prepare_on_server(
+        &mut self,
+        stmt: &Arc<super::statements::Statement>,
+    ) -> Option<bool> {
         if stmt.stale.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
@@ -721,7 +651,7 @@ impl Session {
 
     /// Answers a Bind or Describe of a stale statement with the error
     /// Postgres gives.
-    fn fail_stale_statement(&mut self) {
+    pub(super) fn fail_stale_statement(&mut self) {
         let error = be::error_response("ERROR", "0A000", "cached plan must not change result type");
         self.fail_in_step(error);
     }
@@ -737,7 +667,7 @@ impl Session {
     }
 
     /// Re-sends the client's last unnamed Parse on a server that lacks it.
-    fn ensure_unnamed(&mut self) {
+    pub(super) fn ensure_unnamed(&mut self) {
         if self.unnamed_on_server {
             return;
         }
@@ -882,7 +812,7 @@ impl Session {
     /// learning commit positions (shards with replicas) needs it
     /// (`looked_up`: found already by the shard routing); its class; and
     /// whether it may run on a replica.
-    fn bind_text_and_read(
+    pub(super) fn bind_text_and_read(
         &mut self,
         looked_up: Option<Option<bytes::Bytes>>,
         named: Option<&super::statements::Statement>,
@@ -909,7 +839,7 @@ impl Session {
 
     /// Read-your-writes: may the Bound statement commit, so that a
     /// position probe follows at Sync?
-    fn note_bind_commit(
+    pub(super) fn note_bind_commit(
         &mut self,
         text: Option<&[u8]>,
         stmt: Option<&super::statements::Statement>,
@@ -929,66 +859,10 @@ impl Session {
         }
     }
 
-    /// What an inline Bind or Query needs of the session: not skipping
-    /// to Sync, no bucket cutover, and a held server with no transaction
-    /// spread over shards and no position probe still owed.
-    fn may_place_inline(&self) -> bool {
-        !self.skipping
-            && !self.buckets_held()
-            && self.server.as_ref().is_none_or(|s| {
-                self.routing.tx_parked.is_empty()
-                    && (s.tx_status != b'I' || self.pipeline.is_empty())
-            })
-    }
-
-    /// A simple Query that needs nothing awaited, handled in place as
-    /// `dispatch_client_message` would (keep the two in step). False,
-    /// before anything the general path would do a second time, for
-    /// `shardgate.*` commands, BEGIN (which the proxy may answer itself),
-    /// COPY, a statement across shards or moving the transaction on to
-    /// another, a read for a replica, and no spare on the primary to
-    /// attach.
-    fn inline_query(&mut self, frame: FrameRef<'_>) -> bool {
-        if !self.may_place_inline() {
-            return false;
-        }
-        let text = frame.body.strip_suffix(&[0]).unwrap_or(frame.body);
-        let first = crate::router::classify::leading_keyword(text);
-        let special = |w: &[u8]| {
-            [&b"begin"[..], b"start", b"copy"]
-                .iter()
-                .any(|k| w.eq_ignore_ascii_case(k))
-        };
-        if first.is_some_and(special) || super::routing::is_command(first, text) {
-            return false;
-        }
-        let sharded = self.shard_map.is_some();
-        if sharded && !self.place_inline(Some(text), None) {
-            return false;
-        }
-        let class = (self.server.is_none() && self.routing.split).then(|| self.classify(text));
-        if self.server.is_none() {
-            let read = class.as_ref().is_some_and(|c| self.wants_replica(c));
-            if !self.attach_primary_spare(read) {
-                return false;
-            }
-            self.send_owed_parses();
-        } else if sharded {
-            // Only records a statement that pins the transaction (no
-            // transaction is spread over shards here).
-            self.spans_shards(text, first);
-        }
-        if sharded {
-            self.count_routed(self.shard);
-        }
-        self.send_query(frame, first, class, false);
-        true
-    }
-
     /// A simple Query, on the server held, and the position probe that
     /// follows it when it may commit (read-your-writes). `first`: its
     /// leading keyword; `class`: its class, if it was classified.
-    fn send_query(
+    pub(super) fn send_query(
         &mut self,
         frame: FrameRef<'_>,
         first: Option<&[u8]>,
@@ -1017,97 +891,10 @@ impl Session {
         }
     }
 
-    /// A Bind that needs nothing awaited, handled in place as `on_bind`
-    /// would (keep the two in step). False, before anything the general
-    /// path would do a second time, when the Bind needs that path:
-    /// statements the proxy answers, a bucket cutover, a transaction
-    /// spread over shards or moving on to another, a position probe still
-    /// owed, a statement the proxy does not know, a read for a replica,
-    /// no spare on the primary to attach, or a prepared statement whose
-    /// shape must be checked on this connection first.
-    fn inline_bind(&mut self, frame: FrameRef<'_>) -> bool {
-        if !self.may_place_inline()
-            || !self.routing.proxy_stmts.is_empty()
-            || !self.routing.proxy_portals.is_empty()
-        {
-            return false;
-        }
-        let Ok(bind) = fe::parse_bind(frame.body) else {
-            return false;
-        };
-        let named = match bind.statement.is_empty() {
-            true => None,
-            false => match self.statements.get(bind.statement) {
-                Some(s) => Some(s.clone()),
-                None => return false,
-            },
-        };
-        let mut looked_up = None;
-        if self.shard_map.is_some() {
-            let unnamed_types;
-            let (text, types) = match &named {
-                Some(s) => (Some(s.text_bytes()), s.types.as_slice()),
-                None => {
-                    let (text, types) = self.unnamed_text_and_types();
-                    unnamed_types = types;
-                    (text, unnamed_types.as_slice())
-                }
-            };
-            if !self.place_inline(text.as_deref(), Some((types, bind.rest))) {
-                return false;
-            }
-            if self.server.is_some() {
-                if let Some(t) = text.as_deref() {
-                    self.routing.tx_pinned |= super::sharding::pins_transaction(t);
-                }
-                self.send_owed_parses();
-            }
-            looked_up = Some(text);
-        }
-        let (text, class, read) =
-            self.bind_text_and_read(looked_up, named.as_deref(), bind.statement);
-        if self.server.is_none() {
-            if !self.attach_primary_spare(read) {
-                return false;
-            }
-            self.send_owed_parses();
-        }
-        let stmt = named.filter(|_| self.renames());
-        if let Some(s) = &stmt {
-            let server = self.server.as_ref().expect("attached");
-            if s.shape.get().is_some()
-                && !server.prepared.contains(&s.id)
-                && !s.stale.load(std::sync::atomic::Ordering::Relaxed)
-            {
-                // Its shape is checked on this connection first (the
-                // general path finds the server attached and goes on).
-                return false;
-            }
-        }
-        if self.shard_map.is_some() {
-            self.count_routed(self.shard);
-        }
-        self.note_bind_commit(text.as_deref(), stmt.as_deref(), class);
-        if bind.statement.is_empty() {
-            self.ensure_unnamed();
-            frame.encode(&mut self.to_server);
-        } else if let Some(stmt) = stmt {
-            if self.prepare_on_server(&stmt).is_none() {
-                self.fail_stale_statement();
-                return true;
-            }
-            fe::encode_bind(bind.portal, &stmt.name, bind.rest, &mut self.to_server);
-        } else {
-            frame.encode(&mut self.to_server);
-        }
-        self.pipeline.push_back(Expect::Bind);
-        true
-    }
-
     /// Describe, the part every Describe goes through: None when it is
     /// handled already (skipped after an error, answered by the proxy or
     /// across shards).
-    fn describe_prelude<'f>(
+    pub(super) fn describe_prelude<'f>(
         &mut self,
         frame: FrameRef<'f>,
     ) -> Result<Option<fe::Target<'f>>, SessionError> {

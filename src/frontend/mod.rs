@@ -11,6 +11,7 @@ pub mod vars;
 
 mod client_msgs;
 pub mod copy;
+mod inline;
 pub mod multiwrite;
 mod routing;
 pub mod scatter;
