@@ -62,6 +62,7 @@ impl Session {
             self.before_dispatch(&frame);
             let result = self.dispatch_client_message(frame).await;
             self.routing.pending_copy = None;
+            self.routing.handed_class = None;
             result?;
         }
         self.emit_ready_synthetics();
@@ -245,7 +246,11 @@ impl Session {
                     }
                 }
                 let fresh = self.server.is_none();
-                let class = (fresh && self.routing.split).then(|| self.classify(text));
+                let class =
+                    (fresh && self.routing.split).then(|| match self.routing.handed_class.take() {
+                        Some(class) => class,
+                        None => self.classify(text),
+                    });
                 let read = class.as_ref().is_some_and(|c| self.wants_replica(c));
                 if !self.ensure_server(true, read).await {
                     return Ok(());

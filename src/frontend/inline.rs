@@ -129,6 +129,9 @@ impl Session {
         if self.server.is_none() {
             let read = class.as_ref().is_some_and(|c| self.wants_replica(c));
             if !self.attach_primary_spare(read) {
+                // The general path takes the class rather than the
+                // classification again.
+                self.routing.handed_class = class;
                 return false;
             }
             self.send_owed_parses();

@@ -200,6 +200,11 @@ pub(super) struct RoutingState {
     /// The message being handled, and whether it ends its request: becomes
     /// `retry` if it checks out a replica.
     pub pending_copy: Option<(Frame, bool)>,
+    /// The class `inline_query` found for the Query it handed back to the
+    /// general path (a read for a replica, or no spare): used there
+    /// instead of classifying the text again, and cleared after that
+    /// message.
+    pub handed_class: Option<crate::router::classify::Class>,
     /// The FATAL error a primary sent before closing a connection whose
     /// loss the client will be told of as an ERROR.
     pub lost_error: Option<crate::protocol::backend::ErrorFields>,
