@@ -391,6 +391,13 @@ async fn a_client_keeps_its_server_connection_between_transactions_until_idle() 
     assert_eq!(scalar(&other, "select pg_backend_pid()").await, pid);
     assert_eq!(pool.pool.status().size, 1);
     drop(other);
+    // The other client's session ends in its own task: wait until its
+    // connection is back in the pool (else the next checkout may open a
+    // new one, as it should).
+    eventually("the other client's connection is back", || async {
+        pool.spares() == 0 && pool.in_use() == 0
+    })
+    .await;
     assert_eq!(scalar(&c, "select pg_backend_pid()").await, pid);
     // (Retried: other tests' proxies share the metric's label.)
     eventually("the spare is in /metrics", || async {
