@@ -262,21 +262,31 @@ proxy_pid() {
 # CPU time a process has used so far, in clock ticks: "user system".
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat" 2>/dev/null || echo 0 0; }
 
+# The machine's CPU time so far, all CPUs, in clock ticks: "idle total"
+# (idle counts iowait too).
+machine_ticks() { awk '/^cpu /{t=0; for (i=2; i<=NF; i++) t+=$i; print $5+$6, t; exit}' /proc/stat; }
+
 # run_pgbench LOGFILE TARGET ARGS... -> sets TPS, LAT, ERR (ERR empty on
 # success), CPU_US (the proxy's CPU microseconds per transaction) and
 # CPU_USER_US (the user-space part of it; the rest is kernel time, which on
-# loopback includes the TCP stack's work for the sockets' peers).
+# loopback includes the TCP stack's work for the sockets' peers) and IDLE
+# (the percentage of the machine's CPU time left idle during the run: with
+# pgbench, Postgres and the proxy on one machine, time no process could
+# use, e.g. waiting on a wake-up between them).
 run_pgbench() {
     local logf=$1 target=$2
     shift 2
-    local port rc=0 pid t0="0 0" t1="0 0" txns
+    local port rc=0 pid t0="0 0" t1="0 0" txns m0 m1
     port=$(port_of "$target")
     reset_tables
     pid=$(proxy_pid "$target")
     [[ -n $pid ]] && t0=$(cpu_ticks "$pid")
+    m0=$(machine_ticks)
     PGOPTIONS=$(pg_options "$target") timeout --kill-after=10 $((DURATION + 120)) \
         "$PGBENCH" -h 127.0.0.1 -p "$port" -U "$DB_USER" -n -T "$DURATION" "$@" "$DB" >"$logf" 2>&1 || rc=$?
+    m1=$(machine_ticks)
     [[ -n $pid ]] && t1=$(cpu_ticks "$pid")
+    IDLE=$(awk -v a="$m0" -v b="$m1" 'BEGIN{split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; if (t > 0) printf "%.0f", 100 * (y[1] - x[1]) / t; else print "-"}')
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$logf" | head -1)
     CPU_US=- CPU_USER_US=-
     if [[ -n $pid && -n $txns && $txns -gt 0 ]]; then
@@ -306,8 +316,8 @@ run_pgbench() {
 
 md_escape() { local s=${1//|/\\|}; s=${s//$'\r'/}; printf '%s' "${s:0:200}"; }
 
-HEADER='| workload | protocol | clients | target | TPS | avg latency ms | ratio to direct TPS (range) | proxy CPU µs/txn (user) | notes |'
-SEP='|---|---|---:|---|---:|---:|---:|---:|---|'
+HEADER='| workload | protocol | clients | target | TPS | avg latency ms | ratio to direct TPS (range) | proxy CPU µs/txn (user) | machine idle % | notes |'
+SEP='|---|---|---:|---|---:|---:|---:|---:|---:|---|'
 
 versions() {
     local pgv pgbv sgv rev exe
@@ -321,7 +331,7 @@ versions() {
     exe=$(readlink "/proc/$(cat "$SHARDGATE_HOME/shardgate.pid" 2>/dev/null || echo 0)/exe" 2>/dev/null || echo '?')
     echo "- PostgreSQL $pgv; $pgbv; $sgv at $rev"
     echo "- proxy process: $exe (binary modified $(date -u -r "$exe" '+%Y-%m-%d %H:%M:%S UTC' 2>/dev/null || echo '?'))"
-    echo "- $ROUNDS round(s) per cell, target order rotated each round; TPS, latency and CPU are medians over rounds, the ratio is the median of per-round ratios to direct (range in brackets)"
+    echo "- $ROUNDS round(s) per cell, target order rotated each round; TPS, latency, CPU and machine idle are medians over rounds, the ratio is the median of per-round ratios to direct (range in brackets)"
     echo "- pgbench scale $SCALE, $DURATION s per run, -j min($THREADS, clients); pools: $POOL_SIZE server connections (shardgate max_size, pgbouncer default_pool_size), transaction mode, ${WAIT_TIMEOUT}s wait for a server connection"
 }
 
@@ -353,7 +363,7 @@ cell() {
     local j=$THREADS r t k logf order=() targets=($TARGETS)
     ((clients < j)) && j=$clients
     ((j < 1)) && j=1
-    declare -A tps=() lat=() cpu=() cpu_user=() err=() direct=()
+    declare -A tps=() lat=() cpu=() cpu_user=() idle=() err=() direct=()
     for ((r = 0; r < ROUNDS; r++)); do
         order=("${targets[@]:r % ${#targets[@]}}" "${targets[@]:0:r % ${#targets[@]}}")
         for t in "${order[@]}"; do
@@ -363,6 +373,7 @@ cell() {
             run_pgbench "$logf" "$t" -c "$clients" -j "$j" -M "$proto" "$@"
             if [[ -n $TPS && ( -z $ERR || $ERR == "(partial)"* ) ]]; then
                 tps[$t]+="$TPS " lat[$t]+="$LAT "
+                [[ $IDLE == - ]] || idle[$t]+="$IDLE "
                 [[ $CPU_US == - ]] || cpu[$t]+="$CPU_US " cpu_user[$t]+="$CPU_USER_US "
                 [[ $t == direct ]] && direct[$r]=$TPS
                 log "$(printf '%.0f' "$TPS") tps, $LAT ms${ERR:+ ($ERR)}"
@@ -373,10 +384,11 @@ cell() {
         done
     done
     for t in "${targets[@]}"; do
-        local tps_s=failed lat_s=- cpu_s=- ratio=- ratios=() row
+        local tps_s=failed lat_s=- cpu_s=- idle_s=- ratio=- ratios=() row
         if [[ -n ${tps[$t]:-} ]]; then
             tps_s=$(printf '%.0f' "$(median ${tps[$t]})")
             lat_s=$(printf '%.3f' "$(median ${lat[$t]})")
+            [[ -z ${idle[$t]:-} ]] || idle_s=$(printf '%.0f' "$(median ${idle[$t]})")
             [[ -z ${cpu[$t]:-} ]] || cpu_s="$(printf '%.1f' "$(median ${cpu[$t]})") ($(printf '%.1f' "$(median ${cpu_user[$t]})"))"
             # Ratios are taken within a round (direct and target measured
             # minutes apart at most), then the median over rounds.
@@ -400,7 +412,7 @@ cell() {
                 ratio=1.00
             fi
         fi
-        row="| $wl | $proto | $clients | $t | $tps_s | $lat_s | $ratio | $cpu_s | $(md_escape "${err[$t]:-}") |"
+        row="| $wl | $proto | $clients | $t | $tps_s | $lat_s | $ratio | $cpu_s | $idle_s | $(md_escape "${err[$t]:-}") |"
         ROWS+=("$row")
         echo "$row" >>"$OUT"
     done
