@@ -122,10 +122,26 @@ impl Session {
             return false;
         }
         let sharded = self.shard_map.is_some();
+        // A read for a replica takes the general path, which places it on
+        // its shard too: handed back before it is placed here, so that it
+        // is placed once. (Placement may move the session to a shard with
+        // or without replicas; the general path decides for that shard.)
+        let mut class = None;
+        if self.server.is_none() && self.routing.split {
+            let c = self.classify(text);
+            if self.wants_replica(&c) {
+                self.routing.handed_class = Some(c);
+                return false;
+            }
+            class = Some(c);
+        }
         if sharded && !self.place_inline(Some(text), None) {
+            self.routing.handed_class = class;
             return false;
         }
-        let class = (self.server.is_none() && self.routing.split).then(|| self.classify(text));
+        if class.is_none() && self.server.is_none() && self.routing.split {
+            class = Some(self.classify(text));
+        }
         if self.server.is_none() {
             let read = class.as_ref().is_some_and(|c| self.wants_replica(c));
             if !self.attach_primary_spare(read) {
