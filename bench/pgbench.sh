@@ -263,8 +263,9 @@ proxy_pid() {
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat" 2>/dev/null || echo 0 0; }
 
 # The machine's CPU time so far, all CPUs, in clock ticks: "idle total"
-# (idle counts iowait too).
-machine_ticks() { awk '/^cpu /{t=0; for (i=2; i<=NF; i++) t+=$i; print $5+$6, t; exit}' /proc/stat; }
+# (idle counts iowait too; the total is user to steal, the guest fields
+# after them being counted in user already).
+machine_ticks() { awk '/^cpu /{t=0; for (i=2; i<=9 && i<=NF; i++) t+=$i; print $5+$6, t; exit}' /proc/stat; }
 
 # run_pgbench LOGFILE TARGET ARGS... -> sets TPS, LAT, ERR (ERR empty on
 # success), CPU_US (the proxy's CPU microseconds per transaction) and
