@@ -49,13 +49,22 @@ fn config(
     replicas: &[PgServer],
     more: &str,
 ) -> String {
+    format!(
+        "{}{more}\n{FAILOVER}",
+        shard_config(state, primary, replicas)
+    )
+}
+
+/// The config up to the shard's replica list, for tests that write their
+/// own `[health]` and `[failover]` sections.
+fn shard_config(state: &std::path::Path, primary: &PgServer, replicas: &[PgServer]) -> String {
     let list: Vec<String> = replicas.iter().map(|r| format!("{:?}", r.addr())).collect();
     let base = common::config_text(
         &primary.addr(),
         "max_size = 20",
         &format!("state_dir = {:?}", state.display().to_string()),
     );
-    format!("{base}replicas = [{}]\n{more}\n{FAILOVER}", list.join(", "))
+    format!("{base}replicas = [{}]\n", list.join(", "))
 }
 
 /// What a writer saw.
@@ -717,17 +726,11 @@ fn last_commit_lsn_unknown_when_the_primary_cannot_be_asked() {
     make_ledger(&primary, "ledger");
     wait_replicated(&primary, &replicas);
     let state = state_dir();
-    let list: Vec<String> = replicas.iter().map(|r| format!("{:?}", r.addr())).collect();
-    let base = common::config_text(
-        &primary.addr(),
-        "max_size = 20",
-        &format!("state_dir = {:?}", state.display().to_string()),
-    );
     // No failover, and no health probe after the write (a probe that
     // started after a commit also tells its position).
     let text = format!(
-        "{base}replicas = [{}]\n[health]\nprobe_interval = \"1h\"\n[failover]\nenabled = false\n",
-        list.join(", ")
+        "{}[health]\nprobe_interval = \"1h\"\n[failover]\nenabled = false\n",
+        shard_config(&state, &primary, &replicas)
     );
     let p = start_proxy_text(&text);
     runtime().block_on(async {

@@ -819,6 +819,10 @@ mod tests {
         classify(sql.as_bytes(), &cat).read_only(false)
     }
 
+    fn fast(sql: &str) -> bool {
+        fast_select(sql.as_bytes(), &Catalog::for_tests())
+    }
+
     #[test]
     fn reads() {
         for sql in [
@@ -998,8 +1002,6 @@ mod tests {
 
     #[test]
     fn fast_path_shapes() {
-        let cat = Catalog::for_tests();
-        let fast = |s: &str| fast_select(s.as_bytes(), &cat);
         assert!(fast(
             "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;"
         ));
@@ -1027,8 +1029,6 @@ mod tests {
 
     #[test]
     fn quick_scan_edges() {
-        let cat = Catalog::for_tests();
-        let fast = |s: &str| fast_select(s.as_bytes(), &cat);
         assert!(fast("SELECT abalance FROM t WHERE aid = $1;  \n"));
         assert!(!fast("select $1for update"));
         assert!(!fast("select a from t where b = $x"));
