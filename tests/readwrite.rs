@@ -139,6 +139,7 @@ fn setup_schema() {
                  create or replace function f_stable() returns int language sql stable as 'select 1';
                  create or replace function f_listed() returns int language sql volatile as 'select 1';
                  create or replace function f_mislabeled() returns bigint language sql stable as 'select nextval(''rws'')';
+                 create or replace function f_slow() returns int language sql stable as 'select 1 from pg_sleep(0.5)';
                  grant all on all tables in schema public to public;
                  grant all on all sequences in schema public to public;",
             )
@@ -380,6 +381,22 @@ fn routing_rules() {
         wait_for_replica_reads(&fresh).await;
         let read = fresh.query_typed("select inet_server_port()", &[]).await.unwrap();
         assert!(replica(read[0].get::<_, i32>(0) as u16), "unnamed read after an unnamed write");
+        // Only prepared statements after a write: once the replicas have
+        // replayed it, reads go back to them (the write's connection, kept
+        // between transactions, does not keep them on the primary).
+        let writer = p.connect().await;
+        let (write, read) = (
+            writer.prepare("update rwt set v = v where id = 1 returning inet_server_port()").await.unwrap(),
+            writer.prepare("select inet_server_port()").await.unwrap(),
+        );
+        let wrote: i32 = writer.query_one(&write, &[]).await.unwrap().get(0);
+        assert_eq!(wrote as u16, primary_port());
+        wait_replicas_caught_up().await;
+        common::eventually("prepared reads reach a replica after a write", || async {
+            let r: i32 = writer.query_one(&read, &[]).await.unwrap().get(0);
+            replica(r as u16)
+        })
+        .await;
 
         // A pipelined read and write (tokio-postgres pipelines concurrent
         // queries): the write must not follow the read to the replica.
@@ -755,6 +772,77 @@ fn killed_replica_under_read_load() {
             0,
             "client errors while a replica died"
         );
+    });
+}
+
+/// The server connection of a read in flight on a replica dies (its
+/// backend is terminated): the read is re-run elsewhere and the client
+/// gets its answer, in the simple and the extended protocol, on a session
+/// that keeps its replica connection between reads.
+#[test]
+fn a_read_whose_replica_connection_dies_is_rerun() {
+    let _serial = serial();
+    setup_schema();
+    let p = proxy_with("");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        wait_replicas_caught_up().await;
+        let c = p.connect().await;
+        let read = c
+            .prepare("select inet_server_port(), f_slow()")
+            .await
+            .unwrap();
+        for protocol in ["simple", "extended", "prepared"] {
+            wait_for_replica_reads(&c).await;
+            let retries = shardgate::metrics::GLOBAL.read_retries.get();
+            // Terminates the read's backend on whichever replica runs it.
+            let killer = tokio::spawn(async {
+                for _ in 0..100 {
+                    for r in replicas() {
+                        let url = format!(
+                            "host=127.0.0.1 port={} user=app password=app dbname=app",
+                            r.port
+                        );
+                        let Ok(d) = common::connect_url(&url).await else {
+                            continue;
+                        };
+                        let killed = scalar(
+                            &d,
+                            "select count(pg_terminate_backend(pid)) from pg_stat_activity \
+                             where query like '%f_slow()%' and pid <> pg_backend_pid()",
+                        )
+                        .await;
+                        if killed != "0" {
+                            return r.port;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                panic!("the read never ran on a replica");
+            });
+            let answer = async {
+                match protocol {
+                    "simple" => port(&c, "select inet_server_port(), f_slow()").await,
+                    "extended" => port_ext(&c, "select inet_server_port(), f_slow()").await,
+                    _ => c.query_one(&read, &[]).await.unwrap().get::<_, i32>(0) as u16,
+                }
+            };
+            let ran_on = tokio::time::timeout(Duration::from_secs(20), answer)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{protocol}: no answer after the replica connection died")
+                });
+            let killed_on = killer.await.unwrap();
+            assert_ne!(
+                ran_on, killed_on,
+                "{protocol}: answered by the terminated backend's server"
+            );
+            assert_eq!(
+                shardgate::metrics::GLOBAL.read_retries.get(),
+                retries + 1,
+                "{protocol}: the read was re-run once"
+            );
+        }
     });
 }
 

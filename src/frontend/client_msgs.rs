@@ -30,10 +30,13 @@ impl Session {
                     && self.inline_ok(tag, (total > 5).then(|| self.client_buf[5]))
                 {
                     let buf = std::mem::take(&mut self.client_buf);
-                    let result = self.dispatch_in_place(FrameRef {
-                        tag,
-                        body: &buf[5..total],
-                    });
+                    let result = self.dispatch_in_place(
+                        FrameRef {
+                            tag,
+                            body: &buf[5..total],
+                        },
+                        &buf[total..],
+                    );
                     self.client_buf = buf;
                     if result? {
                         bytes::Buf::advance(&mut self.client_buf, total);
@@ -85,15 +88,7 @@ impl Session {
         let ends_batch = matches!(frame.tag, fe::SYNC | fe::QUERY);
         self.routing.batch_open = !ends_batch;
         if self.routing.retry.is_some() {
-            if self.routing.recording {
-                self.routing.recording = !ends_batch;
-                if let Some(r) = self.routing.retry.as_mut() {
-                    r.push(frame.clone());
-                }
-            } else {
-                // A second request behind the first: no replay any more.
-                self.routing.retry = None;
-            }
+            self.record_for_retry(ends_batch, || frame.clone());
         }
         self.routing.pending_copy = (self.server.is_none()
             && self.routing.split
@@ -103,6 +98,21 @@ impl Session {
                 .iter()
                 .all(|e| matches!(e, Expect::Synthetic { .. })))
         .then(|| (frame.clone(), ends_batch));
+    }
+
+    /// A message while a read is kept for a retry (`routing.retry`): kept
+    /// too while its request is still being recorded (`ends`: it is the
+    /// request's last); a second request behind the first ends the retry.
+    pub(super) fn record_for_retry(&mut self, ends: bool, frame: impl FnOnce() -> Frame) {
+        if self.routing.recording {
+            self.routing.recording = !ends;
+            if let Some(r) = self.routing.retry.as_mut() {
+                r.push(frame());
+            }
+        } else {
+            // A second request behind the first: no replay any more.
+            self.routing.retry = None;
+        }
     }
 
     async fn dispatch_client_message(&mut self, frame: Frame) -> Result<(), SessionError> {
@@ -785,7 +795,7 @@ impl Session {
             looked_up = Some(text);
         }
         let (text, class, read) =
-            self.bind_text_and_read(looked_up, named.as_deref(), bind.statement);
+            self.bind_text_and_read(looked_up, named.as_deref(), bind.statement, None);
         let stmt = named;
         if !self.ensure_server(false, read).await {
             return Ok(());
@@ -816,12 +826,14 @@ impl Session {
     /// The Bound statement's text, when routing a new transaction or
     /// learning commit positions (shards with replicas) needs it
     /// (`looked_up`: found already by the shard routing); its class; and
-    /// whether it may run on a replica.
+    /// whether it may run on a replica. `after`: the client's messages
+    /// behind the Bind, when not the client buffer (a Bind read in place).
     pub(super) fn bind_text_and_read(
         &mut self,
         looked_up: Option<Option<bytes::Bytes>>,
         named: Option<&super::statements::Statement>,
         name: &str,
+        after: Option<&[u8]>,
     ) -> (
         Option<bytes::Bytes>,
         Option<crate::router::classify::Class>,
@@ -838,7 +850,13 @@ impl Session {
         };
         let mut class = None;
         let read = routes
-            && self.batch_wants_replica_classified(text.as_deref(), false, named, &mut class);
+            && self.batch_wants_replica_classified(
+                text.as_deref(),
+                false,
+                named,
+                &mut class,
+                after,
+            );
         (text, class, read)
     }
 

@@ -41,8 +41,11 @@ impl Session {
             }
             _ => false,
         };
+        // While a read on a replica is kept for a retry, the rest of its
+        // request is recorded here too (`record_for_retry`).
         inline
-            && self.routing.retry.is_none()
+            && (self.routing.retry.is_none()
+                || matches!(tag, fe::EXECUTE | fe::SYNC | fe::FLUSH | fe::DESCRIBE))
             && self.routing.pending_begin.is_none()
             && (self.routing.owed.is_empty() || matches!(tag, fe::PARSE | fe::BIND))
             && self.proxy.topology.epoch() == self.pool_epoch
@@ -53,10 +56,20 @@ impl Session {
     /// retry (a server is held, or a Bind attaches one on the primary).
     /// Returns false for a Bind or Query that needs the general path after
     /// all.
-    pub(super) fn dispatch_in_place(&mut self, frame: FrameRef<'_>) -> Result<bool, SessionError> {
-        self.routing.batch_open = !matches!(frame.tag, fe::SYNC | fe::QUERY);
+    /// `after`: the client's messages behind this one (the rest of its
+    /// batch, to vouch for a read).
+    pub(super) fn dispatch_in_place(
+        &mut self,
+        frame: FrameRef<'_>,
+        after: &[u8],
+    ) -> Result<bool, SessionError> {
+        let ends = matches!(frame.tag, fe::SYNC | fe::QUERY);
+        self.routing.batch_open = !ends;
+        if self.routing.retry.is_some() {
+            self.record_for_retry(ends, || frame.to_frame());
+        }
         match frame.tag {
-            fe::BIND => return Ok(self.inline_bind(frame)),
+            fe::BIND => return Ok(self.inline_bind(frame, after)),
             fe::QUERY => return Ok(self.inline_query(frame)),
             fe::EXECUTE => {
                 if self.execute_prelude(frame) {
@@ -105,8 +118,8 @@ impl Session {
     /// before anything the general path would do a second time, for
     /// `shardgate.*` commands, BEGIN (which the proxy may answer itself),
     /// COPY, a statement across shards or moving the transaction on to
-    /// another, a read for a replica, and no spare on the primary to
-    /// attach.
+    /// another, a read for a replica other than the spare's, and a write
+    /// with no spare on the primary to attach.
     fn inline_query(&mut self, frame: FrameRef<'_>) -> bool {
         if !self.may_place_inline() {
             return false;
@@ -122,14 +135,22 @@ impl Session {
             return false;
         }
         let sharded = self.shard_map.is_some();
-        // A read for a replica takes the general path, which places it on
-        // its shard too: handed back before it is placed here, so that it
-        // is placed once. (Placement may move the session to a shard with
-        // or without replicas; the general path decides for that shard.)
+        // A read for a replica is handled here only when the session's
+        // spare is on a replica (`attach_replica_spare` checks the rest);
+        // otherwise it takes the general path, which places it on its
+        // shard too: handed back before it is placed here, so that it is
+        // placed once. (Placement may move the session to a shard with or
+        // without replicas; the general path decides for that shard.)
         let mut class = None;
+        let mut read = false;
         if self.server.is_none() && self.routing.split {
             let c = self.classify(text);
-            if self.wants_replica(&c) {
+            read = self.wants_replica(&c);
+            let spare_on_replica = self
+                .spare
+                .as_ref()
+                .is_some_and(|p| p.key.role == crate::backend::Role::Replica);
+            if read && !spare_on_replica {
                 self.routing.handed_class = Some(c);
                 return false;
             }
@@ -139,12 +160,23 @@ impl Session {
             self.routing.handed_class = class;
             return false;
         }
+        if read {
+            // (Handed back, it is placed again: rare, a new pick is due.)
+            if !self.attach_replica_spare(frame, true) {
+                self.routing.handed_class = class;
+                return false;
+            }
+            if sharded {
+                self.count_routed(self.shard);
+            }
+            self.send_query(frame, first, class, false);
+            return true;
+        }
         if class.is_none() && self.server.is_none() && self.routing.split {
             class = Some(self.classify(text));
         }
         if self.server.is_none() {
-            let read = class.as_ref().is_some_and(|c| self.wants_replica(c));
-            if !self.attach_primary_spare(read) {
+            if !self.attach_primary_spare(false) {
                 // The general path takes the class rather than the
                 // classification again.
                 self.routing.handed_class = class;
@@ -171,7 +203,7 @@ impl Session {
     /// owed, a statement the proxy does not know, a read for a replica,
     /// no spare on the primary to attach, or a prepared statement whose
     /// shape must be checked on this connection first.
-    fn inline_bind(&mut self, frame: FrameRef<'_>) -> bool {
+    fn inline_bind(&mut self, frame: FrameRef<'_>, after: &[u8]) -> bool {
         if !self.may_place_inline()
             || !self.routing.proxy_stmts.is_empty()
             || !self.routing.proxy_portals.is_empty()
@@ -211,11 +243,19 @@ impl Session {
             looked_up = Some(text);
         }
         let (text, class, read) =
-            self.bind_text_and_read(looked_up, named.as_deref(), bind.statement);
+            self.bind_text_and_read(looked_up, named.as_deref(), bind.statement, Some(after));
+        let mut on_spare_replica = false;
         if self.server.is_none() {
-            if !self.attach_primary_spare(read) {
+            // (A read handed back after placement is placed again: rare,
+            // a new pick of replica is due.)
+            let attached = match read {
+                true => self.attach_replica_spare(frame, false),
+                false => self.attach_primary_spare(false),
+            };
+            if !attached {
                 return false;
             }
+            on_spare_replica = read;
             self.send_owed_parses();
         }
         let stmt = named.filter(|_| self.renames());
@@ -226,7 +266,13 @@ impl Session {
                 && !s.stale.load(std::sync::atomic::Ordering::Relaxed)
             {
                 // Its shape is checked on this connection first (the
-                // general path finds the server attached and goes on).
+                // general path finds the server attached and goes on, and
+                // records this Bind for the read's retry itself).
+                if on_spare_replica {
+                    if let Some(r) = self.routing.retry.as_mut() {
+                        r.clear();
+                    }
+                }
                 return false;
             }
         }

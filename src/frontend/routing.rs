@@ -141,19 +141,21 @@ impl Session {
         first: Option<&[u8]>,
         unnamed_parse: bool,
     ) -> bool {
-        self.batch_wants_replica_classified(first, unnamed_parse, None, &mut None)
+        self.batch_wants_replica_classified(first, unnamed_parse, None, &mut None, None)
     }
 
     /// [`Self::batch_wants_replica`], leaving `first`'s class in `class`
     /// when it was classified (so the caller need not classify it again).
     /// `stmt`: the prepared statement whose text `first` is (its class is
-    /// remembered there).
+    /// remembered there). `after`: the messages behind the current one,
+    /// when not the client buffer (a message read in place).
     pub(super) fn batch_wants_replica_classified(
         &mut self,
         first: Option<&[u8]>,
         unnamed_parse: bool,
         stmt: Option<&super::statements::Statement>,
         class: &mut Option<Class>,
+        after: Option<&[u8]>,
     ) -> bool {
         if self.server.is_some() || !self.routing.split {
             return false;
@@ -166,7 +168,7 @@ impl Session {
         };
         *class = Some(first_class);
         self.wants_replica(&first_class)
-            && self.buffered_batch_read_only(&catalog, unnamed_parse.then_some(first))
+            && self.buffered_batch_read_only(&catalog, unnamed_parse.then_some(first), after)
     }
 
     /// Is the next request in the client buffer (a simple Query, or
@@ -178,7 +180,7 @@ impl Session {
         };
         let catalog = self.catalog();
         if tag != fe::QUERY {
-            return self.buffered_batch_read_only(&catalog, None);
+            return self.buffered_batch_read_only(&catalog, None, None);
         }
         if self.client_buf.len() < total {
             return false;
@@ -196,12 +198,14 @@ impl Session {
     /// Scans the buffered client messages up to a Sync: every statement
     /// parsed or bound must be read-only. `unnamed`: the text of the
     /// unnamed statement the batch's current message parses, if any.
+    /// `after`: the messages to scan, when not the client buffer.
     fn buffered_batch_read_only<'a>(
         &'a self,
         catalog: &crate::router::catalog::Catalog,
         mut unnamed: Option<&'a [u8]>,
+        after: Option<&'a [u8]>,
     ) -> bool {
-        let mut rest = &self.client_buf[..];
+        let mut rest = after.unwrap_or(&self.client_buf[..]);
         loop {
             let Ok(Some((tag, total))) = peek_header(rest, self.max_message_size) else {
                 return false;

@@ -319,7 +319,8 @@ impl Session {
     /// A server message while the request could still be re-run elsewhere
     /// (`routing.retry`): a simple Query refused as a write (25006) is
     /// dropped with everything up to its ReadyForQuery and re-run on the
-    /// primary; the answers that come before any result (ParseComplete,
+    /// primary; a replica backend's FATAL for a shutdown (57P01, 57P02)
+    /// is dropped and the read re-run when the connection closes; the answers that come before any result (ParseComplete,
     /// BindComplete, descriptions) are held back; the first result, error
     /// or anything else commits the request to this server and releases
     /// what was held.
@@ -336,6 +337,17 @@ impl Session {
                 }
                 self.request_started = None;
             }
+            return Ok(Action::Drop);
+        }
+        if tag == be::ERROR_RESPONSE
+            && self.on_replica.is_some()
+            && matches!(be::error_code(body), Some(c) if &c == b"57P01" || &c == b"57P02")
+        {
+            // The replica's backend is ending before the read produced
+            // anything (a fast or immediate shutdown, a crash elsewhere on
+            // that server, pg_terminate_backend): Postgres closes the
+            // connection after this FATAL, and the read is re-run
+            // elsewhere then (`on_server_eof`).
             return Ok(Action::Drop);
         }
         let simple = matches!(self.pipeline.front(), Some(Expect::Query));
@@ -366,7 +378,13 @@ impl Session {
                 other => other,
             });
         }
-        self.routing.retry = None;
+        if let Some(mut frames) = self.routing.retry.take() {
+            // A long request's list is not kept.
+            if frames.capacity() <= 16 {
+                frames.clear();
+                self.routing.retry_spare = frames;
+            }
+        }
         Ok(match action {
             Action::Forward => Action::Release,
             Action::Replace(f) => {

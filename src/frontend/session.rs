@@ -195,6 +195,9 @@ pub(super) struct RoutingState {
     /// while no answer to them has reached the client: they can be re-run
     /// elsewhere if the replica goes away (or refuses a write).
     pub retry: Option<Vec<Frame>>,
+    /// The last `retry`'s list, emptied, for the next one (a replica read
+    /// of several messages would otherwise allocate and grow a list).
+    pub retry_spare: Vec<Frame>,
     /// Still adding messages to `retry` (until the Sync or Query).
     pub recording: bool,
     /// The message being handled, and whether it ends its request: becomes
@@ -468,6 +471,16 @@ impl Session {
         if crowded || self.to_server.capacity() > MAX_KEPT {
             self.to_server = BytesMut::new();
         }
+        if crowded {
+            self.routing.retry_spare = Vec::new();
+        }
+    }
+
+    /// Starts `routing.retry` with `frame`, reusing the last one's list.
+    pub(super) fn start_retry(&mut self, frame: Frame) {
+        let mut frames = std::mem::take(&mut self.routing.retry_spare);
+        frames.push(frame);
+        self.routing.retry = Some(frames);
     }
 
     /// Handles buffered client input; a replica lost in the middle of it
@@ -788,7 +801,7 @@ impl Session {
                         Ok(()) => {
                             self.on_replica = Some(i);
                             if let Some((frame, ends)) = self.routing.pending_copy.take() {
-                                self.routing.retry = Some(vec![frame]);
+                                self.start_retry(frame);
                                 self.routing.recording = !ends;
                             }
                             self.replicas[i]
@@ -888,32 +901,16 @@ impl Session {
     fn choose_replica(&mut self, tried: u64) -> Result<Option<usize>, (String, String)> {
         let config = self.proxy.config.load();
         let routing = &config.routing;
-        let min_lsn = if routing.read_your_writes {
-            self.commit_position().max(self.routing.min_lsn)
-        } else {
-            self.routing.min_lsn
-        };
         let spare_on_replica = self
             .spare
             .as_ref()
             .is_some_and(|p| p.key.role == Role::Replica);
-        if !spare_on_replica
-            || self
-                .checked_out_at
-                .saturating_duration_since(self.pooled_at)
-                >= super::spare::REPICK_AFTER
-        {
+        if !spare_on_replica || !self.spare_may_stay() {
             // With a spare kept, the same turn picks the spare's replica
             // again while it still qualifies, for a while.
             self.routing.turn = self.routing.turn.wrapping_add(1);
         }
-        match crate::router::pick_replica(
-            &self.replicas,
-            routing,
-            min_lsn,
-            self.routing.turn,
-            tried,
-        ) {
+        match self.pick_replica(routing, tried) {
             Ok(i) => Ok(Some(i)),
             Err(reason) => {
                 crate::metrics::GLOBAL
@@ -934,6 +931,83 @@ impl Session {
                 Ok(None)
             }
         }
+    }
+
+    /// May a read keep to the spare's replica without a new pick? For
+    /// [`REPICK_AFTER`](super::spare::REPICK_AFTER) after the connection
+    /// left the pool.
+    fn spare_may_stay(&self) -> bool {
+        self.checked_out_at
+            .saturating_duration_since(self.pooled_at)
+            < super::spare::REPICK_AFTER
+    }
+
+    /// The replica a read picks at the current turn, or why none.
+    fn pick_replica(
+        &mut self,
+        routing: &crate::config::RoutingConfig,
+        tried: u64,
+    ) -> Result<usize, crate::router::NoReplica> {
+        let min_lsn = if routing.read_your_writes {
+            self.commit_position().max(self.routing.min_lsn)
+        } else {
+            self.routing.min_lsn
+        };
+        crate::router::pick_replica(&self.replicas, routing, min_lsn, self.routing.turn, tried)
+    }
+
+    /// `checkout` for a read in its most common case with replicas,
+    /// without its async layers: the session's spare is on one of the
+    /// shard's replicas, the read would pick that replica again now (as
+    /// `choose_replica` does while the spare may stay), and it carries the
+    /// session's settings, with the topology unchanged. Then the spare is
+    /// attached, and the read's first message `frame` (a Query, which
+    /// `ends` the request, or a Bind) is kept for a retry elsewhere as
+    /// `checkout` keeps it. False, with nothing checked out, otherwise
+    /// (the spare may then be back in its pool).
+    pub(super) fn attach_replica_spare(
+        &mut self,
+        frame: crate::protocol::frame::FrameRef<'_>,
+        ends: bool,
+    ) -> bool {
+        if !self.routing.split
+            || self.routing.replaying.is_some()
+            || self.proxy.topology.epoch() != self.pool_epoch
+            || !self.spare_may_stay()
+            || !self
+                .pipeline
+                .iter()
+                .all(|e| matches!(e, Expect::Synthetic { .. }))
+        {
+            return false;
+        }
+        let Some(spare) = self.spare.as_ref() else {
+            return false;
+        };
+        let Some(i) = self
+            .replicas
+            .iter()
+            .position(|r| Arc::ptr_eq(&r.pool, spare))
+        else {
+            return false;
+        };
+        let config = self.proxy.config.load();
+        if self.pick_replica(&config.routing, 0) != Ok(i) {
+            return false;
+        }
+        if !self.attach_spare(Some(i)) {
+            return false;
+        }
+        self.on_replica = Some(i);
+        self.start_retry(frame.to_frame());
+        self.routing.recording = !ends;
+        self.replicas[i]
+            .candidate
+            .health
+            .outstanding
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.pool.metrics.routed.inc();
+        true
     }
 
     /// Follows a topology change: the pools of the shard's servers now.
@@ -1038,8 +1112,24 @@ impl Session {
         {
             return false;
         }
-        if !Arc::ptr_eq(&self.pool, &self.primary_pool) {
-            self.pool = self.primary_pool.clone();
+        if !self.attach_spare(None) {
+            return false;
+        }
+        self.pool.metrics.routed.inc();
+        true
+    }
+
+    /// The spare becomes the server connection for a transaction on the
+    /// primary's pool, or on replica `replica`'s, when it is kept there
+    /// and carries the session's settings. False, with nothing attached,
+    /// otherwise (the spare may then be back in its pool).
+    fn attach_spare(&mut self, replica: Option<usize>) -> bool {
+        let pool = match replica {
+            None => &self.primary_pool,
+            Some(i) => &self.replicas[i].pool,
+        };
+        if !Arc::ptr_eq(&self.pool, pool) {
+            self.pool = pool.clone();
         }
         let now = Instant::now();
         let Some(conn) = self.take_spare(now) else {
@@ -1052,7 +1142,6 @@ impl Session {
         }
         self.checked_out_at = now;
         self.attach(conn);
-        self.pool.metrics.routed.inc();
         true
     }
 

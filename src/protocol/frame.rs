@@ -71,6 +71,14 @@ pub struct FrameRef<'a> {
 }
 
 impl FrameRef<'_> {
+    /// An owned copy.
+    pub fn to_frame(&self) -> Frame {
+        Frame {
+            tag: self.tag,
+            body: Bytes::copy_from_slice(self.body),
+        }
+    }
+
     pub fn encode(&self, out: &mut BytesMut) {
         out.reserve(5 + self.body.len());
         out.extend_from_slice(&[self.tag]);
