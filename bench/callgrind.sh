@@ -25,6 +25,16 @@
 #
 # Environment (defaults in brackets):
 #   TARGET          shardgate or pgbouncer [shardgate]
+#   ROUTING         shardgate only: primary (every statement pinned to s0's
+#                   primary with -c shardgate.target=primary, pooling as
+#                   PgBouncer does) or default (reads on s0's replicas)
+#                   [primary]. With default, the warm-up is LONG
+#                   transactions per client, and the two counted runs are
+#                   repeated (up to 4 times) until no server connection
+#                   was opened during them: each is a SCRAM login, about
+#                   11 million instructions. The table's last column says
+#                   how many the kept attempt opened (not 0: no
+#                   per-transaction count).
 #   WORKLOAD        select-only or tpcb-like [select-only]
 #   PROTOCOLS       pgbench -M values [simple extended prepared]
 #   CLIENTS         pgbench -c [4]
@@ -40,6 +50,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 TARGET=${TARGET:-shardgate}
+ROUTING=${ROUTING:-primary}
 WORKLOAD=${WORKLOAD:-select-only}
 PROTOCOLS=${PROTOCOLS:-simple extended prepared}
 CLIENTS=${CLIENTS:-4}
@@ -54,6 +65,8 @@ PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 
 die() { echo "callgrind.sh: $*" >&2; exit 1; }
 [[ $TARGET == shardgate || $TARGET == pgbouncer ]] || die "TARGET must be shardgate or pgbouncer, got '$TARGET'"
+[[ $ROUTING == primary || $ROUTING == default ]] || die "ROUTING must be primary or default, got '$ROUTING'"
+[[ $ROUTING == primary || $TARGET == shardgate ]] || die "ROUTING=default is for TARGET=shardgate"
 [[ $WORKLOAD == select-only || $WORKLOAD == tpcb-like ]] || die "WORKLOAD must be select-only or tpcb-like"
 [[ $SHORT =~ ^[0-9]+$ && $LONG =~ ^[0-9]+$ && $LONG -gt $SHORT ]] || die "need numbers with LONG > SHORT"
 command -v valgrind >/dev/null || die "valgrind is missing (apt-get install valgrind)"
@@ -89,6 +102,7 @@ if [[ $TARGET == shardgate ]]; then
         "$SHARDGATE" serve --config "$OUT/shardgate.toml" >"$OUT/proxy.log" 2>&1 &
     VG_PID=$!
     OPTS="-c shardgate.target=primary"
+    [[ $ROUTING == default ]] && OPTS=
 else
     command -v pgbouncer >/dev/null || die "pgbouncer is missing (apt-get install pgbouncer)"
     printf '"app" "app"\n' >"$OUT/userlist.txt"
@@ -142,12 +156,42 @@ counted() { # run N PROTOCOL: instructions of that run alone
     total "$(ls -t "$OUT"/cg.out.* | head -1)"
 }
 
-echo "| target | workload | protocol | clients | instructions per transaction |"
-echo "|---|---|---|---:|---:|"
+connects() { # server connections the proxy has opened so far
+    curl -s "http://127.0.0.1:$((PORT + 2))/metrics" |
+        awk '/^shardgate_server_connects_total/ {n += $2} END {print n + 0}'
+}
+
+if [[ $ROUTING == default ]]; then
+    echo "| target | routing | workload | protocol | clients | instructions per transaction | server connections opened while counted |"
+    echo "|---|---|---|---|---:|---:|---:|"
+else
+    echo "| target | workload | protocol | clients | instructions per transaction |"
+    echo "|---|---|---|---:|---:|"
+fi
 for proto in $PROTOCOLS; do
-    pgb 100 "$proto"
-    short=$(counted "$SHORT" "$proto")
-    long=$(counted "$LONG" "$proto")
+    if [[ $ROUTING == default ]]; then
+        # Long enough for every replica's pool to hold the connections
+        # the clients' picks need.
+        pgb "$LONG" "$proto"
+        opened=$(connects)
+    else
+        pgb 100 "$proto"
+    fi
+    for attempt in 1 2 3 4; do
+        short=$(counted "$SHORT" "$proto")
+        long=$(counted "$LONG" "$proto")
+        [[ $ROUTING == default ]] || break
+        # A connection opened in a counted run swamps the count: measure
+        # again (a client's picks can still land on a replica whose pool
+        # has fewer connections than clients).
+        new=$(($(connects) - opened))
+        ((new == 0)) && break
+        opened=$((opened + new))
+    done
     per=$(((long - short) / (CLIENTS * (LONG - SHORT))))
-    echo "| $TARGET | $WORKLOAD | $proto | $CLIENTS | $per |"
+    if [[ $ROUTING == default ]]; then
+        echo "| $TARGET | default | $WORKLOAD | $proto | $CLIENTS | $per | $new (attempt $attempt) |"
+    else
+        echo "| $TARGET | $WORKLOAD | $proto | $CLIENTS | $per |"
+    fi
 done
