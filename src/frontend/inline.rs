@@ -19,8 +19,9 @@ impl Session {
     /// held server; with shards, the unnamed statement's Parse is held
     /// back for its Bind (between transactions, and inside one that may
     /// move on to another shard) or sent on. Not when anything about the
-    /// session calls for the general path: a read being recorded for a
-    /// retry, a deferred BEGIN, owed Parses, a new topology.
+    /// session calls for the general path: a read kept for a retry
+    /// (except for the Execute, Sync, Flush and Describe that complete
+    /// its request), a deferred BEGIN, owed Parses, a new topology.
     pub(super) fn inline_ok(&self, tag: u8, first: Option<u8>) -> bool {
         let held = self.server.is_some();
         let inline = match tag {
@@ -41,8 +42,7 @@ impl Session {
             }
             _ => false,
         };
-        // While a read on a replica is kept for a retry, the rest of its
-        // request is recorded here too (`record_for_retry`).
+        // (`dispatch_in_place` records those for the retry.)
         inline
             && (self.routing.retry.is_none()
                 || matches!(tag, fe::EXECUTE | fe::SYNC | fe::FLUSH | fe::DESCRIBE))

@@ -320,10 +320,11 @@ impl Session {
     /// (`routing.retry`): a simple Query refused as a write (25006) is
     /// dropped with everything up to its ReadyForQuery and re-run on the
     /// primary; a replica backend's FATAL for a shutdown (57P01, 57P02)
-    /// is dropped and the read re-run when the connection closes; the answers that come before any result (ParseComplete,
-    /// BindComplete, descriptions) are held back; the first result, error
-    /// or anything else commits the request to this server and releases
-    /// what was held.
+    /// is dropped and the read re-run when the connection closes; the
+    /// answers that come before any result (ParseComplete, BindComplete,
+    /// descriptions) are held back; the first result, error or anything
+    /// else commits the request to this server and releases what was
+    /// held.
     fn on_retryable_answer(&mut self, tag: u8, body: &[u8]) -> Result<Action, SessionError> {
         if self.routing.retry_on_primary {
             if tag == be::READY_FOR_QUERY {
