@@ -775,6 +775,31 @@ fn killed_replica_under_read_load() {
     });
 }
 
+/// Terminates (pg_terminate_backend) the backends running a statement
+/// like `pattern` on whichever replica runs one, once: the replica's port.
+async fn terminate_on_a_replica(pattern: &'static str) -> u16 {
+    let sql = format!(
+        "select count(pg_terminate_backend(pid)) from pg_stat_activity \
+         where query like '{pattern}' and pid <> pg_backend_pid()"
+    );
+    for _ in 0..100 {
+        for r in replicas() {
+            let url = format!(
+                "host=127.0.0.1 port={} user=app password=app dbname=app",
+                r.port
+            );
+            let Ok(d) = common::connect_url(&url).await else {
+                continue;
+            };
+            if scalar(&d, &sql).await != "0" {
+                return r.port;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no statement like {pattern} ran on a replica");
+}
+
 /// The server connection of a read in flight on a replica dies (its
 /// backend is terminated): the read is re-run elsewhere and the client
 /// gets its answer, in the simple and the extended protocol, on a session
@@ -795,31 +820,7 @@ fn a_read_whose_replica_connection_dies_is_rerun() {
         for protocol in ["simple", "extended", "prepared"] {
             wait_for_replica_reads(&c).await;
             let retries = shardgate::metrics::GLOBAL.read_retries.get();
-            // Terminates the read's backend on whichever replica runs it.
-            let killer = tokio::spawn(async {
-                for _ in 0..100 {
-                    for r in replicas() {
-                        let url = format!(
-                            "host=127.0.0.1 port={} user=app password=app dbname=app",
-                            r.port
-                        );
-                        let Ok(d) = common::connect_url(&url).await else {
-                            continue;
-                        };
-                        let killed = scalar(
-                            &d,
-                            "select count(pg_terminate_backend(pid)) from pg_stat_activity \
-                             where query like '%f_slow()%' and pid <> pg_backend_pid()",
-                        )
-                        .await;
-                        if killed != "0" {
-                            return r.port;
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                panic!("the read never ran on a replica");
-            });
+            let killer = tokio::spawn(terminate_on_a_replica("%f_slow()%"));
             let answer = async {
                 match protocol {
                     "simple" => port(&c, "select inet_server_port(), f_slow()").await,
@@ -843,6 +844,58 @@ fn a_read_whose_replica_connection_dies_is_rerun() {
                 "{protocol}: the read was re-run once"
             );
         }
+    });
+}
+
+/// With `[sharding]` on, an unnamed statement's Parse waits for its Bind
+/// (whose key picks the shard), and both are handled in place. Its reads
+/// go back to replicas after a write, and one whose replica connection
+/// dies is re-run.
+#[test]
+fn unnamed_statements_with_sharding_on() {
+    let _serial = serial();
+    setup_schema();
+    let p = proxy_with("\n[sharding]\nbuckets = 16");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        wait_replicas_caught_up().await;
+        let c = p.connect().await;
+        wait_for_replica_reads(&c).await;
+        let first_port = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, i32>(0) as u16;
+        let wrote = c
+            .query_typed(
+                "update rwt set v = v where id = 1 returning inet_server_port()",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(first_port(wrote), primary_port());
+        // Read-your-writes: right after the write, on the primary (no
+        // probe has seen a replica replay the write yet).
+        let read = c
+            .query_typed("select inet_server_port()", &[])
+            .await
+            .unwrap();
+        assert_eq!(first_port(read), primary_port());
+        common::eventually("unnamed reads reach a replica after a write", || async {
+            let read = c
+                .query_typed("select inet_server_port()", &[])
+                .await
+                .unwrap();
+            replica_ports().contains(&first_port(read))
+        })
+        .await;
+        let retries = shardgate::metrics::GLOBAL.read_retries.get();
+        let killer = tokio::spawn(terminate_on_a_replica("%f_slow()%"));
+        let read = tokio::time::timeout(
+            Duration::from_secs(20),
+            c.query_typed("select inet_server_port(), f_slow()", &[]),
+        )
+        .await
+        .expect("no answer after the replica connection died")
+        .unwrap();
+        assert_ne!(first_port(read), killer.await.unwrap());
+        assert_eq!(shardgate::metrics::GLOBAL.read_retries.get(), retries + 1);
     });
 }
 
