@@ -800,6 +800,30 @@ async fn terminate_on_a_replica(pattern: &'static str) -> u16 {
     panic!("no statement like {pattern} ran on a replica");
 }
 
+/// Runs `read` (a read of `f_slow()` that answers with the server's port)
+/// while its backend on a replica is terminated: it must answer from
+/// another server, re-run once.
+async fn rerun_when_its_replica_backend_dies(
+    what: &str,
+    read: impl std::future::Future<Output = u16>,
+) {
+    let retries = shardgate::metrics::GLOBAL.read_retries.get();
+    let killer = tokio::spawn(terminate_on_a_replica("%f_slow()%"));
+    let ran_on = tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer after the replica connection died"));
+    let killed_on = killer.await.unwrap();
+    assert_ne!(
+        ran_on, killed_on,
+        "{what}: answered by the terminated backend's server"
+    );
+    assert_eq!(
+        shardgate::metrics::GLOBAL.read_retries.get(),
+        retries + 1,
+        "{what}: the read was re-run once"
+    );
+}
+
 /// The server connection of a read in flight on a replica dies (its
 /// backend is terminated): the read is re-run elsewhere and the client
 /// gets its answer, in the simple and the extended protocol, on a session
@@ -819,8 +843,6 @@ fn a_read_whose_replica_connection_dies_is_rerun() {
             .unwrap();
         for protocol in ["simple", "extended", "prepared"] {
             wait_for_replica_reads(&c).await;
-            let retries = shardgate::metrics::GLOBAL.read_retries.get();
-            let killer = tokio::spawn(terminate_on_a_replica("%f_slow()%"));
             let answer = async {
                 match protocol {
                     "simple" => port(&c, "select inet_server_port(), f_slow()").await,
@@ -828,21 +850,7 @@ fn a_read_whose_replica_connection_dies_is_rerun() {
                     _ => c.query_one(&read, &[]).await.unwrap().get::<_, i32>(0) as u16,
                 }
             };
-            let ran_on = tokio::time::timeout(Duration::from_secs(20), answer)
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("{protocol}: no answer after the replica connection died")
-                });
-            let killed_on = killer.await.unwrap();
-            assert_ne!(
-                ran_on, killed_on,
-                "{protocol}: answered by the terminated backend's server"
-            );
-            assert_eq!(
-                shardgate::metrics::GLOBAL.read_retries.get(),
-                retries + 1,
-                "{protocol}: the read was re-run once"
-            );
+            rerun_when_its_replica_backend_dies(protocol, answer).await;
         }
     });
 }
@@ -885,17 +893,14 @@ fn unnamed_statements_with_sharding_on() {
             replica_ports().contains(&first_port(read))
         })
         .await;
-        let retries = shardgate::metrics::GLOBAL.read_retries.get();
-        let killer = tokio::spawn(terminate_on_a_replica("%f_slow()%"));
-        let read = tokio::time::timeout(
-            Duration::from_secs(20),
-            c.query_typed("select inet_server_port(), f_slow()", &[]),
-        )
-        .await
-        .expect("no answer after the replica connection died")
-        .unwrap();
-        assert_ne!(first_port(read), killer.await.unwrap());
-        assert_eq!(shardgate::metrics::GLOBAL.read_retries.get(), retries + 1);
+        let read = async {
+            let rows = c
+                .query_typed("select inet_server_port(), f_slow()", &[])
+                .await
+                .unwrap();
+            first_port(rows)
+        };
+        rerun_when_its_replica_backend_dies("unnamed", read).await;
     });
 }
 

@@ -476,13 +476,6 @@ impl Session {
         }
     }
 
-    /// Starts `routing.retry` with `frame`, reusing the last one's list.
-    pub(super) fn start_retry(&mut self, frame: Frame) {
-        let mut frames = std::mem::take(&mut self.routing.retry_spare);
-        frames.push(frame);
-        self.routing.retry = Some(frames);
-    }
-
     /// Handles buffered client input; a replica lost in the middle of it
     /// is recovered from by re-running the read elsewhere.
     async fn client_step(&mut self) -> Result<(), SessionError> {
@@ -799,16 +792,8 @@ impl Session {
                     self.pool = self.replicas[i].pool.clone();
                     match self.checkout_raw().await {
                         Ok(()) => {
-                            self.on_replica = Some(i);
-                            if let Some((frame, ends)) = self.routing.pending_copy.take() {
-                                self.start_retry(frame);
-                                self.routing.recording = !ends;
-                            }
-                            self.replicas[i]
-                                .candidate
-                                .health
-                                .outstanding
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let first = self.routing.pending_copy.take();
+                            self.on_replica_attached(i, first);
                             break;
                         }
                         Err(e) if e.0.starts_with("08") => {
@@ -998,16 +983,28 @@ impl Session {
         if !self.attach_spare(Some(i)) {
             return false;
         }
+        self.on_replica_attached(i, Some((frame.to_frame(), ends)));
+        self.pool.metrics.routed.inc();
+        true
+    }
+
+    /// Replica `i`'s connection is now the session's: it counts as one
+    /// more outstanding there, and the read's first message (`first`, and
+    /// whether it ends the request) starts the copy kept for a retry.
+    fn on_replica_attached(&mut self, i: usize, first: Option<(Frame, bool)>) {
         self.on_replica = Some(i);
-        self.start_retry(frame.to_frame());
-        self.routing.recording = !ends;
+        if let Some((frame, ends)) = first {
+            // (The last retry's list, reused.)
+            let mut frames = std::mem::take(&mut self.routing.retry_spare);
+            frames.push(frame);
+            self.routing.retry = Some(frames);
+            self.routing.recording = !ends;
+        }
         self.replicas[i]
             .candidate
             .health
             .outstanding
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.pool.metrics.routed.inc();
-        true
     }
 
     /// Follows a topology change: the pools of the shard's servers now.
