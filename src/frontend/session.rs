@@ -389,31 +389,23 @@ impl Session {
                     return Err(shutdown_error());
                 }
                 self.release_idle_buffers();
-                let (client, proxy) = (&self.client, &self.proxy);
-                let (wait, armed) = (&mut self.shutdown_wait, &mut self.shutdown_armed);
-                // poll_read_ready, not readable(): the socket's own waker
-                // slot instead of a waiter list taken and left per wait.
-                tokio::select! {
-                    biased;
-                    r = std::future::poll_fn(|cx| client.poll_read_ready(cx)) => {
-                        r.map_err(SessionError::ClientIo)?
+                let n = if self.client_buf.capacity() - self.client_buf.len() >= 512 {
+                    // The buffer was kept (few clients): wait in the read
+                    // itself, one readiness check fewer per transaction.
+                    let (client, buf, proxy) =
+                        (&mut self.client, &mut self.client_buf, &self.proxy);
+                    let (wait, armed) = (&mut self.shutdown_wait, &mut self.shutdown_armed);
+                    tokio::select! {
+                        biased;
+                        r = client.read_buf(buf) => r.map_err(SessionError::ClientIo)?,
+                        _ = std::future::poll_fn(|cx| poll_stop(wait.as_mut(), armed, proxy, cx)) => {
+                            return Err(shutdown_error())
+                        }
                     }
-                    _ = std::future::poll_fn(|cx| poll_stop(wait.as_mut(), armed, proxy, cx)) => {
-                        return Err(shutdown_error())
-                    }
-                };
-                self.client_buf.reserve(READ_CHUNK);
-                // One poll of an AsyncRead read (not try_read): tokio sees a
-                // short read and skips the EAGAIN read after it. Readiness
-                // can be stale; then the poll clears it and we wait again
-                // (still watching for shutdown).
-                let n = {
-                    let read = self.client.read_buf(&mut self.client_buf);
-                    let mut read = std::pin::pin!(read);
-                    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                    match read.as_mut().poll(&mut cx) {
-                        std::task::Poll::Ready(r) => r.map_err(SessionError::ClientIo)?,
-                        std::task::Poll::Pending => continue,
+                } else {
+                    match self.wait_then_read().await? {
+                        Some(n) => n,
+                        None => continue,
                     }
                 };
                 if n == 0 {
@@ -451,6 +443,37 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// An idle client without a kept buffer: wait for input without one
+    /// (10,000 idle clients hold no buffer memory), then read. None: the
+    /// readiness was stale; wait again.
+    async fn wait_then_read(&mut self) -> Result<Option<usize>, SessionError> {
+        let (client, proxy) = (&self.client, &self.proxy);
+        let (wait, armed) = (&mut self.shutdown_wait, &mut self.shutdown_armed);
+        // poll_read_ready, not readable(): the socket's own waker slot
+        // instead of a waiter list taken and left per wait.
+        tokio::select! {
+            biased;
+            r = std::future::poll_fn(|cx| client.poll_read_ready(cx)) => {
+                r.map_err(SessionError::ClientIo)?
+            }
+            _ = std::future::poll_fn(|cx| poll_stop(wait.as_mut(), armed, proxy, cx)) => {
+                return Err(shutdown_error())
+            }
+        };
+        self.client_buf.reserve(READ_CHUNK);
+        // One poll of an AsyncRead read (not try_read): tokio sees a short
+        // read and skips the EAGAIN read after it. Readiness can be stale;
+        // then the poll clears it and we wait again (still watching for
+        // shutdown).
+        let read = self.client.read_buf(&mut self.client_buf);
+        let mut read = std::pin::pin!(read);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match read.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(r) => r.map(Some).map_err(SessionError::ClientIo),
+            std::task::Poll::Pending => Ok(None),
         }
     }
 
