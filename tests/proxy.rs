@@ -291,6 +291,42 @@ async fn flush_without_sync_gets_answers() {
     assert_eq!(Raw::tags(&r.read_until_ready().await), "Z");
 }
 
+/// The unnamed statement outlives its transaction, as on Postgres: a Bind
+/// in a later transaction, on whatever server connection that gets, runs
+/// the statement the client parsed last, also after it parsed another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_statement_outlives_its_transaction() {
+    let p = start_proxy("max_size = 1", "");
+    let (mut r, _) = Raw::login(p.addr, &[]).await;
+    let other = p.connect().await;
+    let again = [raw::bind(""), raw::execute(), raw::sync()];
+    for value in ["41", "42"] {
+        let parse = raw::parse("", &format!("select {value}"));
+        let first = [parse, raw::bind(""), raw::execute(), raw::sync()];
+        one_row(&mut r, &first, "12DCZ", value).await;
+        // Another client takes the only server connection in between.
+        other.simple_query("select 0").await.unwrap();
+        for _ in 0..2 {
+            one_row(&mut r, &again, "2DCZ", value).await;
+            other.simple_query("select 0").await.unwrap();
+        }
+    }
+}
+
+/// Sends `frames`; the answer's messages are `tags`, with one row ending
+/// in `value`.
+async fn one_row(r: &mut Raw, frames: &[shardgate::protocol::Frame], tags: &str, value: &str) {
+    r.send(frames).await;
+    let msgs = r.read_until_ready().await;
+    assert_eq!(Raw::tags(&msgs), tags);
+    let row = msgs.iter().find(|f| f.tag == b'D').expect("a row");
+    assert!(
+        row.body.ends_with(value.as_bytes()),
+        "{value} expected: {:?}",
+        row.body
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_and_parse_answers_stay_in_order() {
     let p = start_proxy("max_size = 1", "");

@@ -118,6 +118,8 @@ pub struct Session {
     /// server connection; and whether the current server has it.
     pub(super) unnamed_parse: Option<Frame>,
     pub(super) unnamed_on_server: bool,
+    /// The body `unnamed_parse` was last copied to at a release.
+    unnamed_copy: bytes::Bytes,
     pub(super) vars: SessionVars,
     pub(super) request_started: Option<Instant>,
     /// When the server last answered a request (its ReadyForQuery), for
@@ -297,6 +299,7 @@ impl Session {
             statements: FastMap::default(),
             unnamed_parse: None,
             unnamed_on_server: false,
+            unnamed_copy: bytes::Bytes::new(),
             vars: SessionVars::default(),
             request_started: None,
             answered_at: None,
@@ -496,6 +499,7 @@ impl Session {
         }
         if crowded {
             self.routing.retry_spare = Vec::new();
+            self.unnamed_copy = bytes::Bytes::new();
         }
     }
 
@@ -1252,9 +1256,14 @@ impl Session {
         }
         // Keep the client's unnamed statement (re-sent if a later Bind needs
         // it) as its own copy, so it does not pin the read buffer it was
-        // decoded from.
+        // decoded from. Drivers send the same unnamed statement again and
+        // again: the copy made last time is kept when it matches (a compare
+        // instead of an allocation, a copy and a free per transaction).
         if let Some(parse) = self.unnamed_parse.as_mut() {
-            parse.body = bytes::Bytes::copy_from_slice(&parse.body);
+            if parse.body != self.unnamed_copy {
+                self.unnamed_copy = bytes::Bytes::copy_from_slice(&parse.body);
+            }
+            parse.body = self.unnamed_copy.clone();
         }
         let now = answered_at.unwrap_or_else(Instant::now);
         server.last_released = now;
