@@ -69,7 +69,10 @@ impl managed::Manager for ServerManager {
     type Error = ConnectError;
 
     async fn create(&self) -> Result<Box<ServerConn>, ConnectError> {
-        let r = ServerConn::connect(&self.params, self.connect_timeout)
+        // The connect future boxed too (a few KB of login state): deadpool's
+        // checkout future embeds this one, and a checkout that waits moves
+        // it, which would copy those bytes per transaction.
+        let r = Box::pin(ServerConn::connect(&self.params, self.connect_timeout))
             .await
             .map(|mut c| {
                 // A deadline, so the per-checkout check is one comparison.

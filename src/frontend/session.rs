@@ -1106,10 +1106,12 @@ impl Session {
             }
         }
         let wait = self.proxy.config.load().pool.checkout_timeout;
-        // Boxed: the pool's checkout future holds a whole server connect
-        // (3.6 KB), and every future that may check out (the dispatch of
-        // each client message) would carry it, copied whenever the future
-        // moves. One allocation here, when there is no spare to take.
+        // Boxed: every future that may check out (the dispatch of each
+        // client message) would otherwise carry the pool's checkout future
+        // (its wait timer, semaphore and deadpool state), copied whenever
+        // the future moves. One allocation here, when there is no spare to
+        // take. (The server connect inside it is boxed on its own, in
+        // `ServerManager::create`: a checkout does not copy it.)
         let conn = Box::pin(self.pool.checkout(wait))
             .await
             .map_err(|e| e.client_error())?;
