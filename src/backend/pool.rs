@@ -181,6 +181,20 @@ impl Drop for Waiting<'_> {
 
 impl PoolEntry {
     pub async fn checkout(&self, wait: Duration) -> Result<PooledConn, CheckoutError> {
+        self.checkout_timed(wait, None).await
+    }
+
+    /// `checkout`, a wait for a connection ended by `timer` when one is
+    /// given (set here to the deadline). A timer the caller keeps across
+    /// checkouts stays in tokio's timer wheel, and moving a registered
+    /// timer's deadline later is one atomic swap; a fresh timer per wait is
+    /// an insert and a removal under the timer lock (callgrind, 64 clients
+    /// sharing 20 connections: about 800 instructions per waiting checkout).
+    pub async fn checkout_timed(
+        &self,
+        wait: Duration,
+        timer: Option<std::pin::Pin<&mut tokio::time::Sleep>>,
+    ) -> Result<PooledConn, CheckoutError> {
         // A spare before a new connection or a wait: keeping spares must
         // not make the pool grow, nor anyone wait.
         self.give_back_spare_if_none_idle();
@@ -207,10 +221,24 @@ impl PoolEntry {
         let _waiting = Waiting(self);
         // Spares go back first: no session keeps one while others wait.
         self.give_back_spares(|_| false);
-        self.pool
-            .timeout_get(&timeouts)
-            .await
-            .map_err(|e| self.map_error(e, wait))
+        let Some(mut timer) = timer else {
+            return self
+                .pool
+                .timeout_get(&timeouts)
+                .await
+                .map_err(|e| self.map_error(e, wait));
+        };
+        timer.as_mut().reset(tokio::time::Instant::now() + wait);
+        let untimed = Timeouts {
+            wait: None,
+            ..timeouts
+        };
+        let r = tokio::select! {
+            biased;
+            r = self.pool.timeout_get(&untimed) => r,
+            () = timer.as_mut() => Err(PoolError::Timeout(managed::TimeoutType::Wait)),
+        };
+        r.map_err(|e| self.map_error(e, wait))
     }
 
     /// Connections running a transaction now: checked out, not kept as a

@@ -120,6 +120,9 @@ pub struct Session {
     pub(super) unnamed_on_server: bool,
     /// The body `unnamed_parse` was last copied to at a release.
     unnamed_copy: bytes::Bytes,
+    /// Ends a checkout's wait for a connection; kept from one wait to the
+    /// next (see `PoolEntry::checkout_timed`).
+    wait_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     pub(super) vars: SessionVars,
     pub(super) request_started: Option<Instant>,
     /// When the server last answered a request (its ReadyForQuery), for
@@ -300,6 +303,7 @@ impl Session {
             unnamed_parse: None,
             unnamed_on_server: false,
             unnamed_copy: bytes::Bytes::new(),
+            wait_timer: None,
             vars: SessionVars::default(),
             request_started: None,
             answered_at: None,
@@ -500,6 +504,7 @@ impl Session {
         if crowded {
             self.routing.retry_spare = Vec::new();
             self.unnamed_copy = bytes::Bytes::new();
+            self.wait_timer = None;
         }
     }
 
@@ -1112,7 +1117,10 @@ impl Session {
         // the future moves. One allocation here, when there is no spare to
         // take. (The server connect inside it is boxed on its own, in
         // `ServerManager::create`: a checkout does not copy it.)
-        let conn = Box::pin(self.pool.checkout(wait))
+        let timer = self
+            .wait_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(std::time::Duration::ZERO)));
+        let conn = Box::pin(self.pool.checkout_timed(wait, Some(timer.as_mut())))
             .await
             .map_err(|e| e.client_error())?;
         self.checked_out_at = Instant::now();
