@@ -396,6 +396,42 @@ async fn checkout_timeout_is_53300() {
     p.connect().await.batch_execute("select 1").await.unwrap();
 }
 
+const TEN_S: Duration = Duration::from_secs(10);
+
+/// A session keeps its wait timer from one checkout to the next: a wait
+/// that got a connection leaves it set, and a later wait of the same
+/// session still ends in 53300 at its own deadline, not never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_wait_of_the_same_session_still_times_out() {
+    let p = start_proxy("max_size = 1\ncheckout_timeout = \"1s\"", "");
+    let waiter = std::sync::Arc::new(p.connect().await);
+    let holder = p.connect().await;
+    let hold = "begin; select 1";
+    // First wait: the holder commits while the waiter waits.
+    holder.batch_execute(hold).await.unwrap();
+    let w = waiter.clone();
+    let first = tokio::spawn(async move { w.batch_execute("select 1").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    holder.batch_execute("commit").await.unwrap();
+    tokio::time::timeout(TEN_S, first)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // Second wait: nobody lets go.
+    holder.batch_execute(hold).await.unwrap();
+    let e = tokio::time::timeout(TEN_S, waiter.batch_execute("select 1"))
+        .await
+        .expect("the second wait ended")
+        .unwrap_err();
+    assert_eq!(code(&e), "53300");
+    holder.batch_execute("commit").await.unwrap();
+    tokio::time::timeout(TEN_S, waiter.batch_execute("select 1"))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 /// The pool of the test user `app` (database `app`).
 fn app_pool(p: &TestProxy) -> std::sync::Arc<shardgate::backend::pool::PoolEntry> {
     p.proxy

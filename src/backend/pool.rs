@@ -189,7 +189,8 @@ impl PoolEntry {
     /// checkouts stays in tokio's timer wheel, and moving a registered
     /// timer's deadline later is one atomic swap; a fresh timer per wait is
     /// an insert and a removal under the timer lock (callgrind, 64 clients
-    /// sharing 20 connections: about 800 instructions per waiting checkout).
+    /// sharing 20 connections: about 300 instructions fewer per
+    /// transaction, docs/benchmarks.md).
     pub async fn checkout_timed(
         &self,
         wait: Duration,
