@@ -9,6 +9,7 @@ pub mod startup;
 pub mod statements;
 pub mod vars;
 
+mod checkout;
 mod client_msgs;
 pub mod copy;
 mod inline;
