@@ -5,7 +5,7 @@
 //! it cannot be reused.
 
 use super::pipeline::Expect;
-use super::session::{may_be_failing_over, pools_for, Session};
+use super::session::{pools_for, Session};
 use crate::backend::pool::PooledConn;
 use crate::backend::Role;
 use crate::cancel::CancelTarget;
@@ -540,4 +540,11 @@ impl Session {
             self.left_server();
         }
     }
+}
+
+/// Checkout errors that a failover may cure: the server cannot be
+/// reached (08), is starting up or shutting down (57P0x), or its pool was
+/// retired with it.
+fn may_be_failing_over(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("57P0")
 }

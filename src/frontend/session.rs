@@ -927,13 +927,6 @@ fn shutdown_error() -> SessionError {
     }
 }
 
-/// Checkout errors that a failover may cure: the server cannot be
-/// reached (08), is starting up or shutting down (57P0x), or its pool was
-/// retired with it.
-pub(super) fn may_be_failing_over(code: &str) -> bool {
-    code.starts_with("08") || code.starts_with("57P0")
-}
-
 /// The pools of one shard: the primary's, and each replica's with its
 /// health entry.
 pub(super) fn pools_for(
